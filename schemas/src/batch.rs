@@ -1,0 +1,440 @@
+//! The Kafka message that carries one batch of keys from the producer to the
+//! consumers, and its strict decoder.
+//!
+//! The wire format is JSON (see `schemas/json/key-batch.v1.schema.json`) so
+//! that app servers in any language can read it. Decoding checks everything a
+//! consumer relies on before a key may be handed out: the schema version, the
+//! pool, the key format, no duplicates, bounded size.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::format::{FormatError, KeyFormat};
+
+/// The schema version this crate writes and accepts.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The largest encoded batch accepted: Kafka's default `message.max.bytes`
+/// (1 MiB); a bigger message could not have come from a kgs producer.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// The most keys one batch may carry. 50,000 keys of 12 characters encode to
+/// about 800 KB, under [`MAX_MESSAGE_BYTES`].
+pub const MAX_BATCH_KEYS: usize = 50_000;
+
+/// The longest batch id accepted.
+pub const MAX_BATCH_ID_LEN: usize = 128;
+
+/// Fields every version-1 message must have.
+const REQUIRED_FIELDS: [&str; 6] = [
+    "schema_version",
+    "batch_id",
+    "pool",
+    "epoch",
+    "created_at",
+    "keys",
+];
+
+/// One batch of keys, as published to the pool's topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBatch {
+    /// Always [`SCHEMA_VERSION`] when written by this crate.
+    pub schema_version: u32,
+    /// Unique id of the batch; also the `_id` of its batch record and claim.
+    pub batch_id: String,
+    /// Name of the pool the keys belong to.
+    pub pool: String,
+    /// Lease epoch of the producer that moved the batch.
+    pub epoch: u64,
+    /// When the producer created the batch.
+    pub created_at: DateTime<Utc>,
+    /// The keys, in hand-out order.
+    pub keys: Vec<String>,
+}
+
+/// What a consumer expects of the batches on its topic.
+#[derive(Debug, Clone)]
+pub struct BatchCheck<'a> {
+    /// The pool the consumer serves; batches of other pools are rejected.
+    pub pool: &'a str,
+    /// The pool's key format; every key must match it.
+    pub format: &'a KeyFormat,
+}
+
+/// Why a message is not an acceptable key batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The message is larger than [`MAX_MESSAGE_BYTES`].
+    #[error("message of {size} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")]
+    Oversize {
+        /// Size of the payload in bytes.
+        size: usize,
+    },
+    /// The payload is not a JSON document (or not a JSON object).
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    /// The `schema_version` is not one this crate understands.
+    #[error("unknown schema version {0}, expected {SCHEMA_VERSION}")]
+    UnknownSchemaVersion(String),
+    /// A required field is absent.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// A field has the wrong type or an invalid value, or an unknown field is present.
+    #[error("malformed batch: {0}")]
+    Malformed(String),
+    /// The batch belongs to another pool.
+    #[error("batch of pool {found:?} on the topic of pool {expected:?}")]
+    WrongPool {
+        /// The consumer's pool.
+        expected: String,
+        /// The pool named by the message.
+        found: String,
+    },
+    /// The batch has no keys.
+    #[error("empty batch")]
+    EmptyBatch,
+    /// The batch has more than [`MAX_BATCH_KEYS`] keys.
+    #[error("batch of {0} keys exceeds the limit of {MAX_BATCH_KEYS}")]
+    TooManyKeys(usize),
+    /// A key does not match the pool's format.
+    #[error("bad key at position {position}: {source}")]
+    BadKey {
+        /// Position of the key in the batch.
+        position: usize,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// The same key appears twice in the batch.
+    #[error("key {0:?} appears twice in the batch")]
+    DuplicateKey(String),
+}
+
+impl DecodeError {
+    /// A short, fixed label for metrics (bounded cardinality).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Oversize { .. } => "oversize",
+            Self::NotJson(_) => "not_json",
+            Self::UnknownSchemaVersion(_) => "unknown_schema_version",
+            Self::MissingField(_) => "missing_field",
+            Self::Malformed(_) => "malformed",
+            Self::WrongPool { .. } => "wrong_pool",
+            Self::EmptyBatch => "empty_batch",
+            Self::TooManyKeys(_) => "too_many_keys",
+            Self::BadKey { .. } => "bad_key",
+            Self::DuplicateKey(_) => "duplicate_key",
+        }
+    }
+}
+
+impl KeyBatch {
+    /// A new batch with the current schema version, stamped now.
+    pub fn new(batch_id: String, pool: String, epoch: u64, keys: Vec<String>) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            batch_id,
+            pool,
+            epoch,
+            created_at: Utc::now(),
+            keys,
+        }
+    }
+
+    /// Encodes the batch as JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain strings and integers cannot fail.
+        serde_json::to_vec(self).expect("KeyBatch serializes")
+    }
+
+    /// Decodes and fully validates a message from the pool's topic.
+    ///
+    /// Only a batch that passes every check is returned: none of the keys of a
+    /// rejected message may ever be handed out.
+    pub fn decode(payload: &[u8], check: &BatchCheck<'_>) -> Result<Self, DecodeError> {
+        if payload.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::Oversize {
+                size: payload.len(),
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let Value::Object(fields) = &value else {
+            return Err(DecodeError::NotJson(format!(
+                "expected an object, found {}",
+                json_type(&value)
+            )));
+        };
+        // The version decides how to read the rest, so it is checked first.
+        match fields.get("schema_version") {
+            None => return Err(DecodeError::MissingField("schema_version")),
+            Some(v) if v.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
+            Some(v) => return Err(DecodeError::UnknownSchemaVersion(truncated(v))),
+        }
+        if let Some(missing) = REQUIRED_FIELDS.iter().find(|f| !fields.contains_key(**f)) {
+            return Err(DecodeError::MissingField(missing));
+        }
+        let batch: KeyBatch =
+            serde_json::from_value(value).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        batch.validate(check)?;
+        Ok(batch)
+    }
+
+    /// Checks a decoded batch against what the consumer expects.
+    pub fn validate(&self, check: &BatchCheck<'_>) -> Result<(), DecodeError> {
+        if self.batch_id.is_empty() || self.batch_id.len() > MAX_BATCH_ID_LEN {
+            return Err(DecodeError::Malformed(format!(
+                "batch_id must have 1 to {MAX_BATCH_ID_LEN} characters, has {}",
+                self.batch_id.len()
+            )));
+        }
+        if self.pool != check.pool {
+            return Err(DecodeError::WrongPool {
+                expected: check.pool.to_owned(),
+                found: self.pool.chars().take(64).collect(),
+            });
+        }
+        if self.keys.is_empty() {
+            return Err(DecodeError::EmptyBatch);
+        }
+        if self.keys.len() > MAX_BATCH_KEYS {
+            return Err(DecodeError::TooManyKeys(self.keys.len()));
+        }
+        let mut seen = HashSet::with_capacity(self.keys.len());
+        for (position, key) in self.keys.iter().enumerate() {
+            check
+                .format
+                .check(key)
+                .map_err(|source| DecodeError::BadKey { position, source })?;
+            if !seen.insert(key.as_str()) {
+                return Err(DecodeError::DuplicateKey(key.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn truncated(v: &Value) -> String {
+    let s = v.to_string();
+    s.chars().take(32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn format() -> KeyFormat {
+        KeyFormat::base62(3).unwrap()
+    }
+
+    fn good() -> Value {
+        json!({
+            "schema_version": 1,
+            "batch_id": "p3-7-42",
+            "pool": "p3",
+            "epoch": 7,
+            "created_at": "2026-11-26T00:00:00Z",
+            "keys": ["aZ3", "x8K", "000"],
+        })
+    }
+
+    fn decode(v: &Value) -> Result<KeyBatch, DecodeError> {
+        let f = format();
+        KeyBatch::decode(
+            &serde_json::to_vec(v).unwrap(),
+            &BatchCheck {
+                pool: "p3",
+                format: &f,
+            },
+        )
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut v = good();
+        v[field] = value;
+        v
+    }
+
+    #[test]
+    fn round_trip() {
+        let f = format();
+        let b = KeyBatch::new(
+            "b1".into(),
+            "p3".into(),
+            3,
+            vec!["abc".into(), "ABC".into()],
+        );
+        let check = BatchCheck {
+            pool: "p3",
+            format: &f,
+        };
+        assert_eq!(KeyBatch::decode(&b.encode(), &check).unwrap(), b);
+        assert_eq!(decode(&good()).unwrap().keys, vec!["aZ3", "x8K", "000"]);
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncated_json() {
+        let f = format();
+        let check = BatchCheck {
+            pool: "p3",
+            format: &f,
+        };
+        let bytes = serde_json::to_vec(&good()).unwrap();
+        assert!(matches!(
+            KeyBatch::decode(&[0xff, 0x00, 0x13], &check),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert!(matches!(
+            KeyBatch::decode(&bytes[..bytes.len() / 2], &check),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert!(matches!(
+            KeyBatch::decode(b"[1,2]", &check),
+            Err(DecodeError::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_schema_version() {
+        assert_eq!(
+            decode(&with("schema_version", json!(2))),
+            Err(DecodeError::UnknownSchemaVersion("2".into()))
+        );
+        assert!(matches!(
+            decode(&with("schema_version", json!("1"))),
+            Err(DecodeError::UnknownSchemaVersion(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_missing_fields() {
+        for field in REQUIRED_FIELDS {
+            let mut v = good();
+            v.as_object_mut().unwrap().remove(field);
+            assert_eq!(decode(&v), Err(DecodeError::MissingField(field)), "{field}");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_fields() {
+        assert!(matches!(
+            decode(&with("epoch", json!(-1))),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&with("keys", json!("aZ3"))),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&with("created_at", json!("yesterday"))),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&with("batch_id", json!(""))),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&with("extra", json!(1))),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_another_pools_batch() {
+        assert!(matches!(
+            decode(&with("pool", json!("p2"))),
+            Err(DecodeError::WrongPool { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        assert!(matches!(
+            decode(&with("keys", json!(["aZ3", "toolong"]))),
+            Err(DecodeError::BadKey {
+                position: 1,
+                source: FormatError::WrongKeyLength { .. }
+            })
+        ));
+        assert!(matches!(
+            decode(&with("keys", json!(["a-3"]))),
+            Err(DecodeError::BadKey {
+                position: 0,
+                source: FormatError::NotInAlphabet { .. }
+            })
+        ));
+    }
+
+    #[test]
+    fn rejects_duplicate_keys() {
+        assert_eq!(
+            decode(&with("keys", json!(["aZ3", "bbb", "aZ3"]))),
+            Err(DecodeError::DuplicateKey("aZ3".into()))
+        );
+    }
+
+    #[test]
+    fn rejects_empty_and_oversize_batches() {
+        assert_eq!(
+            decode(&with("keys", json!([]))),
+            Err(DecodeError::EmptyBatch)
+        );
+        let f = format();
+        let many: Vec<String> = (0..MAX_BATCH_KEYS as u64 + 1)
+            .map(|i| f.key_at(i).unwrap())
+            .collect();
+        assert_eq!(
+            decode(&with("keys", json!(many))),
+            Err(DecodeError::TooManyKeys(MAX_BATCH_KEYS + 1))
+        );
+        let check = BatchCheck {
+            pool: "p3",
+            format: &f,
+        };
+        let huge = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(
+            KeyBatch::decode(&huge, &check),
+            Err(DecodeError::Oversize {
+                size: MAX_MESSAGE_BYTES + 1
+            })
+        );
+    }
+
+    #[test]
+    fn every_error_has_a_metric_label() {
+        let kinds: HashSet<&str> = [
+            DecodeError::Oversize { size: 0 },
+            DecodeError::NotJson(String::new()),
+            DecodeError::UnknownSchemaVersion(String::new()),
+            DecodeError::MissingField("x"),
+            DecodeError::Malformed(String::new()),
+            DecodeError::WrongPool {
+                expected: String::new(),
+                found: String::new(),
+            },
+            DecodeError::EmptyBatch,
+            DecodeError::TooManyKeys(0),
+            DecodeError::DuplicateKey(String::new()),
+        ]
+        .iter()
+        .map(DecodeError::kind)
+        .collect();
+        assert_eq!(kinds.len(), 9);
+    }
+}

@@ -1,0 +1,287 @@
+//! The MongoDB documents of kgs and the names of their collections.
+//!
+//! One database (default `kgs`) holds every pool. Shared collections:
+//! `pools` ([`PoolDoc`]), `leases` ([`LeaseDoc`]), `batches` ([`BatchRecord`])
+//! and `claims` ([`ClaimDoc`]). Each pool has its own key collections,
+//! `keys.<pool>` ([`KeyDoc`]) and `used_keys.<pool>` ([`UsedKeyDoc`]), so that
+//! `keys ∪ used_keys` of a pool is exactly its generated set and the
+//! collections' statistics are the pool's.
+//!
+//! Timestamps are BSON dates; counters are BSON int64 (see [`crate::format::MAX_SPACE`]).
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::format::KeyFormatSpec;
+
+/// Collection of [`PoolDoc`]s.
+pub const POOLS: &str = "pools";
+/// Collection of [`LeaseDoc`]s.
+pub const LEASES: &str = "leases";
+/// Collection of [`BatchRecord`]s.
+pub const BATCHES: &str = "batches";
+/// Collection of [`ClaimDoc`]s.
+pub const CLAIMS: &str = "claims";
+
+/// The collection of a pool's unused keys.
+pub fn keys_collection(pool: &str) -> String {
+    format!("keys.{pool}")
+}
+
+/// The collection of a pool's used (moved, reserved) keys.
+pub fn used_keys_collection(pool: &str) -> String {
+    format!("used_keys.{pool}")
+}
+
+/// The longest pool name.
+pub const MAX_POOL_NAME_LEN: usize = 48;
+
+/// Checks a pool name: 1 to 48 characters of `a-z`, `0-9`, `_` and `-`,
+/// starting with a letter or digit. The name appears in collection and topic
+/// names, so it is kept to characters both accept.
+pub fn validate_pool_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+    if name.is_empty() || name.len() > MAX_POOL_NAME_LEN {
+        return Err(format!(
+            "pool name must have 1 to {MAX_POOL_NAME_LEN} characters, {name:?} has {}",
+            name.len()
+        ));
+    }
+    if !name.chars().all(ok_char) || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "pool name {name:?} must use only a-z, 0-9, '_' and '-', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// The per-pool permutation secret. Serialized as hex; never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PoolSecret(pub String);
+
+impl fmt::Debug for PoolSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PoolSecret(<redacted>)")
+    }
+}
+
+/// A range of generation indices being written to `keys` (crash recovery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationRange {
+    /// First index of the range.
+    pub from: u64,
+    /// One past the last index.
+    pub to: u64,
+}
+
+/// A pool: its key format, permutation secret and generation progress.
+/// Collection [`POOLS`], `_id` = pool name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolDoc {
+    /// Pool name.
+    #[serde(rename = "_id")]
+    pub name: String,
+    /// Alphabet and key length.
+    pub format: KeyFormatSpec,
+    /// `|alphabet|^length`.
+    pub space: u64,
+    /// Secret key of the pool's permutation (hex).
+    pub secret: PoolSecret,
+    /// Next generation index: indices `0..cursor` have been written to `keys`.
+    pub cursor: u64,
+    /// A generation step that was started but may not have finished.
+    #[serde(default)]
+    pub generating: Option<GenerationRange>,
+    /// Kafka topic of the pool's batches.
+    pub topic: String,
+    /// Partition count of the topic.
+    pub partitions: u32,
+    /// When the pool was created.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// An unused key. Collection `keys.<pool>`, `_id` = the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyDoc {
+    /// The key.
+    #[serde(rename = "_id")]
+    pub key: String,
+    /// Hand-out order: batches take the smallest `n` first (indexed).
+    pub n: u64,
+}
+
+/// Why a key is in `used_keys`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsedReason {
+    /// Moved in a batch for hand-out.
+    Batch,
+    /// Taken out of circulation by `kgs-producer reserve`.
+    Reserved,
+}
+
+/// A used key. Collection `used_keys.<pool>`, `_id` = the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsedKeyDoc {
+    /// The key.
+    #[serde(rename = "_id")]
+    pub key: String,
+    /// Its `n` while it was in `keys` (kept so it can be returned in order).
+    pub n: u64,
+    /// Why it is used.
+    pub reason: UsedReason,
+    /// The batch that moved it (absent for reserved keys).
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// When it was moved.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub at: DateTime<Utc>,
+}
+
+/// Steps of a batch, in order. Each step is idempotent, so recovery redoes the
+/// current one and continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchState {
+    /// Keys chosen; they are being copied to `used_keys` and deleted from `keys`.
+    Moving,
+    /// Every key is in `used_keys` and none in `keys`; not yet published.
+    Moved,
+    /// In the topic at `partition`/`offset`.
+    Published,
+}
+
+/// The producer's record of one batch, for crash recovery.
+/// Collection [`BATCHES`], `_id` = batch id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRecord {
+    /// Batch id (also in the Kafka message).
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Pool name.
+    pub pool: String,
+    /// Lease epoch of the producer that created it.
+    pub epoch: u64,
+    /// Current step.
+    pub state: BatchState,
+    /// The keys, in hand-out order.
+    pub keys: Vec<String>,
+    /// Their `n` values, parallel to `keys`.
+    pub ns: Vec<u64>,
+    /// Partition chosen for publishing (set before publishing).
+    #[serde(default)]
+    pub partition: Option<i32>,
+    /// Before publishing: the partition's end offset, where a search for the
+    /// batch starts. After: the batch's own offset.
+    #[serde(default)]
+    pub offset: Option<i64>,
+    /// When the batch was created.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// The producer lease of a pool: only its holder moves and publishes.
+/// Collection [`LEASES`], `_id` = pool name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseDoc {
+    /// Pool name.
+    #[serde(rename = "_id")]
+    pub pool: String,
+    /// Id of the producer instance holding the lease.
+    pub holder: String,
+    /// Incremented at every change of holder; carried by every batch.
+    pub epoch: u64,
+    /// The lease is free after this time unless renewed.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// State of a consumer's claim on a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimState {
+    /// Claimed; its keys are (or were, if the instance crashed) in a buffer.
+    Open,
+    /// Every key was handed out.
+    Drained,
+    /// The instance shut down and returned its unused keys to `keys`.
+    Returned,
+}
+
+/// A consumer instance's claim on one batch. Collection [`CLAIMS`],
+/// `_id` = batch id, so a batch can be claimed once only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimDoc {
+    /// Batch id.
+    #[serde(rename = "_id")]
+    pub batch_id: String,
+    /// Pool name.
+    pub pool: String,
+    /// Consumer group.
+    pub group: String,
+    /// Consumer instance id.
+    pub instance: String,
+    /// Kafka partition of the batch.
+    pub partition: i32,
+    /// Kafka offset of the batch.
+    pub offset: i64,
+    /// Number of keys in the batch.
+    pub keys: u64,
+    /// Current state.
+    pub state: ClaimState,
+    /// Keys returned to `keys` at shutdown.
+    #[serde(default)]
+    pub returned: u64,
+    /// When the claim was recorded.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub claimed_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_names() {
+        for ok in ["p3", "url-short_3", "3letters"] {
+            assert!(validate_pool_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "P3", "a.b", "-a", "a b", &"x".repeat(49)] {
+            assert!(validate_pool_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_is_redacted_in_debug() {
+        let s = PoolSecret("deadbeef".into());
+        assert!(!format!("{s:?}").contains("deadbeef"));
+    }
+
+    #[test]
+    fn documents_round_trip_through_bson() {
+        let lease = LeaseDoc {
+            pool: "p".into(),
+            holder: "h".into(),
+            epoch: 3,
+            expires_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        };
+        let doc = bson::to_document(&lease).unwrap();
+        assert!(matches!(
+            doc.get("expires_at"),
+            Some(bson::Bson::DateTime(_))
+        ));
+        assert!(matches!(doc.get("epoch"), Some(bson::Bson::Int64(3))));
+        assert_eq!(bson::from_document::<LeaseDoc>(doc).unwrap(), lease);
+    }
+}

@@ -1,0 +1,338 @@
+//! The key format of a pool: its alphabet and key length, validation of both,
+//! and the bijection between a key and its index in the key space.
+//!
+//! A key of length `L` over an alphabet `A` is read as an `L`-digit number in
+//! base `|A|`, most significant digit first: index 0 is `A…A` in the default
+//! alphabet, and the last index is `9…9`. The producer never stores this order
+//! (it hands keys out through a keyed permutation of the indices); this module
+//! only gives every key a number and checks that a string is a well-formed key.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The default alphabet: base62 in the original design's order `A–Z a–z 0–9`.
+pub const BASE62: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// The longest key a pool may have. Twelve base62 characters would already
+/// overflow 64 bits; the limit mostly bounds small alphabets.
+pub const MAX_KEY_LENGTH: u8 = 12;
+
+/// The largest key space: indices are stored as BSON int64 in MongoDB, so the
+/// space must fit in a signed 64-bit integer (62^10 ≈ 8.4e17 does).
+pub const MAX_SPACE: u64 = i64::MAX as u64;
+
+/// Marks a byte that is not in the alphabet in [`KeyFormat`]'s lookup table.
+const NOT_IN_ALPHABET: u8 = u8::MAX;
+
+/// Why a key format or a key is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The alphabet has fewer than two characters.
+    #[error("alphabet must have at least 2 characters, got {0}")]
+    AlphabetTooSmall(usize),
+    /// The alphabet contains a character that is not printable ASCII (`!`..=`~`).
+    #[error("alphabet must be printable ASCII without spaces, found {0:?}")]
+    AlphabetNotPrintable(char),
+    /// The alphabet lists the same character twice.
+    #[error("alphabet lists {0:?} twice")]
+    AlphabetDuplicate(char),
+    /// The key length is outside `1..=12`.
+    #[error("key length must be between 1 and {MAX_KEY_LENGTH}, got {0}")]
+    BadLength(u32),
+    /// `|alphabet|^length` does not fit in a BSON int64.
+    #[error("key space {alphabet_len}^{length} does not fit in a signed 64-bit integer")]
+    SpaceTooLarge {
+        /// Number of characters in the alphabet.
+        alphabet_len: usize,
+        /// Key length.
+        length: u8,
+    },
+    /// A key has the wrong length.
+    #[error("key {key:?} has length {found}, expected {expected}")]
+    WrongKeyLength {
+        /// The offending key (truncated to 32 characters).
+        key: String,
+        /// Its length in bytes.
+        found: usize,
+        /// The pool's key length.
+        expected: u8,
+    },
+    /// A key contains a character outside the alphabet.
+    #[error("key {key:?} contains {found:?}, which is not in the pool's alphabet")]
+    NotInAlphabet {
+        /// The offending key (truncated to 32 characters).
+        key: String,
+        /// The first character not in the alphabet.
+        found: char,
+    },
+    /// An index is outside the key space.
+    #[error("index {index} is outside the key space of {space} keys")]
+    IndexOutOfRange {
+        /// The index asked for.
+        index: u64,
+        /// The size of the key space.
+        space: u64,
+    },
+}
+
+/// The alphabet and length of a pool's keys, validated.
+///
+/// Cheap to clone; holds a 256-entry reverse lookup table so that checking a
+/// key costs one table load per character.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyFormat {
+    alphabet: String,
+    length: u8,
+    space: u64,
+    digit_of: [u8; 256],
+}
+
+impl KeyFormat {
+    /// Validates an alphabet (distinct printable ASCII characters, at least 2)
+    /// and a length (1..=12, with a key space that fits in a BSON int64).
+    pub fn new(alphabet: &str, length: u32) -> Result<Self, FormatError> {
+        if let Some(c) = alphabet.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(FormatError::AlphabetNotPrintable(c));
+        }
+        if alphabet.len() < 2 {
+            return Err(FormatError::AlphabetTooSmall(alphabet.len()));
+        }
+        let mut digit_of = [NOT_IN_ALPHABET; 256];
+        for (digit, byte) in alphabet.bytes().enumerate() {
+            if digit_of[byte as usize] != NOT_IN_ALPHABET {
+                return Err(FormatError::AlphabetDuplicate(byte as char));
+            }
+            // At most 94 printable ASCII characters, so the digit fits in u8.
+            digit_of[byte as usize] = digit as u8;
+        }
+        let length = match u8::try_from(length) {
+            Ok(l) if (1..=MAX_KEY_LENGTH).contains(&l) => l,
+            _ => return Err(FormatError::BadLength(length)),
+        };
+        let space = (alphabet.len() as u64)
+            .checked_pow(u32::from(length))
+            .filter(|s| *s <= MAX_SPACE)
+            .ok_or(FormatError::SpaceTooLarge {
+                alphabet_len: alphabet.len(),
+                length,
+            })?;
+        Ok(Self {
+            alphabet: alphabet.to_owned(),
+            length,
+            space,
+            digit_of,
+        })
+    }
+
+    /// The default base62 alphabet with the given length.
+    pub fn base62(length: u32) -> Result<Self, FormatError> {
+        Self::new(BASE62, length)
+    }
+
+    /// The alphabet, in digit order.
+    pub fn alphabet(&self) -> &str {
+        &self.alphabet
+    }
+
+    /// The key length in characters.
+    pub fn length(&self) -> u8 {
+        self.length
+    }
+
+    /// The number of distinct keys: `|alphabet|^length`.
+    pub fn space(&self) -> u64 {
+        self.space
+    }
+
+    /// The key at `index` (`0..space`).
+    pub fn key_at(&self, index: u64) -> Result<String, FormatError> {
+        if index >= self.space {
+            return Err(FormatError::IndexOutOfRange {
+                index,
+                space: self.space,
+            });
+        }
+        let base = self.alphabet.len() as u64;
+        let alphabet = self.alphabet.as_bytes();
+        let mut buf = vec![0u8; usize::from(self.length)];
+        let mut rest = index;
+        for slot in buf.iter_mut().rev() {
+            *slot = alphabet[(rest % base) as usize];
+            rest /= base;
+        }
+        // Every byte comes from the ASCII alphabet.
+        Ok(String::from_utf8(buf).expect("alphabet is ASCII"))
+    }
+
+    /// The index of `key`, or why it is not a key of this format.
+    pub fn index_of(&self, key: &str) -> Result<u64, FormatError> {
+        self.check(key)?;
+        let base = self.alphabet.len() as u64;
+        Ok(key.bytes().fold(0u64, |acc, b| {
+            acc * base + u64::from(self.digit_of[b as usize])
+        }))
+    }
+
+    /// Checks that `key` has the pool's length and only alphabet characters.
+    pub fn check(&self, key: &str) -> Result<(), FormatError> {
+        if key.len() != usize::from(self.length) {
+            return Err(FormatError::WrongKeyLength {
+                key: truncate(key),
+                found: key.len(),
+                expected: self.length,
+            });
+        }
+        match key
+            .bytes()
+            .position(|b| self.digit_of[b as usize] == NOT_IN_ALPHABET)
+        {
+            None => Ok(()),
+            Some(pos) => Err(FormatError::NotInAlphabet {
+                key: truncate(key),
+                // `pos` may fall inside a multi-byte character: report that character.
+                found: key[floor_char_boundary(key, pos)..]
+                    .chars()
+                    .next()
+                    .unwrap_or('\u{fffd}'),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for KeyFormat {
+    // The lookup table is noise in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFormat")
+            .field("alphabet", &self.alphabet)
+            .field("length", &self.length)
+            .field("space", &self.space)
+            .finish()
+    }
+}
+
+/// The serialized form of a [`KeyFormat`], as stored in the pool document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFormatSpec {
+    /// The alphabet, in digit order.
+    pub alphabet: String,
+    /// The key length.
+    pub length: u32,
+}
+
+impl TryFrom<&KeyFormatSpec> for KeyFormat {
+    type Error = FormatError;
+
+    fn try_from(spec: &KeyFormatSpec) -> Result<Self, FormatError> {
+        KeyFormat::new(&spec.alphabet, spec.length)
+    }
+}
+
+impl From<&KeyFormat> for KeyFormatSpec {
+    fn from(format: &KeyFormat) -> Self {
+        Self {
+            alphabet: format.alphabet.clone(),
+            length: u32::from(format.length),
+        }
+    }
+}
+
+/// Keys quoted in errors are cut to 32 bytes, so a hostile message cannot
+/// blow up a log line.
+fn truncate(key: &str) -> String {
+    key[..floor_char_boundary(key, 32.min(key.len()))].to_owned()
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base62_spaces_of_the_original_design() {
+        assert_eq!(KeyFormat::base62(1).unwrap().space(), 62);
+        assert_eq!(KeyFormat::base62(2).unwrap().space(), 3_844);
+        assert_eq!(KeyFormat::base62(3).unwrap().space(), 238_328);
+        assert_eq!(
+            KeyFormat::base62(10).unwrap().space(),
+            839_299_365_868_340_224
+        );
+    }
+
+    #[test]
+    fn index_and_key_round_trip_over_a_whole_space() {
+        let f = KeyFormat::base62(2).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..f.space() {
+            let k = f.key_at(i).unwrap();
+            assert_eq!(f.index_of(&k).unwrap(), i);
+            assert!(seen.insert(k));
+        }
+        assert_eq!(f.key_at(0).unwrap(), "AA");
+        assert_eq!(f.key_at(f.space() - 1).unwrap(), "99");
+    }
+
+    #[test]
+    fn rejects_bad_formats() {
+        assert_eq!(
+            KeyFormat::new("a", 3),
+            Err(FormatError::AlphabetTooSmall(1))
+        );
+        assert_eq!(
+            KeyFormat::new("ab c", 3),
+            Err(FormatError::AlphabetNotPrintable(' '))
+        );
+        assert_eq!(
+            KeyFormat::new("abé", 3),
+            Err(FormatError::AlphabetNotPrintable('é'))
+        );
+        assert_eq!(
+            KeyFormat::new("abca", 3),
+            Err(FormatError::AlphabetDuplicate('a'))
+        );
+        assert_eq!(KeyFormat::base62(0), Err(FormatError::BadLength(0)));
+        assert_eq!(KeyFormat::base62(13), Err(FormatError::BadLength(13)));
+        assert!(matches!(
+            KeyFormat::base62(11),
+            Err(FormatError::SpaceTooLarge { .. })
+        ));
+        // 2^12 is small: a binary alphabet may use the full length.
+        assert_eq!(KeyFormat::new("01", 12).unwrap().space(), 4096);
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        let f = KeyFormat::base62(3).unwrap();
+        assert!(f.check("aZ3").is_ok());
+        assert!(matches!(
+            f.check("aZ"),
+            Err(FormatError::WrongKeyLength { found: 2, .. })
+        ));
+        assert!(matches!(
+            f.check("a-3"),
+            Err(FormatError::NotInAlphabet { found: '-', .. })
+        ));
+        assert!(matches!(
+            f.check("aé"),
+            Err(FormatError::NotInAlphabet { found: 'é', .. })
+        ));
+        assert!(matches!(
+            f.key_at(238_328),
+            Err(FormatError::IndexOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn spec_round_trip() {
+        let f = KeyFormat::new("xyz", 4).unwrap();
+        let spec = KeyFormatSpec::from(&f);
+        assert_eq!(KeyFormat::try_from(&spec).unwrap(), f);
+    }
+}

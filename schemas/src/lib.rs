@@ -1,0 +1,20 @@
+//! Shared types of kgs, the key generation service: the Kafka message that
+//! carries a batch of keys, the MongoDB documents, and a pool's key format.
+//!
+//! Both the producer and the consumer library depend on this crate, so a
+//! change to the wire or storage format is made (and reviewed) in one place.
+//! The same formats are published as JSON Schema under `schemas/json/` for
+//! consumers written in other languages.
+//!
+//! # Layout
+//! - [`format`]: alphabet + length of a pool's keys, validation, index↔key.
+//! - [`batch`]: the key-batch message and its strict decoder.
+//! - [`docs`]: the MongoDB documents and collection names.
+#![deny(missing_docs)]
+
+pub mod batch;
+pub mod docs;
+pub mod format;
+
+pub use batch::{BatchCheck, DecodeError, KeyBatch, SCHEMA_VERSION};
+pub use format::{FormatError, KeyFormat, BASE62};

@@ -1,0 +1,88 @@
+//! Helpers shared by the integration tests: server addresses from the
+//! environment, unique names per test, Kafka admin and client builders, and
+//! bounded waits.
+//!
+//! Every test gets its own topic, group and database (random suffix), so tests
+//! never share state and can run in parallel against the same servers.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+
+/// Kafka bootstrap servers: `KGS_KAFKA_BROKERS`, default the local test broker.
+pub fn kafka_brokers() -> String {
+    std::env::var("KGS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// MongoDB connection string: `KGS_MONGODB_URI`, default the local test server.
+pub fn mongodb_uri() -> String {
+    std::env::var("KGS_MONGODB_URI")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?directConnection=true".to_owned())
+}
+
+/// A name unique to this test run: `prefix-<8 random hex digits>`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// A client config pointing at the test broker.
+pub fn kafka_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", kafka_brokers());
+    config
+}
+
+/// Creates `topic` with `partitions` partitions (replication factor 1) and
+/// waits until the broker reports it.
+pub async fn create_topic(topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = kafka_config()
+        .create()
+        .context("creating Kafka admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin
+        .create_topics([&new], &opts)
+        .await
+        .context("create_topics request")?
+    {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => bail!("creating topic {t}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// A MongoDB client for the test server, with a short server-selection timeout
+/// so an absent server fails the test quickly and clearly.
+pub async fn mongo_client() -> Result<mongodb::Client> {
+    let mut opts = mongodb::options::ClientOptions::parse(mongodb_uri())
+        .await
+        .context("parsing KGS_MONGODB_URI")?;
+    opts.server_selection_timeout = Some(Duration::from_secs(10));
+    mongodb::Client::with_options(opts).context("creating MongoDB client")
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after
+/// `timeout` with a message naming `what` was waited for.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
