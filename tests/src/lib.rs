@@ -86,3 +86,24 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Path of a binary or example built from this workspace (`kgs-producer`,
+/// `examples/app-server`), next to the test executable's target folder.
+/// `make test` builds them before running the tests.
+pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf> {
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no target/<profile> folder")?;
+    for candidate in [profile_dir.join(name), profile_dir.join("examples").join(name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} not found in {}: build it first (make test does: cargo build --workspace --bins --examples)",
+        profile_dir.display()
+    )
+}
