@@ -214,7 +214,13 @@ pub enum ClaimState {
     Open,
     /// Every key was handed out.
     Drained,
-    /// The instance shut down and returned its unused keys to `keys`.
+    /// The instance shut down and asked for its unused keys (`return_keys`)
+    /// to go back to `keys`. The producer, the only writer of `keys`, does the
+    /// move (delete from `used_keys`, insert into `keys`) and then sets
+    /// [`ClaimState::Returned`]; every step is idempotent, so a crash anywhere
+    /// is finished by the next producer.
+    Returning,
+    /// The unused keys are back in `keys`.
     Returned,
 }
 
@@ -240,9 +246,10 @@ pub struct ClaimDoc {
     pub keys: u64,
     /// Current state.
     pub state: ClaimState,
-    /// Keys returned to `keys` at shutdown.
+    /// Keys of the batch not handed out, to go back to `keys` (set with
+    /// [`ClaimState::Returning`]).
     #[serde(default)]
-    pub returned: u64,
+    pub return_keys: Vec<String>,
     /// When the claim was recorded.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub claimed_at: DateTime<Utc>,
