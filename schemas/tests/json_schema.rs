@@ -1,0 +1,169 @@
+//! Validates serialized examples of every kgs message and document against
+//! the JSON Schema files in `schemas/json/`, so the files other languages read
+//! cannot drift from the Rust types. Each schema also rejects a broken
+//! example, so these checks can fail.
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use kgs_schemas::docs::{
+    BatchRecord, BatchState, ClaimDoc, ClaimState, GenerationRange, KeyDoc, LeaseDoc, PoolDoc,
+    PoolSecret, UsedKeyDoc, UsedReason,
+};
+use kgs_schemas::format::KeyFormatSpec;
+use kgs_schemas::{KeyBatch, BASE62};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+fn load(file: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("json").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn validator(schema: &Value) -> jsonschema::Validator {
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(schema)
+        .expect("schema compiles")
+}
+
+/// The validator of one `$defs` entry of the MongoDB documents schema.
+fn mongo_validator(def: &str) -> jsonschema::Validator {
+    let mut schema = load("mongo-documents.schema.json");
+    schema["$ref"] = json!(format!("#/$defs/{def}"));
+    validator(&schema)
+}
+
+/// A document as MongoDB Relaxed Extended JSON, the form the schema describes.
+fn relaxed<T: Serialize>(doc: &T) -> Value {
+    bson::to_bson(doc).unwrap().into_relaxed_extjson()
+}
+
+fn assert_valid(v: &jsonschema::Validator, instance: &Value) {
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{instance}\n{errors:#?}");
+}
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(1_795_000_000_000).unwrap()
+}
+
+#[test]
+fn key_batch_examples_match_the_schema() {
+    let v = validator(&load("key-batch.v1.schema.json"));
+    let batch = KeyBatch::new(
+        "p3-1-42".into(),
+        "p3".into(),
+        1,
+        vec!["aZ3".into(), "x8K".into()],
+    );
+    let good: Value = serde_json::from_slice(&batch.encode()).unwrap();
+    assert_valid(&v, &good);
+
+    for (field, bad) in [
+        ("schema_version", json!(2)),
+        ("keys", json!([])),
+        ("keys", json!(["aZ3", "aZ3"])),
+        ("keys", json!(["has space"])),
+        ("pool", json!("Not A Pool")),
+        ("created_at", json!("yesterday")),
+        ("epoch", json!(-1)),
+    ] {
+        let mut broken = good.clone();
+        broken[field] = bad;
+        assert!(!v.is_valid(&broken), "schema accepted {field} = {}", broken[field]);
+    }
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("batch_id");
+    assert!(!v.is_valid(&missing), "schema accepted a batch without batch_id");
+}
+
+#[test]
+fn mongo_documents_match_the_schema() {
+    let pool = PoolDoc {
+        name: "p3".into(),
+        format: KeyFormatSpec {
+            alphabet: BASE62.into(),
+            length: 3,
+        },
+        space: 238_328,
+        secret: PoolSecret("00ff".repeat(8)),
+        cursor: 1000,
+        generating: Some(GenerationRange {
+            from: 1000,
+            to: 2000,
+        }),
+        topic: "kgs.p3".into(),
+        partitions: 4,
+        created_at: now(),
+    };
+    let key = KeyDoc {
+        key: "aZ3".into(),
+        n: 7,
+    };
+    let used = UsedKeyDoc {
+        key: "x8K".into(),
+        n: 8,
+        reason: UsedReason::Batch,
+        batch: Some("p3-1-42".into()),
+        at: now(),
+    };
+    let reserved = UsedKeyDoc {
+        key: "api".into(),
+        n: 9,
+        reason: UsedReason::Reserved,
+        batch: None,
+        at: now(),
+    };
+    let record = BatchRecord {
+        id: "p3-1-42".into(),
+        pool: "p3".into(),
+        epoch: 1,
+        state: BatchState::Moved,
+        keys: vec!["x8K".into()],
+        ns: vec![8],
+        partition: Some(2),
+        offset: Some(10),
+        created_at: now(),
+    };
+    let lease = LeaseDoc {
+        pool: "p3".into(),
+        holder: "producer-a".into(),
+        epoch: 1,
+        expires_at: now(),
+    };
+    let claim = ClaimDoc {
+        batch_id: "p3-1-42".into(),
+        pool: "p3".into(),
+        group: "kgs.p3".into(),
+        instance: "app-1".into(),
+        partition: 2,
+        offset: 10,
+        keys: 1,
+        state: ClaimState::Returning,
+        return_keys: vec!["x8K".into()],
+        claimed_at: now(),
+    };
+    let cases = [
+        ("pool", relaxed(&pool)),
+        ("key_doc", relaxed(&key)),
+        ("used_key_doc", relaxed(&used)),
+        ("used_key_doc", relaxed(&reserved)),
+        ("batch_record", relaxed(&record)),
+        ("lease", relaxed(&lease)),
+        ("claim", relaxed(&claim)),
+    ];
+    for (def, good) in cases {
+        let v = mongo_validator(def);
+        assert_valid(&v, &good);
+        // A document missing its _id, or with a field the schema does not
+        // know, must be rejected.
+        let mut no_id = good.clone();
+        no_id.as_object_mut().unwrap().remove("_id");
+        assert!(!v.is_valid(&no_id), "{def}: accepted a document without _id");
+        let mut extra = good.clone();
+        extra["unexpected"] = json!(1);
+        assert!(!v.is_valid(&extra), "{def}: accepted an unknown field");
+    }
+}
