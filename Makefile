@@ -1,0 +1,23 @@
+# The two commands of the README, and a few helpers.
+#   make run    start everything locally and show keys being handed out
+#   make test   the whole test suite against real Kafka + MongoDB-wire servers
+.PHONY: run test lint servers-up servers-down servers-status
+
+run:
+	scripts/run.sh
+
+test:
+	scripts/test.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+servers-up:
+	scripts/servers.sh up
+
+servers-down:
+	scripts/servers.sh down
+
+servers-status:
+	scripts/servers.sh status

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# `make run`: the main job on the local default servers. Installs and starts
+# Kafka and the MongoDB-wire server if needed, creates a 3-letter pool, starts
+# the producer and one example app server, and asks it for keys.
+# Ctrl-C stops the producer and the app server gracefully (the app server
+# returns its unused keys); the servers keep running (scripts/servers.sh down).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+POOL="${KGS_POOL:-demo3}"
+HTTP_APP="${KGS_APP_ADDR:-127.0.0.1:8080}"
+HTTP_PRODUCER="${KGS_PRODUCER_ADDR:-127.0.0.1:9100}"
+LOGS="$ROOT/.cache/run"
+mkdir -p "$LOGS"
+
+[[ -n "${KGS_MONGODB_URI:-}" ]] || scripts/servers.sh up mongo
+[[ -n "${KGS_KAFKA_BROKERS:-}" ]] || scripts/servers.sh up kafka
+
+cargo build --release --bin kgs-producer --example app-server
+BIN="$ROOT/target/release"
+
+echo "run: creating pool $POOL (3 base62 characters: 238,328 keys; a re-run reuses it)"
+"$BIN/kgs-producer" init --pool "$POOL" --length 3 --partitions 4
+
+pids=()
+cleanup() {
+  echo "run: stopping (SIGTERM: the app server returns its unused keys)"
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait
+}
+trap cleanup EXIT INT TERM
+
+"$BIN/kgs-producer" run --pool "$POOL" --http-addr "$HTTP_PRODUCER" >"$LOGS/producer.log" 2>&1 &
+pids+=($!)
+KGS_POOL="$POOL" KGS_HTTP_ADDR="$HTTP_APP" "$BIN/examples/app-server" >"$LOGS/app-server.log" 2>&1 &
+pids+=($!)
+echo "run: producer (logs $LOGS/producer.log, metrics http://$HTTP_PRODUCER/metrics)"
+echo "run: app server (logs $LOGS/app-server.log) on http://$HTTP_APP"
+
+for _ in $(seq 1 120); do
+  curl -fsS "http://$HTTP_APP/healthz" >/dev/null 2>&1 && break
+  sleep 0.5
+done
+echo "run: GET http://$HTTP_APP/keys, ten times:"
+for _ in $(seq 1 10); do
+  curl -sS --max-time 10 "http://$HTTP_APP/keys"; echo
+done
+echo "run: keys keep flowing; try: curl http://$HTTP_APP/keys   (Ctrl-C to stop)"
+wait
