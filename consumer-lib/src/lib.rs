@@ -1,1 +1,299 @@
-//! placeholder
+//! `kgs-consumer`: the library an app server embeds to get unique keys from
+//! a kgs pool out of local memory, with no database or network round trip
+//! per key and no lock shared between instances.
+//!
+//! Every instance joins the pool topic's consumer group, so Kafka's partition
+//! assignment gives each one disjoint batches. For each batch the consumer
+//! validates it, records a claim in MongoDB, commits the offset, and only
+//! then makes the keys available to [`KeyConsumer::next_key`].
+//!
+//! # Example
+//! ```no_run
+//! use std::time::Duration;
+//! use kgs_consumer::KeyConsumer;
+//!
+//! # async fn example() -> kgs_consumer::Result<()> {
+//! let registry = prometheus::Registry::new();
+//! let keys = KeyConsumer::builder()
+//!     .brokers("127.0.0.1:9092")
+//!     .mongodb_uri("mongodb://127.0.0.1:27017")
+//!     .pool("urls")
+//!     .watermarks(10_000, 50_000)
+//!     .registry(registry.clone())
+//!     .build()
+//!     .await?;
+//!
+//! // Hot path: non-blocking, lock-free, allocation-free.
+//! match keys.next_key() {
+//!     Ok(key) => println!("new short URL id: {key}"),
+//!     Err(kgs_consumer::Error::Empty) => {
+//!         // Or wait a little for the next batch.
+//!         let key = keys.next_key_wait(Duration::from_millis(100)).await?;
+//!         println!("after a wait: {key}");
+//!     }
+//!     Err(e) => return Err(e),
+//! }
+//!
+//! // On SIGTERM: stop hand-out and give the unused keys back.
+//! let report = keys.shutdown().await?;
+//! println!("returned {} keys", report.keys_returned);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Shutdown and key return
+//! [`KeyConsumer::shutdown`] stops hand-out, then for every batch still in
+//! the buffer updates its claim (exact `_id`, only if still `open` and this
+//! instance's): to `returning` with `return_keys` = exactly the keys never
+//! handed out, or to `drained` if all were. The producer, the only writer of
+//! `keys.<pool>`, moves returning keys back (out of `used_keys.<pool>`, into
+//! `keys.<pool>`) and marks the claim `returned`. Offsets need no final
+//! commit (each was committed before its keys were buffered); the consumer
+//! then leaves the group.
+//!
+//! Dropping the [`KeyConsumer`] without calling `shutdown` starts the same
+//! shutdown in the background, which completes only if the Tokio runtime
+//! keeps running; if the runtime is dropped too (or the process crashes), the
+//! buffered keys are lost (never handed out twice) and their claims stay
+//! `open`, showing which batches they were. Call `shutdown().await` before
+//! the runtime ends to return keys reliably.
+//!
+//! # Layout
+//! - [`KeyConsumer`] (this file): the handle apps use.
+//! - [`config`]: the builder, defaults and the rdkafka configuration.
+//! - `intake`: the consume loop (claim, commit, buffer, backpressure, shutdown).
+//! - [`buffer`]: the lock-free key buffer; [`key`]: the inline [`Key`].
+//! - `store`: claim records in MongoDB; [`metrics`]: metric names and events.
+//! - [`error`]: the [`Error`] type.
+#![deny(missing_docs)]
+
+pub mod buffer;
+pub mod config;
+pub mod error;
+mod intake;
+pub mod key;
+pub mod metrics;
+mod store;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kgs_schemas::KeyFormat;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use buffer::KeyBuffer;
+pub use config::KeyConsumerBuilder;
+pub use error::{Error, Result};
+pub use intake::ShutdownReport;
+pub use key::Key;
+
+use intake::{Context, Intake, Shared};
+use store::Store;
+
+/// A running consumer of one pool: hands out keys from its local buffer.
+///
+/// Cheap to share (`Arc<KeyConsumer>`); every method takes `&self`.
+#[derive(Debug)]
+pub struct KeyConsumer {
+    shared: Arc<Shared>,
+    /// Sending `true` (or dropping it) stops the consume loop.
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<ShutdownReport>>>,
+    pool: String,
+    group: String,
+    instance: String,
+}
+
+impl KeyConsumer {
+    /// A builder with the documented defaults; only the pool is required.
+    pub fn builder() -> KeyConsumerBuilder {
+        KeyConsumerBuilder::default()
+    }
+
+    /// Starts a consumer (see [`KeyConsumerBuilder`]): reads the pool
+    /// document, joins the group and spawns the consume loop on the current
+    /// Tokio runtime.
+    pub(crate) async fn start(config: KeyConsumerBuilder) -> Result<Self> {
+        let pool = config.checked_pool()?.to_owned();
+        let registry = config.registry.clone().unwrap_or_default();
+        let metrics = metrics::Metrics::register(&registry).map_err(Error::Metrics)?;
+        let client = mongodb::Client::with_uri_str(&config.mongodb_uri)
+            .await
+            .map_err(Error::Connect)?;
+        let store = Store::new(&client.database(&config.database));
+        let pool_doc = store.pool(&pool).await?;
+        let format = KeyFormat::try_from(&pool_doc.format).map_err(|source| Error::PoolFormat {
+            pool: pool.clone(),
+            source,
+        })?;
+        let group = config
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("kgs.{pool}"));
+        let instance = config.instance.clone().unwrap_or_else(default_instance_id);
+        let consumer: StreamConsumer<Context> = config
+            .kafka_config(&group, &instance)?
+            .create_with_context(Context::new(metrics.clone()))
+            .map_err(|source| Error::Subscribe {
+                topic: pool_doc.topic.clone(),
+                source,
+            })?;
+        consumer
+            .subscribe(&[&pool_doc.topic])
+            .map_err(|source| Error::Subscribe {
+                topic: pool_doc.topic.clone(),
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            buffer: KeyBuffer::new(config.lanes),
+            metrics,
+            arrived: tokio::sync::Notify::new(),
+        });
+        let intake = Intake {
+            consumer: Arc::new(consumer),
+            store,
+            shared: Arc::clone(&shared),
+            topic: pool_doc.topic,
+            pool: pool.clone(),
+            group: group.clone(),
+            instance: instance.clone(),
+            format,
+            low_watermark: config.low_watermark,
+            high_watermark: config.high_watermark,
+            shutdown_timeout: config.shutdown_timeout,
+            paused: false,
+            reported_handed_out: 0,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(intake.run(stop_rx));
+        Ok(Self {
+            shared,
+            stop,
+            task: Mutex::new(Some(task)),
+            pool,
+            group,
+            instance,
+        })
+    }
+
+    /// Takes one key from the local buffer. Never waits: returns
+    /// [`Error::Empty`] when no key is buffered, [`Error::ShutDown`] after
+    /// shutdown. Takes no lock and allocates nothing.
+    #[inline]
+    pub fn next_key(&self) -> Result<Key> {
+        match self.shared.buffer.next_key() {
+            Some(key) => Ok(key),
+            None => Err(self.no_key()),
+        }
+    }
+
+    #[cold]
+    fn no_key(&self) -> Error {
+        if self.shared.buffer.is_closed() {
+            Error::ShutDown
+        } else {
+            self.shared.metrics.empty.inc();
+            Error::Empty
+        }
+    }
+
+    /// Takes one key, waiting up to `timeout` for a batch to arrive if the
+    /// buffer is empty. [`Error::Empty`] on timeout.
+    pub async fn next_key_wait(&self, timeout: Duration) -> Result<Key> {
+        if let Some(key) = self.shared.buffer.next_key() {
+            return Ok(key);
+        }
+        let m = &self.shared.metrics;
+        m.waits.inc();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register for the wake-up before looking, so a batch buffered in
+            // between is not missed.
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(key) = self.shared.buffer.next_key() {
+                return Ok(key);
+            }
+            if self.shared.buffer.is_closed() {
+                return Err(Error::ShutDown);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                m.wait_timeouts.inc();
+                return Err(Error::Empty);
+            }
+        }
+    }
+
+    /// Keys buffered and not yet handed out.
+    pub fn buffered(&self) -> usize {
+        self.shared.buffer.depth()
+    }
+
+    /// The pool served.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// This instance's id, as recorded in its claims.
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    /// Stops hand-out, records the unused keys of every buffered batch for
+    /// return (see the crate docs), and leaves the group. Waits for the
+    /// consume loop to finish; a second call returns an empty report.
+    pub async fn shutdown(&self) -> Result<ShutdownReport> {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().expect("task lock poisoned").take();
+        match task {
+            Some(task) => task.await.map_err(Error::Task),
+            None => Ok(ShutdownReport::default()),
+        }
+    }
+
+    /// Stops the consumer *without* returning its keys, the way a crash
+    /// would: the buffered keys are never handed out and their claims stay
+    /// `open`. For tests of crash behaviour, and for apps that must exit now.
+    pub async fn abandon(&self) {
+        let task = self.task.lock().expect("task lock poisoned").take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        // Nothing more may be handed out from this instance.
+        let _ = self.shared.buffer.close();
+    }
+}
+
+impl Drop for KeyConsumer {
+    fn drop(&mut self) {
+        // The loop sees the stop and shuts down in the background (see the
+        // crate docs on what that can and cannot guarantee).
+        let _ = self.stop.send(true);
+    }
+}
+
+/// `$HOSTNAME-<uuid>`, or a bare UUID.
+fn default_instance_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    match std::env::var("HOSTNAME") {
+        Ok(host) if !host.is_empty() => format!("{host}-{id}"),
+        _ => id,
+    }
+}
+
+impl KeyConsumerBuilder {
+    /// Connects and starts the consumer. Must be called inside a Tokio
+    /// runtime, which then runs the consume loop.
+    pub async fn build(self) -> Result<KeyConsumer> {
+        KeyConsumer::start(self).await
+    }
+}

@@ -1,0 +1,478 @@
+//! The local key buffer: claimed batches stored as packed byte arrays and
+//! handed out, lock-free, by any number of threads at once.
+//!
+//! # How it works
+//! A pushed batch is one packed array (`count × L` bytes, `L` the key
+//! length: about `L` bytes per buffered key) cut into a few *segments*, one
+//! per *lane*. A segment is a key range with an atomic cursor; taking a key
+//! is one `fetch_add` on it. A lane is the segment being used
+//! ([`ArcSwap`]) plus a lock-free queue of the next ones. Each thread has a
+//! home lane (its thread number modulo the lane count) and only moves to
+//! other lanes when its own is empty, so two request threads rarely touch
+//! the same cursor.
+//!
+//! # Exact accounting
+//! The cursor of a segment counts the keys taken from it: index `i` is
+//! handed out iff the `fetch_add` that returned `i` saw `i < len`. At
+//! shutdown [`KeyBuffer::close`] *swaps* every cursor to a huge value: the
+//! value swapped out is exactly the number of keys handed out, and every
+//! later `fetch_add` lands past the end. So the keys reported unhanded are
+//! exactly those never returned by [`KeyBuffer::next_key`], with no window
+//! where a key is both returned and handed out.
+//!
+//! The hot path takes no lock and does not allocate. The `Mutex` here guards
+//! only the list of batches, touched by push, housekeeping and close.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use crossbeam_queue::SegQueue;
+use crossbeam_utils::CachePadded;
+
+use crate::key::{Key, MAX_KEY_LEN};
+
+/// Cursor value after [`KeyBuffer::close`]: far past any segment's end, and
+/// far enough from `usize::MAX` that `fetch_add`s from spinning callers can
+/// never wrap around.
+const CLOSED: usize = usize::MAX / 2;
+
+/// Segments shorter than this are not split further across lanes: the
+/// per-segment cost (an `ArcSwap` store, a queue push) should stay small
+/// next to the keys it serves.
+const MIN_SEGMENT_KEYS: usize = 64;
+
+/// Most lanes a buffer uses; more would only add empty lanes to scan.
+const MAX_LANES: usize = 64;
+
+/// The keys of one batch, packed.
+#[derive(Debug)]
+struct PackedBatch {
+    id: String,
+    key_len: usize,
+    bytes: Box<[u8]>,
+}
+
+impl PackedBatch {
+    #[inline]
+    fn key(&self, index: usize) -> Key {
+        let start = index * self.key_len;
+        Key::from_ascii(&self.bytes[start..start + self.key_len])
+    }
+
+    fn keys(&self, from: usize, to: usize) -> impl Iterator<Item = String> + '_ {
+        (from..to).map(|i| self.key(i).as_str().to_owned())
+    }
+}
+
+/// A range of one batch's keys with its own cursor.
+#[derive(Debug)]
+struct Segment {
+    batch: Arc<PackedBatch>,
+    /// First key index of the range in the batch.
+    start: usize,
+    /// Number of keys in the range.
+    len: usize,
+    /// Keys taken so far (may run past `len`: those takes found nothing).
+    cursor: CachePadded<AtomicUsize>,
+}
+
+impl Segment {
+    fn empty() -> Self {
+        Self {
+            batch: Arc::new(PackedBatch {
+                id: String::new(),
+                key_len: 1,
+                bytes: Box::new([]),
+            }),
+            start: 0,
+            len: 0,
+            cursor: CachePadded::new(AtomicUsize::new(0)),
+        }
+    }
+
+    #[inline]
+    fn take(&self) -> Option<Key> {
+        // Relaxed is enough: the bytes are immutable and were published by
+        // the ArcSwap store (release) that made this segment visible.
+        let i = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (i < self.len).then(|| self.batch.key(self.start + i))
+    }
+
+    fn handed_out(&self) -> usize {
+        self.cursor.load(Ordering::Relaxed).min(self.len)
+    }
+
+    /// Stops hand-out from this segment; returns how many keys were handed out.
+    fn close(&self) -> usize {
+        self.cursor.swap(CLOSED, Ordering::AcqRel).min(self.len)
+    }
+}
+
+#[derive(Debug)]
+struct Lane {
+    current: ArcSwap<Segment>,
+    next: SegQueue<Arc<Segment>>,
+}
+
+impl Lane {
+    #[inline]
+    fn take(&self) -> Option<Key> {
+        loop {
+            let current = self.current.load();
+            if let Some(key) = current.take() {
+                return Some(key);
+            }
+            // The current segment is used up: move the lane to the next one.
+            let next = self.next.pop()?;
+            let previous = self.current.compare_and_swap(&current, Arc::clone(&next));
+            if !Arc::ptr_eq(&previous, &current) {
+                // Another thread advanced the lane first; keep ours for later
+                // (order of hand-out does not matter, only that each key is
+                // handed out once).
+                self.next.push(next);
+            }
+        }
+    }
+}
+
+/// A batch in the buffer, as the owner (the consume loop) sees it.
+#[derive(Debug)]
+struct Tracked {
+    batch: Arc<PackedBatch>,
+    segments: Vec<Arc<Segment>>,
+}
+
+impl Tracked {
+    fn handed_out(&self) -> usize {
+        self.segments.iter().map(|s| s.handed_out()).sum()
+    }
+
+    fn len(&self) -> usize {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+}
+
+/// What a batch left behind when the buffer was closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The batch id.
+    pub batch_id: String,
+    /// Number of keys the batch had.
+    pub keys: usize,
+    /// Its keys that were never handed out.
+    pub unhanded: Vec<String>,
+}
+
+/// Why a batch cannot be pushed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The buffer was closed.
+    #[error("the key buffer is closed")]
+    Closed,
+    /// The batch has no keys.
+    #[error("empty batch")]
+    Empty,
+    /// A key is empty, longer than 12 bytes, not ASCII, or not the same length as the first.
+    #[error("key at position {0} is not ASCII of the batch's key length (1 to 12)")]
+    BadKey(usize),
+}
+
+/// The lock-free buffer of claimed keys behind [`crate::KeyConsumer`].
+///
+/// Public so that it can be benchmarked and used on its own; a
+/// [`crate::KeyConsumer`] pushes only batches it has claimed and committed.
+#[derive(Debug)]
+pub struct KeyBuffer {
+    lanes: Box<[CachePadded<Lane>]>,
+    /// `lanes.len() - 1`; the lane count is a power of two.
+    mask: usize,
+    closed: AtomicBool,
+    batches: Mutex<Vec<Tracked>>,
+    /// Lane where the next pushed batch starts, so small batches spread out.
+    next_lane: AtomicUsize,
+    /// Keys handed out by batches no longer tracked (drained).
+    retired_handed_out: AtomicUsize,
+}
+
+impl KeyBuffer {
+    /// A buffer with `lanes` lanes, rounded up to a power of two (at most 64).
+    /// One lane per thread that calls [`KeyBuffer::next_key`] concurrently
+    /// avoids contention; see [`default_lanes`].
+    pub fn new(lanes: usize) -> Self {
+        let lanes = lanes.clamp(1, MAX_LANES).next_power_of_two();
+        Self {
+            lanes: (0..lanes)
+                .map(|_| {
+                    CachePadded::new(Lane {
+                        current: ArcSwap::from_pointee(Segment::empty()),
+                        next: SegQueue::new(),
+                    })
+                })
+                .collect(),
+            mask: lanes - 1,
+            closed: AtomicBool::new(false),
+            batches: Mutex::new(Vec::new()),
+            next_lane: AtomicUsize::new(0),
+            retired_handed_out: AtomicUsize::new(0),
+        }
+    }
+
+    /// Adds a batch of distinct keys, all of one length (1 to 12 ASCII bytes).
+    pub fn push(&self, batch_id: &str, keys: &[String]) -> Result<(), PushError> {
+        let key_len = keys.first().ok_or(PushError::Empty)?.len();
+        if !(1..=MAX_KEY_LEN).contains(&key_len) {
+            return Err(PushError::BadKey(0));
+        }
+        let mut bytes = Vec::with_capacity(keys.len() * key_len);
+        for (position, key) in keys.iter().enumerate() {
+            if key.len() != key_len || !key.is_ascii() {
+                return Err(PushError::BadKey(position));
+            }
+            bytes.extend_from_slice(key.as_bytes());
+        }
+        let batch = Arc::new(PackedBatch {
+            id: batch_id.to_owned(),
+            key_len,
+            bytes: bytes.into_boxed_slice(),
+        });
+        let count = keys.len();
+        let pieces = (count / MIN_SEGMENT_KEYS).clamp(1, self.lanes.len());
+        let segments: Vec<Arc<Segment>> = (0..pieces)
+            .map(|p| {
+                let start = count * p / pieces;
+                let end = count * (p + 1) / pieces;
+                Arc::new(Segment {
+                    batch: Arc::clone(&batch),
+                    start,
+                    len: end - start,
+                    cursor: CachePadded::new(AtomicUsize::new(0)),
+                })
+            })
+            .collect();
+        // Track before publishing, under the lock `close` takes: a batch is
+        // either closed by `close` or refused here, never published untracked.
+        let mut batches = self.batches.lock().expect("buffer lock poisoned");
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        let first = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        for (i, segment) in segments.iter().enumerate() {
+            self.lanes[(first + i) & self.mask]
+                .next
+                .push(Arc::clone(segment));
+        }
+        batches.push(Tracked { batch, segments });
+        Ok(())
+    }
+
+    /// Takes one key, or `None` if the buffer is empty (or closed). Never
+    /// waits, never locks, never allocates.
+    #[inline]
+    pub fn next_key(&self) -> Option<Key> {
+        let home = thread_number();
+        for step in 0..self.lanes.len() {
+            if let Some(key) = self.lanes[(home + step) & self.mask].take() {
+                return Some(key);
+            }
+        }
+        None
+    }
+
+    /// Keys in the buffer not yet handed out.
+    pub fn depth(&self) -> usize {
+        let batches = self.batches.lock().expect("buffer lock poisoned");
+        batches.iter().map(|b| b.len() - b.handed_out()).sum()
+    }
+
+    /// Keys handed out since the buffer was created.
+    pub fn handed_out(&self) -> usize {
+        let batches = self.batches.lock().expect("buffer lock poisoned");
+        self.retired_handed_out.load(Ordering::Relaxed)
+            + batches.iter().map(Tracked::handed_out).sum::<usize>()
+    }
+
+    /// Removes the batches whose keys have all been handed out and returns
+    /// their ids.
+    pub fn take_drained(&self) -> Vec<String> {
+        let mut batches = self.batches.lock().expect("buffer lock poisoned");
+        let mut drained = Vec::new();
+        batches.retain(|b| {
+            let len = b.len();
+            if b.handed_out() < len {
+                return true;
+            }
+            self.retired_handed_out.fetch_add(len, Ordering::Relaxed);
+            drained.push(b.batch.id.clone());
+            false
+        });
+        drained
+    }
+
+    /// Whether [`KeyBuffer::close`] has been called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Stops hand-out for good and returns, per batch still tracked, exactly
+    /// the keys that were never handed out. Later calls return nothing.
+    pub fn close(&self) -> Vec<Leftover> {
+        let mut batches = self.batches.lock().expect("buffer lock poisoned");
+        self.closed.store(true, Ordering::Release);
+        let leftovers = batches
+            .drain(..)
+            .map(|b| {
+                let mut unhanded = Vec::new();
+                let mut handed = 0;
+                for s in &b.segments {
+                    let taken = s.close();
+                    handed += taken;
+                    unhanded.extend(b.batch.keys(s.start + taken, s.start + s.len));
+                }
+                self.retired_handed_out.fetch_add(handed, Ordering::Relaxed);
+                Leftover {
+                    batch_id: b.batch.id.clone(),
+                    keys: b.len(),
+                    unhanded,
+                }
+            })
+            .collect();
+        // Let the lanes release the closed segments' memory.
+        for lane in self.lanes.iter() {
+            while lane.next.pop().is_some() {}
+            lane.current.store(Arc::new(Segment::empty()));
+        }
+        leftovers
+    }
+}
+
+/// The default lane count: the number of CPUs (each thread calling
+/// `next_key` at the same time then has a lane to itself).
+pub fn default_lanes() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A small number unique to the calling thread, assigned on first use.
+#[inline]
+fn thread_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn keys(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i:05}")).collect()
+    }
+
+    /// Every pushed key comes out exactly once, then the buffer reports empty.
+    #[test]
+    fn hands_out_each_key_once() {
+        let b = KeyBuffer::new(4);
+        b.push("b1", &keys("a", 1000)).unwrap();
+        b.push("b2", &keys("b", 7)).unwrap();
+        assert_eq!(b.depth(), 1007);
+        let mut seen = HashSet::new();
+        while let Some(k) = b.next_key() {
+            assert!(seen.insert(k.to_string()), "{k} twice");
+        }
+        assert_eq!(seen.len(), 1007);
+        assert_eq!(b.depth(), 0);
+        assert_eq!(b.handed_out(), 1007);
+        let mut drained = b.take_drained();
+        drained.sort();
+        assert_eq!(drained, ["b1", "b2"]);
+        assert_eq!(b.handed_out(), 1007);
+    }
+
+    /// Threads racing for keys get disjoint sets whose union is the input.
+    #[test]
+    fn concurrent_takers_get_disjoint_keys() {
+        let b = Arc::new(KeyBuffer::new(2));
+        for i in 0..20 {
+            b.push(&format!("b{i}"), &keys(&format!("{i:02}"), 500))
+                .unwrap();
+        }
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let b = Arc::clone(&b);
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while let Some(k) = b.next_key() {
+                        got.push(k.to_string());
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all = HashSet::new();
+        for h in handles {
+            for k in h.join().unwrap() {
+                assert!(all.insert(k), "duplicate");
+            }
+        }
+        assert_eq!(all.len(), 10_000);
+    }
+
+    /// `close` returns exactly the keys not handed out, even while other
+    /// threads are taking keys, and nothing is handed out afterwards.
+    #[test]
+    fn close_returns_exactly_the_unhanded_keys() {
+        let b = Arc::new(KeyBuffer::new(2));
+        let input: Vec<String> = keys("k", 200_000);
+        for (i, chunk) in input.chunks(10_000).enumerate() {
+            b.push(&format!("b{i}"), chunk).unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let takers: Vec<_> = (0..3)
+            .map(|_| {
+                let b = Arc::clone(&b);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(k) = b.next_key() {
+                            got.push(k.to_string());
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let leftovers = b.close();
+        stop.store(true, Ordering::Relaxed);
+        let handed: Vec<String> = takers.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let returned: Vec<String> = leftovers.into_iter().flat_map(|l| l.unhanded).collect();
+        let handed_set: HashSet<&String> = handed.iter().collect();
+        let returned_set: HashSet<&String> = returned.iter().collect();
+        assert_eq!(handed_set.len(), handed.len(), "a key was handed out twice");
+        assert!(handed_set.is_disjoint(&returned_set));
+        assert_eq!(handed.len() + returned.len(), input.len());
+        assert!(b.next_key().is_none());
+        assert_eq!(b.push("late", &keys("z", 3)), Err(PushError::Closed));
+    }
+
+    /// Mixed key lengths, empty batches and long keys are refused.
+    #[test]
+    fn push_checks_the_keys() {
+        let b = KeyBuffer::new(1);
+        assert_eq!(b.push("e", &[]), Err(PushError::Empty));
+        assert_eq!(
+            b.push("m", &["abc".into(), "ab".into()]),
+            Err(PushError::BadKey(1))
+        );
+        assert_eq!(
+            b.push("l", &["abcdefghijklm".into()]),
+            Err(PushError::BadKey(0))
+        );
+        assert_eq!(b.depth(), 0);
+    }
+}

@@ -1,0 +1,91 @@
+//! The crate's error type: one variant per operation that can fail, so a
+//! caller can branch on what happened.
+
+use kgs_schemas::{DecodeError, FormatError};
+use rdkafka::error::KafkaError;
+
+/// The result of the crate's operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in `kgs-consumer`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The builder's settings are missing or contradict each other.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The MongoDB client could not be created (bad URI).
+    #[error("connecting to MongoDB")]
+    Connect(#[source] mongodb::error::Error),
+    /// Reading the pool document failed.
+    #[error("reading pool {pool:?}")]
+    PoolLookup {
+        /// The pool.
+        pool: String,
+        /// The MongoDB error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// The pool does not exist (no document in `pools`): the producer has not created it.
+    #[error("pool {0:?} not found in the pools collection")]
+    PoolNotFound(String),
+    /// The pool document holds an invalid key format.
+    #[error("pool {pool:?} has an invalid key format")]
+    PoolFormat {
+        /// The pool.
+        pool: String,
+        /// What is wrong with the format.
+        #[source]
+        source: FormatError,
+    },
+    /// Creating the Kafka consumer or subscribing to the pool's topic failed.
+    #[error("subscribing to topic {topic:?}")]
+    Subscribe {
+        /// The pool's topic.
+        topic: String,
+        /// The Kafka error.
+        #[source]
+        source: KafkaError,
+    },
+    /// Registering the metrics in the app's registry failed (e.g. registered twice).
+    #[error("registering metrics")]
+    Metrics(#[source] prometheus::Error),
+    /// Recording a claim in MongoDB failed.
+    #[error("claiming batch {batch:?}")]
+    Claim {
+        /// The batch id.
+        batch: String,
+        /// The MongoDB error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// Committing a batch's offset failed; its keys are not handed out.
+    #[error("committing the offset of batch {batch:?}")]
+    Commit {
+        /// The batch id.
+        batch: String,
+        /// The Kafka error.
+        #[source]
+        source: KafkaError,
+    },
+    /// Recording a claim as drained or returning failed.
+    #[error("updating the claim of batch {batch:?}")]
+    Return {
+        /// The batch id.
+        batch: String,
+        /// The MongoDB error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// A message on the topic is not an acceptable batch; it is skipped.
+    #[error("bad message")]
+    BadMessage(#[from] DecodeError),
+    /// No key is buffered right now (or none arrived before the wait's timeout).
+    #[error("no key available")]
+    Empty,
+    /// The consumer has been shut down; no more keys will be handed out.
+    #[error("the consumer is shut down")]
+    ShutDown,
+    /// The consume loop task panicked or was cancelled.
+    #[error("the consume loop task failed")]
+    Task(#[source] tokio::task::JoinError),
+}

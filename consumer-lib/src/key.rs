@@ -1,0 +1,108 @@
+//! [`Key`]: one handed-out key, stored inline so that handing it out
+//! allocates nothing.
+
+use std::fmt;
+
+/// The longest key kgs generates ([`kgs_schemas::format::MAX_KEY_LENGTH`]).
+pub const MAX_KEY_LEN: usize = kgs_schemas::format::MAX_KEY_LENGTH as usize;
+
+/// One key of a pool: up to [`MAX_KEY_LEN`] ASCII characters, stored inline.
+///
+/// `Key` is `Copy` and 13 bytes large; [`crate::KeyConsumer::next_key`]
+/// returns it by value without touching the heap. Use [`Key::as_str`] or
+/// `Display` to get the text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    // Bytes past `len` are always zero, so the derived Eq/Hash are correct.
+    bytes: [u8; MAX_KEY_LEN],
+    len: u8,
+}
+
+impl Key {
+    /// A key from its text, or `None` if it is empty, longer than
+    /// [`MAX_KEY_LEN`] or not ASCII.
+    pub fn new(text: &str) -> Option<Self> {
+        if text.is_empty() || text.len() > MAX_KEY_LEN || !text.is_ascii() {
+            return None;
+        }
+        Some(Self::from_ascii(text.as_bytes()))
+    }
+
+    /// Copies `bytes`, which the caller has checked to be 1..=12 ASCII bytes
+    /// (the buffer checks every batch once, when it is pushed).
+    #[inline]
+    pub(crate) fn from_ascii(bytes: &[u8]) -> Self {
+        let mut key = Self {
+            bytes: [0; MAX_KEY_LEN],
+            len: bytes.len() as u8,
+        };
+        key.bytes[..bytes.len()].copy_from_slice(bytes);
+        key
+    }
+
+    /// The key's text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (see `new` and `KeyBuffer::push`).
+        std::str::from_utf8(self.as_bytes()).expect("keys are ASCII")
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// The key's length in characters.
+    #[allow(clippy::len_without_is_empty)] // a key is never empty
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({:?})", self.as_str())
+    }
+}
+
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<Key> for String {
+    fn from(key: Key) -> Self {
+        key.as_str().to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key round-trips through its text, and equality ignores the padding.
+    #[test]
+    fn round_trip() {
+        let k = Key::new("aZ3x").unwrap();
+        assert_eq!(k.as_str(), "aZ3x");
+        assert_eq!(k.to_string(), "aZ3x");
+        assert_eq!(k.len(), 4);
+        assert_eq!(k, Key::from_ascii(b"aZ3x"));
+        assert_ne!(k, Key::new("aZ3").unwrap());
+    }
+
+    /// Empty, too long and non-ASCII texts are not keys.
+    #[test]
+    fn rejects_non_keys() {
+        assert!(Key::new("").is_none());
+        assert!(Key::new("abcdefghijklm").is_none());
+        assert!(Key::new("abcdefghijkl").is_some());
+        assert!(Key::new("é").is_none());
+    }
+}

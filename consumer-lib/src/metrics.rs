@@ -1,0 +1,205 @@
+//! Metric names (all in one place) and the events that update them together
+//! with their log line.
+//!
+//! Per-key counters are never updated on the hot path: the consume loop
+//! reads the buffer's exact handed-out count on each housekeeping tick and
+//! adds the difference.
+
+use std::time::Duration;
+
+use kgs_schemas::DecodeError;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tracing::{error, info, warn};
+
+/// Gauge: keys buffered, not yet handed out.
+pub const BUFFERED_KEYS: &str = "kgs_consumer_buffered_keys";
+/// Counter: keys put into the buffer (claimed and committed).
+pub const KEYS_BUFFERED_TOTAL: &str = "kgs_consumer_keys_buffered_total";
+/// Counter: keys handed out.
+pub const KEYS_HANDED_OUT_TOTAL: &str = "kgs_consumer_keys_handed_out_total";
+/// Counter: batches claimed and committed.
+pub const BATCHES_CLAIMED_TOTAL: &str = "kgs_consumer_batches_claimed_total";
+/// Histogram: seconds from the start of the claim write to the end of the commit.
+pub const CLAIM_COMMIT_SECONDS: &str = "kgs_consumer_claim_commit_seconds";
+/// Counter: `next_key` calls that found the buffer empty.
+pub const EMPTY_TOTAL: &str = "kgs_consumer_empty_total";
+/// Counter: `next_key_wait` calls that had to wait for a batch.
+pub const WAITS_TOTAL: &str = "kgs_consumer_waits_total";
+/// Counter: `next_key_wait` calls that timed out empty.
+pub const WAIT_TIMEOUTS_TOTAL: &str = "kgs_consumer_wait_timeouts_total";
+/// Counter, label `kind`: skipped messages ([`DecodeError::kind`] or `replay`).
+pub const BAD_MESSAGES_TOTAL: &str = "kgs_consumer_bad_messages_total";
+/// Counter: keys handed back at shutdown (claims set to `returning`).
+pub const KEYS_RETURNED_TOTAL: &str = "kgs_consumer_keys_returned_total";
+/// Counter: offset commits that failed (their batch is not handed out).
+pub const COMMIT_FAILURES_TOTAL: &str = "kgs_consumer_commit_failures_total";
+/// Counter: failed claim writes (retried).
+pub const CLAIM_ERRORS_TOTAL: &str = "kgs_consumer_claim_errors_total";
+/// Counter, label `event` (`assign`, `revoke`, `error`): rebalance events.
+pub const REBALANCES_TOTAL: &str = "kgs_consumer_rebalances_total";
+/// Gauge: 1 while the assigned partitions are paused (buffer above the high watermark).
+pub const PAUSED: &str = "kgs_consumer_paused";
+
+/// The consumer's metrics, registered in the app's registry.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    pub buffered_keys: IntGauge,
+    pub keys_buffered: IntCounter,
+    pub keys_handed_out: IntCounter,
+    pub batches_claimed: IntCounter,
+    pub claim_commit_seconds: Histogram,
+    pub empty: IntCounter,
+    pub waits: IntCounter,
+    pub wait_timeouts: IntCounter,
+    pub bad_messages: IntCounterVec,
+    pub keys_returned: IntCounter,
+    pub commit_failures: IntCounter,
+    pub claim_errors: IntCounter,
+    pub rebalances: IntCounterVec,
+    pub paused: IntGauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            c: C,
+        ) -> prometheus::Result<C> {
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let counter = |name: &str, help: &str| reg(registry, IntCounter::new(name, help)?);
+        let m = Self {
+            buffered_keys: reg(
+                registry,
+                IntGauge::new(BUFFERED_KEYS, "Keys buffered, not yet handed out.")?,
+            )?,
+            keys_buffered: counter(KEYS_BUFFERED_TOTAL, "Keys claimed and put in the buffer.")?,
+            keys_handed_out: counter(KEYS_HANDED_OUT_TOTAL, "Keys handed out.")?,
+            batches_claimed: counter(BATCHES_CLAIMED_TOTAL, "Batches claimed and committed.")?,
+            claim_commit_seconds: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        CLAIM_COMMIT_SECONDS,
+                        "Seconds from claim write start to offset commit end.",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+                )?,
+            )?,
+            empty: counter(EMPTY_TOTAL, "next_key calls that found the buffer empty.")?,
+            waits: counter(WAITS_TOTAL, "next_key_wait calls that waited for a batch.")?,
+            wait_timeouts: counter(WAIT_TIMEOUTS_TOTAL, "next_key_wait calls that timed out.")?,
+            bad_messages: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(BAD_MESSAGES_TOTAL, "Messages skipped, by kind."),
+                    &["kind"],
+                )?,
+            )?,
+            keys_returned: counter(KEYS_RETURNED_TOTAL, "Keys handed back at shutdown.")?,
+            commit_failures: counter(COMMIT_FAILURES_TOTAL, "Offset commits that failed.")?,
+            claim_errors: counter(CLAIM_ERRORS_TOTAL, "Claim writes that failed (retried).")?,
+            rebalances: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(REBALANCES_TOTAL, "Rebalance events, by event."),
+                    &["event"],
+                )?,
+            )?,
+            paused: reg(
+                registry,
+                IntGauge::new(PAUSED, "1 while the assigned partitions are paused.")?,
+            )?,
+        };
+        Ok(m)
+    }
+}
+
+/// Where a message sits on the topic, for log lines.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A message that is not an acceptable batch was skipped.
+pub(crate) fn bad_message(m: &Metrics, at: Position, err: &DecodeError) {
+    m.bad_messages.with_label_values(&[err.kind()]).inc();
+    error!(
+        kind = err.kind(),
+        cause = %err,
+        partition = at.partition,
+        offset = at.offset,
+        "skipping a bad message on the pool topic"
+    );
+}
+
+/// A batch that is already claimed came again; it is skipped.
+pub(crate) fn replay(m: &Metrics, at: Position, batch: &str, holder: &str) {
+    m.bad_messages.with_label_values(&["replay"]).inc();
+    error!(
+        kind = "replay",
+        batch,
+        holder,
+        partition = at.partition,
+        offset = at.offset,
+        "skipping a batch that was already claimed"
+    );
+}
+
+/// A batch was claimed, committed and buffered.
+pub(crate) fn batch_claimed(m: &Metrics, keys: usize, took: Duration) {
+    m.batches_claimed.inc();
+    m.keys_buffered.inc_by(keys as u64);
+    m.claim_commit_seconds.observe(took.as_secs_f64());
+}
+
+/// A claim write failed and will be retried.
+pub(crate) fn claim_failed(m: &Metrics, batch: &str, err: &crate::Error) {
+    m.claim_errors.inc();
+    warn!(batch, cause = %error_chain(err), "claim write failed, retrying");
+}
+
+/// An offset commit failed: the batch is not handed out and its keys are
+/// marked for return.
+pub(crate) fn commit_failed(m: &Metrics, at: Position, batch: &str, err: &crate::Error) {
+    m.commit_failures.inc();
+    warn!(
+        batch,
+        partition = at.partition,
+        offset = at.offset,
+        cause = %error_chain(err),
+        "offset commit failed, the batch is not handed out"
+    );
+}
+
+/// A rebalance event happened.
+pub(crate) fn rebalance(m: &Metrics, event: &'static str, partitions: &str) {
+    m.rebalances.with_label_values(&[event]).inc();
+    info!(event, partitions, "consumer group rebalance");
+}
+
+/// The buffer reached the high watermark (`paused`) or fell to the low one.
+pub(crate) fn backpressure(m: &Metrics, paused: bool, depth: usize) {
+    m.paused.set(i64::from(paused));
+    tracing::debug!(paused, depth, "backpressure");
+}
+
+/// Keys of a batch were handed back at shutdown.
+pub(crate) fn keys_returned(m: &Metrics, batch: &str, keys: usize) {
+    m.keys_returned.inc_by(keys as u64);
+    info!(batch, keys, "claim set to returning");
+}
+
+/// Formats an error with its causes, `a: b: c`.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

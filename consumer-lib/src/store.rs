@@ -1,0 +1,153 @@
+//! The consumer's MongoDB side: reading the pool document and writing claim
+//! records (`claims`, `_id` = batch id).
+//!
+//! Every query and update names the exact `_id`, so MongoDB serves it from
+//! the primary-key index. Claim writes use `w: majority, j: true`: a claim
+//! must survive a primary failover before the batch's offset is committed.
+
+use bson::doc;
+use kgs_schemas::docs::{ClaimDoc, ClaimState, PoolDoc, CLAIMS, POOLS};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{Acknowledgment, CollectionOptions, WriteConcern};
+use mongodb::{Collection, Database};
+
+use crate::error::{Error, Result};
+
+/// MongoDB's duplicate-key error code.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// Result of trying to claim a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClaimOutcome {
+    /// The claim is ours: hand the batch out once its offset is committed.
+    Claimed,
+    /// Someone (or an earlier attempt of ours that gave the batch up) holds
+    /// it: never hand it out.
+    AlreadyClaimed {
+        /// Instance holding the claim.
+        holder: String,
+    },
+}
+
+/// Handles on the collections the consumer uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    pools: Collection<PoolDoc>,
+    claims: Collection<ClaimDoc>,
+}
+
+impl Store {
+    pub fn new(db: &Database) -> Self {
+        let durable = WriteConcern::builder()
+            .w(Acknowledgment::Majority)
+            .journal(true)
+            .build();
+        Self {
+            pools: db.collection(POOLS),
+            claims: db.collection_with_options(
+                CLAIMS,
+                CollectionOptions::builder().write_concern(durable).build(),
+            ),
+        }
+    }
+
+    /// The pool's document.
+    pub async fn pool(&self, name: &str) -> Result<PoolDoc> {
+        self.pools
+            .find_one(doc! { "_id": name })
+            .await
+            .map_err(|source| Error::PoolLookup {
+                pool: name.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| Error::PoolNotFound(name.to_owned()))
+    }
+
+    /// Records `claim` (state `open`). The `_id` is the batch id, so a batch
+    /// is claimed once only. A duplicate-key error means it is claimed
+    /// already; if that claim is our own open one (a write retried across a
+    /// server restart, or a batch redelivered to us before its commit), it
+    /// is still ours: its keys were never handed out, since hand-out happens
+    /// only after the commit.
+    pub async fn claim(&self, claim: &ClaimDoc) -> Result<ClaimOutcome> {
+        let err = match self.claims.insert_one(claim).await {
+            Ok(_) => return Ok(ClaimOutcome::Claimed),
+            Err(e) if is_duplicate_key(&e) => e,
+            Err(source) => {
+                return Err(Error::Claim {
+                    batch: claim.batch_id.clone(),
+                    source,
+                })
+            }
+        };
+        let existing = self
+            .claims
+            .find_one(doc! { "_id": &claim.batch_id })
+            .await
+            .map_err(|source| Error::Claim {
+                batch: claim.batch_id.clone(),
+                source,
+            })?;
+        match existing {
+            Some(c)
+                if c.instance == claim.instance
+                    && c.state == ClaimState::Open
+                    && c.partition == claim.partition
+                    && c.offset == claim.offset =>
+            {
+                Ok(ClaimOutcome::Claimed)
+            }
+            Some(c) => Ok(ClaimOutcome::AlreadyClaimed { holder: c.instance }),
+            // Duplicate key but no document: cannot happen; refuse to be safe.
+            None => Err(Error::Claim {
+                batch: claim.batch_id.clone(),
+                source: err,
+            }),
+        }
+    }
+
+    /// Ends our open claim on a batch: `drained` if `return_keys` is empty,
+    /// else `returning` with those keys for the producer to move back to
+    /// `keys` (ClaimDoc has no other field to set: it denies unknown fields).
+    /// Conditional on the claim being ours and open, so a repeated
+    /// call changes nothing.
+    pub async fn finish(
+        &self,
+        batch: &str,
+        instance: &str,
+        return_keys: Vec<String>,
+    ) -> Result<()> {
+        let state = if return_keys.is_empty() {
+            ClaimState::Drained
+        } else {
+            ClaimState::Returning
+        };
+        let state = bson::to_bson(&state).expect("claim state serializes");
+        self.claims
+            .update_one(
+                doc! { "_id": batch, "state": "open", "instance": instance },
+                doc! { "$set": {
+                    "state": state,
+                    "return_keys": return_keys,
+                } },
+            )
+            .await
+            .map_err(|source| Error::Return {
+                batch: batch.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(i) => i
+            .write_errors
+            .as_ref()
+            .is_some_and(|ws| ws.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
