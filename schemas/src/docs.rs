@@ -97,6 +97,13 @@ pub struct PoolDoc {
     /// A generation step that was started but may not have finished.
     #[serde(default)]
     pub generating: Option<GenerationRange>,
+    /// Generation positions (`n`) of keys reserved by `kgs-producer reserve`
+    /// before they were generated: their keys are already in `used_keys` with
+    /// reason `reserved`, so generation skips these positions. Only added to
+    /// while no generation range is pending, so a generation step that reads
+    /// it after marking its range sees every reservation inside the range.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved_ahead: Vec<u64>,
     /// Kafka topic of the pool's batches.
     pub topic: String,
     /// Partition count of the topic.

@@ -94,6 +94,7 @@ fn mongo_documents_match_the_schema() {
             from: 1000,
             to: 2000,
         }),
+        reserved_ahead: vec![1_500],
         topic: "kgs.p3".into(),
         partitions: 4,
         created_at: now(),

@@ -1,0 +1,245 @@
+//! The command line: clap definitions of every subcommand, and the merge of
+//! TOML file, `KGS_*` environment and flags into one [`Config`] (flags and
+//! environment win over the file, the file over the defaults).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kgs_schemas::{KeyFormat, BASE62};
+
+use crate::config::Config;
+use crate::duration;
+use crate::error::{Error, Result};
+use crate::pool::PoolSpec;
+
+/// kgs producer: keeps a pool of pre-generated keys in MongoDB and publishes
+/// key batches to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "kgs-producer", version, about, long_about = None)]
+pub struct Cli {
+    /// Settings shared by every command.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CommandArgs,
+}
+
+/// Settings shared by every command.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// TOML configuration file (keys as in `Config`, e.g. `batch_size = 1000`).
+    #[arg(long, global = true, env = "KGS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, global = true, env = "KGS_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// MongoDB connection string.
+    #[arg(long, global = true, env = "KGS_MONGODB_URI")]
+    pub mongodb_uri: Option<String>,
+    /// Database holding every pool [default: kgs].
+    #[arg(long, global = true, env = "KGS_MONGODB_DB")]
+    pub mongodb_db: Option<String>,
+    /// Lease duration, e.g. `10s` [default: 10s].
+    #[arg(long, global = true, env = "KGS_LEASE_DURATION", value_parser = duration::parse)]
+    pub lease_duration: Option<Duration>,
+    /// How long to retry unreachable servers at start, e.g. `30s`.
+    #[arg(long, global = true, env = "KGS_CONNECT_TIMEOUT", value_parser = duration::parse)]
+    pub connect_timeout: Option<Duration>,
+    /// Keys to keep in `keys.<pool>` [default: min(space, 1000000)].
+    #[arg(long, global = true, env = "KGS_TARGET_SIZE")]
+    pub target_size: Option<u64>,
+    /// Keys per crash-safe generation step [default: 10000].
+    #[arg(long, global = true, env = "KGS_GENERATE_CHUNK")]
+    pub generate_chunk: Option<u64>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CommandArgs {
+    /// Create a pool (document, collections, indexes, topic) and generate its
+    /// first keys. Re-running with the same settings changes nothing.
+    Init(InitArgs),
+    /// Run the producer of a pool: lead (or stand by), keep the topic's
+    /// partitions between the watermarks, top the pool up.
+    Run(RunArgs),
+    /// Show a pool's collStats, progress, backlog and leader.
+    Stats(StatsArgs),
+    /// Take keys out of circulation (e.g. `api`, `www`, `admin`).
+    Reserve(ReserveArgs),
+}
+
+/// `init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Pool name (a-z, 0-9, `_`, `-`).
+    #[arg(long, env = "KGS_POOL")]
+    pub pool: String,
+    /// Key length.
+    #[arg(long)]
+    pub length: u32,
+    /// Alphabet, in digit order.
+    #[arg(long, default_value = BASE62)]
+    pub alphabet: String,
+    /// Partitions of the pool's topic.
+    #[arg(long, default_value_t = 3)]
+    pub partitions: u32,
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pool name.
+    #[arg(long, env = "KGS_POOL")]
+    pub pool: String,
+    /// Consumer group whose committed offsets define the backlog [default: kgs.<pool>].
+    #[arg(long, env = "KGS_GROUP")]
+    pub group: Option<String>,
+    /// Keys per batch [default: 1000].
+    #[arg(long, env = "KGS_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Refill a partition when its backlog is at or below this many batches [default: 2].
+    #[arg(long, env = "KGS_LOW_WATERMARK")]
+    pub low_watermark: Option<u64>,
+    /// Fill a partition up to this many batches [default: 10].
+    #[arg(long, env = "KGS_HIGH_WATERMARK")]
+    pub high_watermark: Option<u64>,
+    /// Idle polling interval, e.g. `500ms`.
+    #[arg(long, env = "KGS_POLL_INTERVAL", value_parser = duration::parse)]
+    pub poll_interval: Option<Duration>,
+    /// Graceful shutdown deadline, e.g. `20s`.
+    #[arg(long, env = "KGS_SHUTDOWN_TIMEOUT", value_parser = duration::parse)]
+    pub shutdown_timeout: Option<Duration>,
+    /// Serve /metrics, /healthz, /readyz on this address, e.g. `127.0.0.1:9100`.
+    #[arg(long, env = "KGS_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// This instance's id in the lease [default: <host>-<pid>-<random>].
+    #[arg(long, env = "KGS_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+}
+
+/// `stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only this pool [default: every pool].
+    #[arg(long, env = "KGS_POOL")]
+    pub pool: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `reserve`.
+#[derive(Debug, Args)]
+pub struct ReserveArgs {
+    /// Pool name.
+    #[arg(long, env = "KGS_POOL")]
+    pub pool: String,
+    /// Keys to reserve.
+    #[arg(required = true)]
+    pub keys: Vec<String>,
+}
+
+/// A resolved command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Create a pool and generate its first keys.
+    Init(PoolSpec),
+    /// Run the producer of a pool.
+    Run {
+        /// Pool name.
+        pool: String,
+    },
+    /// Print stats.
+    Stats {
+        /// Only this pool.
+        pool: Option<String>,
+        /// As JSON.
+        json: bool,
+    },
+    /// Reserve keys.
+    Reserve {
+        /// Pool name.
+        pool: String,
+        /// The keys.
+        keys: Vec<String>,
+    },
+}
+
+impl Cli {
+    /// The command and the merged configuration.
+    pub fn resolve(self) -> Result<(Command, Config)> {
+        let g = self.global;
+        let mut c = match &g.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        set(&mut c.kafka_brokers, g.kafka_brokers);
+        set(&mut c.mongodb_uri, g.mongodb_uri);
+        set(&mut c.mongodb_db, g.mongodb_db);
+        set(&mut c.lease_duration, g.lease_duration);
+        set(&mut c.connect_timeout, g.connect_timeout);
+        set(&mut c.generate_chunk, g.generate_chunk);
+        c.target_size = g.target_size.or(c.target_size);
+        let command = match self.command {
+            CommandArgs::Init(a) => Command::Init(PoolSpec {
+                format: KeyFormat::new(&a.alphabet, a.length)
+                    .map_err(|e| Error::Config(e.to_string()))?,
+                name: a.pool,
+                partitions: a.partitions,
+            }),
+            CommandArgs::Run(a) => {
+                c.group = a.group.or(c.group);
+                set(&mut c.batch_size, a.batch_size);
+                set(&mut c.low_watermark, a.low_watermark);
+                set(&mut c.high_watermark, a.high_watermark);
+                set(&mut c.poll_interval, a.poll_interval);
+                set(&mut c.shutdown_timeout, a.shutdown_timeout);
+                c.http_listen = a.http_listen.or(c.http_listen);
+                c.instance_id = a.instance_id.or(c.instance_id);
+                Command::Run { pool: a.pool }
+            }
+            CommandArgs::Stats(a) => Command::Stats {
+                pool: a.pool,
+                json: a.json,
+            },
+            CommandArgs::Reserve(a) => Command::Reserve {
+                pool: a.pool,
+                keys: a.keys,
+            },
+        };
+        c.validate()?;
+        Ok((command, c))
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The clap definition is consistent (no clashing flags or env vars).
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    /// A flag overrides the default; a bad alphabet is one config error.
+    #[test]
+    fn flags_override_defaults() {
+        let cli = Cli::parse_from(["kgs-producer", "run", "--pool", "p", "--batch-size", "7"]);
+        let (cmd, c) = cli.resolve().unwrap();
+        assert!(matches!(cmd, Command::Run { pool } if pool == "p"));
+        assert_eq!(c.batch_size, 7);
+        let cli = Cli::parse_from(["kgs-producer", "init", "--pool", "p", "--length", "2", "--alphabet", "aa"]);
+        assert!(matches!(cli.resolve(), Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,204 @@
+//! The producer's configuration: one serde struct read from a TOML file, with
+//! every field overridable by a flag or a `KGS_*` environment variable (see
+//! `cli.rs`), and the one place that turns it into client configs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Settings of every `kgs-producer` command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// MongoDB connection string.
+    pub mongodb_uri: String,
+    /// Database holding every pool.
+    pub mongodb_db: String,
+    /// Consumer group whose committed offsets define the backlog
+    /// (default `kgs.<pool>`, the consumer library's default).
+    pub group: Option<String>,
+    /// Keys per batch (one Kafka message).
+    pub batch_size: usize,
+    /// A partition whose backlog falls below this many batches is refilled...
+    pub low_watermark: u64,
+    /// ...up to this many batches; never more.
+    pub high_watermark: u64,
+    /// Keys kept in `keys.<pool>` (default min(space, 1,000,000)).
+    pub target_size: Option<u64>,
+    /// Keys generated per crash-safe generation step.
+    pub generate_chunk: u64,
+    /// How long a lease lasts without renewal; renewed every third of it.
+    #[serde(with = "crate::duration")]
+    pub lease_duration: Duration,
+    /// How often the leader re-checks backlog and returns when idle.
+    #[serde(with = "crate::duration")]
+    pub poll_interval: Duration,
+    /// How long a graceful shutdown may take before it is forced.
+    #[serde(with = "crate::duration")]
+    pub shutdown_timeout: Duration,
+    /// How long to keep retrying servers at start before giving up.
+    #[serde(with = "crate::duration")]
+    pub connect_timeout: Duration,
+    /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`); none if absent.
+    pub http_listen: Option<SocketAddr>,
+    /// This instance's id in the lease (default `<host>-<pid>-<random>`).
+    pub instance_id: Option<String>,
+}
+
+/// The local test broker, as started by `scripts/servers.sh`.
+fn default_kafka_brokers() -> String {
+    "127.0.0.1:9092".to_owned()
+}
+
+/// The local test server; `directConnection` because it is a single node.
+fn default_mongodb_uri() -> String {
+    "mongodb://127.0.0.1:27017/?directConnection=true".to_owned()
+}
+
+/// 1,000 keys of up to 12 characters is ~16 KB per message, well below
+/// Kafka's 1 MiB default, and one database round trip moves a useful amount.
+fn default_batch_size() -> usize {
+    1_000
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kafka_brokers: default_kafka_brokers(),
+            mongodb_uri: default_mongodb_uri(),
+            mongodb_db: "kgs".to_owned(),
+            group: None,
+            batch_size: default_batch_size(),
+            // Two batches left per partition is the refill signal; ten is
+            // enough buffer for a burst while the next batch is moved.
+            low_watermark: 2,
+            high_watermark: 10,
+            target_size: None,
+            // 10,000 documents per insert_many: a few hundred KB per request.
+            generate_chunk: 10_000,
+            // A standby takes over 10 s after a crash at worst.
+            lease_duration: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(500),
+            shutdown_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(30),
+            http_listen: None,
+            instance_id: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Rejects contradictory settings.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.batch_size == 0 || self.batch_size > kgs_schemas::batch::MAX_BATCH_KEYS {
+            return bad(format!(
+                "batch_size must be 1..={}, got {}",
+                kgs_schemas::batch::MAX_BATCH_KEYS,
+                self.batch_size
+            ));
+        }
+        if self.high_watermark == 0 || self.low_watermark > self.high_watermark {
+            return bad(format!(
+                "need 0 <= low_watermark ({}) <= high_watermark ({}) and high_watermark >= 1",
+                self.low_watermark, self.high_watermark
+            ));
+        }
+        if self.generate_chunk == 0 {
+            return bad("generate_chunk must be at least 1".to_owned());
+        }
+        if self.lease_duration < Duration::from_millis(300) {
+            return bad(format!(
+                "lease_duration must be at least 300ms, got {:?}",
+                self.lease_duration
+            ));
+        }
+        if self.kafka_brokers.trim().is_empty() {
+            return bad("kafka_brokers is empty".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The consumer group of `pool`'s backlog.
+    pub fn group_of(&self, pool: &str) -> String {
+        self.group.clone().unwrap_or_else(|| format!("kgs.{pool}"))
+    }
+
+    /// Base Kafka settings shared by every client.
+    pub fn kafka(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.kafka_brokers)
+            // Fail fast enough that a dead broker is reported at start.
+            .set("socket.timeout.ms", "10000");
+        c
+    }
+
+    /// The transactional producer of `pool`: one `transactional.id` per pool,
+    /// so a new leader's `init_transactions` fences the previous one.
+    pub fn kafka_producer(&self, pool: &str) -> ClientConfig {
+        let mut c = self.kafka();
+        c.set("transactional.id", format!("kgs-producer.{pool}"))
+            // Both implied by transactions; set explicitly for readers.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // A transaction holds one batch; a minute is far more than needed,
+            // and bounds how long an orphan transaction blocks readers.
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "30000");
+        c
+    }
+
+    /// A consumer that only reads offsets, watermarks and (for recovery)
+    /// committed messages; it never joins or commits to `group`.
+    pub fn kafka_reader(&self, group: &str) -> ClientConfig {
+        let mut c = self.kafka();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Recovery must only see batches of committed transactions.
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "true");
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TOML file overrides defaults, and an unknown key is rejected.
+    #[test]
+    fn toml_with_durations_and_unknown_keys() {
+        let c: Config = toml::from_str("batch_size = 7\nlease_duration = \"2s\"").unwrap();
+        assert_eq!(c.batch_size, 7);
+        assert_eq!(c.lease_duration, Duration::from_secs(2));
+        assert_eq!(c.mongodb_db, "kgs");
+        assert!(toml::from_str::<Config>("batch_sise = 7").is_err());
+    }
+
+    /// Contradictory watermarks are refused with a message naming both.
+    #[test]
+    fn rejects_inverted_watermarks() {
+        let c = Config {
+            low_watermark: 5,
+            high_watermark: 2,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("low_watermark"));
+        assert!(Config::default().validate().is_ok());
+    }
+}

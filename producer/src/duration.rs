@@ -1,0 +1,53 @@
+//! Human-friendly durations (`250ms`, `10s`, `2m`, `1h`) for the TOML file and
+//! the command line, so configuration never carries bare numbers of unknown unit.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serializer};
+
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
+pub fn parse(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("duration {s:?} has unknown unit {unit:?} (ms, s, m, h)")),
+    }
+}
+
+/// Serde `with` helper: deserializes a duration string.
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse(&s).map_err(serde::de::Error::custom)
+}
+
+/// Serde `with` helper: serializes as milliseconds, e.g. `1500ms`.
+pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", value.as_millis()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every unit parses, and missing or unknown units are rejected.
+    #[test]
+    fn parses_units() {
+        assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse("10").is_err());
+        assert!(parse("10d").is_err());
+        assert!(parse("s").is_err());
+    }
+}

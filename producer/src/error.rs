@@ -1,0 +1,96 @@
+//! The producer's error type: one variant per operation that can fail, so the
+//! binary prints one clear line and the run loop can tell a lost lease (step
+//! down, stay standby) from a broken server (retry) from a bug (stop).
+
+use kgs_schemas::FormatError;
+use rdkafka::error::KafkaError;
+
+/// Everything the producer library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid or contradictory.
+    #[error("bad configuration: {0}")]
+    Config(String),
+    /// A server did not answer within the connect timeout.
+    #[error("cannot reach {server} at {address}: {detail}")]
+    Unreachable {
+        /// `MongoDB` or `Kafka`.
+        server: &'static str,
+        /// Where it was looked for.
+        address: String,
+        /// The last error seen.
+        detail: String,
+    },
+    /// `init` found the pool (or its topic) with other settings.
+    #[error("pool {pool:?} already exists with other settings ({detail}); nothing was changed")]
+    Conflict {
+        /// The pool.
+        pool: String,
+        /// What differs.
+        detail: String,
+    },
+    /// The pool document does not exist.
+    #[error("pool {0:?} does not exist: create it with `kgs-producer init`")]
+    NoSuchPool(String),
+    /// A key given on the command line is not a key of the pool.
+    #[error("bad key: {0}")]
+    BadKey(#[from] FormatError),
+    /// A MongoDB operation failed.
+    #[error("MongoDB {op} failed: {source}")]
+    Store {
+        /// What was being done.
+        op: &'static str,
+        /// The driver error.
+        source: mongodb::error::Error,
+    },
+    /// A Kafka operation failed.
+    #[error("Kafka {op} failed: {source}")]
+    Kafka {
+        /// What was being done.
+        op: &'static str,
+        /// The client error.
+        source: KafkaError,
+    },
+    /// A newer producer took the lease: this one must stop writing.
+    #[error("lease of pool {0:?} lost to another producer")]
+    LeaseLost(String),
+    /// Kafka fenced this producer's transactional id (a newer producer with
+    /// the same `transactional.id` started).
+    #[error("fenced by a newer producer: {0}")]
+    Fenced(String),
+    /// A stored document contradicts the protocol (e.g. a returned key that
+    /// was not in its batch); an operator must look.
+    #[error("inconsistent data: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// A short, fixed label for the `errors_total{kind}` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "config",
+            Self::Unreachable { .. } => "unreachable",
+            Self::Conflict { .. } => "conflict",
+            Self::NoSuchPool(_) => "no_such_pool",
+            Self::BadKey(_) => "bad_key",
+            Self::Store { .. } => "mongodb",
+            Self::Kafka { .. } => "kafka",
+            Self::LeaseLost(_) => "lease_lost",
+            Self::Fenced(_) => "fenced",
+            Self::Corrupt(_) => "corrupt",
+        }
+    }
+
+    /// A `map_err` adapter for MongoDB calls.
+    pub fn store(op: &'static str) -> impl FnOnce(mongodb::error::Error) -> Self {
+        move |source| Self::Store { op, source }
+    }
+
+    /// A `map_err` adapter for Kafka calls.
+    pub fn kafka(op: &'static str) -> impl FnOnce(KafkaError) -> Self {
+        move |source| Self::Kafka { op, source }
+    }
+}
+
+/// The producer's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,191 @@
+//! Generation: writing the next keys of a pool's permuted order into
+//! `keys.<pool>`, crash-safely, until the pool holds its target size.
+//!
+//! One step covers positions `from..to` of the order:
+//! 1. mark `generating = {from, to}` on the pool (conditional on the cursor);
+//! 2. insert `KeyDoc {key: key_at(perm(i)), n: i}` unordered, ignoring E11000;
+//! 3. set `cursor = to` and unset `generating`.
+//!
+//! A crash after 1 or 2 leaves the mark; the next generation first *recovers*
+//! the range: it re-inserts only the keys that are not in `used_keys` (checked
+//! by exact `_id`), because a batch may have moved some of them already. Only
+//! the lease holder generates, in the same task that moves batches, so no move
+//! runs while a range is pending. Positions listed in `reserved_ahead` are
+//! skipped: their keys were reserved before being generated.
+
+use std::collections::HashSet;
+
+use bson::doc;
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use kgs_schemas::docs::{GenerationRange, KeyDoc, PoolDoc};
+use kgs_schemas::KeyFormat;
+
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::lease::LeaseGuard;
+use crate::permutation::Permutation;
+use crate::store::{insert_ignoring_duplicates, PoolKeys, Store};
+
+/// Documents per `insert_many`: keeps each request well under the 48 MB
+/// message limit and gives the progress bar a steady pace.
+const INSERT_CHUNK: usize = 5_000;
+
+/// Concurrent `_id` lookups while recovering a range.
+const RECOVERY_LOOKUPS: usize = 32;
+
+/// The permutation and key format of a pool.
+pub fn pool_order(pool: &PoolDoc) -> Result<(KeyFormat, Permutation)> {
+    let format = KeyFormat::try_from(&pool.format)
+        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad format: {e}", pool.name)))?;
+    let secret = hex::decode(&pool.secret.0)
+        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad secret: {e}", pool.name)))?;
+    let perm = Permutation::new(&secret, format.space());
+    Ok((format, perm))
+}
+
+/// Generates until `keys.<pool>` holds about `target` keys or the space is
+/// exhausted, at most `max_keys` in this call. Returns the number generated.
+pub async fn top_up(
+    store: &Store,
+    pool: &str,
+    target: u64,
+    chunk: u64,
+    max_keys: u64,
+    guard: &LeaseGuard,
+    progress: Option<&ProgressBar>,
+) -> Result<u64> {
+    let pk = store.pool_keys(pool);
+    let mut generated = 0;
+    loop {
+        let doc = store.pool(pool).await?;
+        if let Some(range) = doc.generating {
+            tracing::info!(pool, from = range.from, to = range.to, "recovering an unfinished generation step");
+            finish_range(store, &pk, &doc, range, true, guard, progress).await?;
+            continue;
+        }
+        if doc.cursor >= doc.space || generated >= max_keys {
+            return Ok(generated);
+        }
+        let in_keys = pk
+            .keys
+            .estimated_document_count()
+            .await
+            .map_err(Error::store("count keys"))?;
+        if in_keys >= target {
+            return Ok(generated);
+        }
+        let n = chunk
+            .min(target - in_keys)
+            .min(doc.space - doc.cursor)
+            .min(max_keys - generated);
+        let range = GenerationRange {
+            from: doc.cursor,
+            to: doc.cursor + n,
+        };
+        guard.check()?;
+        // Conditional on the cursor: a concurrent generator (there should be
+        // none under the lease) makes this a no-op and the loop re-reads.
+        let marked = store
+            .pools
+            .update_one(
+                doc! { "_id": pool, "cursor": range.from as i64, "generating": null },
+                doc! { "$set": { "generating": { "from": range.from as i64, "to": range.to as i64 } } },
+            )
+            .await
+            .map_err(Error::store("mark generation range"))?;
+        if marked.matched_count == 0 {
+            continue;
+        }
+        failpoint::hit("gen_after_mark");
+        // Re-read after marking: `reserve` only adds to `reserved_ahead` while
+        // nothing is marked, so this copy has every reservation in the range.
+        let doc = store.pool(pool).await?;
+        finish_range(store, &pk, &doc, range, false, guard, progress).await?;
+        generated += n;
+    }
+}
+
+/// Inserts the keys of `range` (all of them, or in recovery only those not
+/// in `used_keys`) and advances the cursor past it.
+async fn finish_range(
+    store: &Store,
+    pk: &PoolKeys,
+    doc: &PoolDoc,
+    range: GenerationRange,
+    recovering: bool,
+    guard: &LeaseGuard,
+    progress: Option<&ProgressBar>,
+) -> Result<()> {
+    let (format, perm) = pool_order(doc)?;
+    let skip: HashSet<u64> = doc.reserved_ahead.iter().copied().collect();
+    let mut from = range.from;
+    while from < range.to {
+        let to = (from + INSERT_CHUNK as u64).min(range.to);
+        let mut docs: Vec<KeyDoc> = (from..to)
+            .filter(|i| !skip.contains(i))
+            .map(|n| {
+                let key = format.key_at(perm.apply(n)).expect("perm stays in the space");
+                KeyDoc { key, n }
+            })
+            .collect();
+        if recovering {
+            docs = not_used(pk, docs).await?;
+        }
+        guard.check()?;
+        insert_ignoring_duplicates(&pk.keys, &docs, "insert generated keys").await?;
+        if let Some(bar) = progress {
+            bar.inc(to - from);
+        }
+        from = to;
+    }
+    failpoint::hit("gen_after_insert");
+    guard.check()?;
+    store
+        .pools
+        .update_one(
+            doc! {
+                "_id": &doc.name,
+                "generating.from": range.from as i64,
+                "generating.to": range.to as i64,
+            },
+            doc! { "$set": { "cursor": range.to as i64 }, "$unset": { "generating": "" } },
+        )
+        .await
+        .map_err(Error::store("advance cursor"))?;
+    failpoint::hit("gen_after_cursor");
+    tracing::debug!(pool = %doc.name, from = range.from, to = range.to, "generated");
+    Ok(())
+}
+
+/// The documents whose key is not in `used_keys` (exact `_id` lookups).
+async fn not_used(pk: &PoolKeys, docs: Vec<KeyDoc>) -> Result<Vec<KeyDoc>> {
+    // Only the `_id` is fetched, so read plain documents.
+    let used_ids = pk.used.clone_with_type::<bson::Document>();
+    let used_ids = &used_ids;
+    futures::stream::iter(docs)
+        .map(|d| async move {
+            let used = used_ids
+                .find_one(doc! { "_id": &d.key })
+                .projection(doc! { "_id": 1 })
+                .await
+                .map_err(Error::store("look up used key"))?;
+            Ok::<_, Error>(used.is_none().then_some(d))
+        })
+        .buffer_unordered(RECOVERY_LOOKUPS)
+        .try_filter_map(|d| async move { Ok(d) })
+        .try_collect()
+        .await
+}
+
+/// A progress bar on a terminal (hidden otherwise) for `total` keys.
+pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} keys ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}

@@ -1,0 +1,252 @@
+//! Kafka access of a leading producer: the transactional producer that
+//! publishes batches, the backlog per partition (end offset − the group's
+//! committed offset), and the read_committed search for a batch that may
+//! already be in the topic.
+//!
+//! Each batch is its own transaction: one data record plus one commit marker,
+//! so a partition's offsets advance by two per batch and the backlog in
+//! batches is half the offset difference (an aborted attempt also takes two
+//! offsets and is counted until a consumer passes it: the producer then
+//! under-fills by a batch, never over-fills).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kgs_schemas::KeyBatch;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::failpoint;
+
+/// Timeout of each blocking Kafka call (metadata, offsets, transactions).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A leader's Kafka clients for one pool.
+#[derive(Clone)]
+pub struct PoolKafka {
+    producer: FutureProducer,
+    reader: Arc<BaseConsumer>,
+    config: Config,
+    topic: String,
+    partitions: i32,
+}
+
+impl std::fmt::Debug for PoolKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolKafka")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The backlog of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionBacklog {
+    /// Partition number.
+    pub partition: i32,
+    /// Last stable offset (end of committed data).
+    pub end: i64,
+    /// The group's committed offset, if any.
+    pub committed: Option<i64>,
+    /// Batches not yet consumed.
+    pub batches: u64,
+}
+
+impl PoolKafka {
+    /// Creates the clients and calls `init_transactions`, which fences any
+    /// previous producer of the pool and aborts its open transaction.
+    pub async fn start(config: &Config, pool: &str, topic: &str, partitions: u32) -> Result<Self> {
+        let producer: FutureProducer = config
+            .kafka_producer(pool)
+            .create()
+            .map_err(Error::kafka("create producer"))?;
+        let reader = Arc::new(
+            config
+                .kafka_reader(&config.group_of(pool))
+                .create::<BaseConsumer>()
+                .map_err(Error::kafka("create offset reader"))?,
+        );
+        let p = producer.clone();
+        blocking(move || p.init_transactions(CALL_TIMEOUT))
+            .await
+            .map_err(txn_error("init transactions"))?;
+        Ok(Self {
+            producer,
+            reader,
+            config: config.clone(),
+            topic: topic.to_owned(),
+            partitions: partitions as i32,
+        })
+    }
+
+    /// The end (last stable) offset of `partition`.
+    pub async fn end_offset(&self, partition: i32) -> Result<i64> {
+        let reader = self.reader.clone();
+        let topic = self.topic.clone();
+        blocking(move || reader.fetch_watermarks(&topic, partition, CALL_TIMEOUT))
+            .await
+            .map(|(_, high)| high)
+            .map_err(Error::kafka("fetch watermarks"))
+    }
+
+    /// The backlog of every partition.
+    pub async fn backlog(&self) -> Result<Vec<PartitionBacklog>> {
+        backlog(&self.reader, &self.topic, self.partitions).await
+    }
+
+    /// Publishes `batch` to `partition` in its own transaction; returns its offset.
+    pub async fn publish(&self, partition: i32, batch: &KeyBatch) -> Result<i64> {
+        let p = self.producer.clone();
+        blocking(move || p.begin_transaction())
+            .await
+            .map_err(txn_error("begin transaction"))?;
+        let payload = batch.encode();
+        let record = FutureRecord::to(&self.topic)
+            .partition(partition)
+            .key(batch.batch_id.as_bytes())
+            .payload(&payload);
+        let sent = self.producer.send(record, CALL_TIMEOUT).await;
+        let offset = match sent {
+            Ok(delivery) => delivery.offset,
+            Err((err, _)) => {
+                self.abort().await;
+                return Err(txn_error("send batch")(err));
+            }
+        };
+        failpoint::hit("publish_after_send");
+        let p = self.producer.clone();
+        if let Err(err) = blocking(move || p.commit_transaction(CALL_TIMEOUT)).await {
+            self.abort().await;
+            return Err(txn_error("commit transaction")(err));
+        }
+        failpoint::hit("publish_after_commit");
+        Ok(offset)
+    }
+
+    async fn abort(&self) {
+        let p = self.producer.clone();
+        if let Err(err) = blocking(move || p.abort_transaction(CALL_TIMEOUT)).await {
+            tracing::warn!(cause = %err, "abort transaction failed");
+        }
+    }
+
+    /// Looks for `batch_id` in `partition` from offset `from` to the current
+    /// end, reading only committed transactions. Returns its offset if found.
+    pub async fn find_batch(&self, partition: i32, from: i64, batch_id: &str) -> Result<Option<i64>> {
+        let end = self.end_offset(partition).await?;
+        if from >= end {
+            return Ok(None);
+        }
+        // A fresh consumer outside any group: it only reads.
+        let consumer: BaseConsumer = self
+            .config
+            .kafka_reader("kgs-producer.recovery")
+            .create()
+            .map_err(Error::kafka("create recovery reader"))?;
+        let topic = self.topic.clone();
+        let id = batch_id.to_owned();
+        blocking(move || -> Result<Option<i64>> {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(from))
+                .map_err(Error::kafka("assign"))?;
+            consumer.assign(&tpl).map_err(Error::kafka("assign"))?;
+            let deadline = std::time::Instant::now() + CALL_TIMEOUT;
+            while std::time::Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(500)) {
+                    None => continue,
+                    Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+                    Some(Err(e)) => return Err(Error::kafka("read topic")(e)),
+                    Some(Ok(m)) => {
+                        if m.key() == Some(id.as_bytes()) {
+                            return Ok(Some(m.offset()));
+                        }
+                        if m.offset() + 1 >= end {
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+            Err(Error::Corrupt(format!(
+                "could not read partition {partition} of {topic} up to {end} within {CALL_TIMEOUT:?}"
+            )))
+        })
+        .await
+    }
+}
+
+/// The backlog of every partition of `topic` for the reader's group.
+pub async fn backlog(
+    reader: &Arc<BaseConsumer>,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<PartitionBacklog>> {
+    let reader = reader.clone();
+    let topic = topic.to_owned();
+    blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let committed = reader
+            .committed_offsets(tpl, CALL_TIMEOUT)
+            .map_err(Error::kafka("fetch committed offsets"))?;
+        (0..partitions)
+            .map(|p| {
+                let (low, end) = reader
+                    .fetch_watermarks(&topic, p, CALL_TIMEOUT)
+                    .map_err(Error::kafka("fetch watermarks"))?;
+                let committed = committed
+                    .find_partition(&topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                // Without a commit the group starts at the earliest offset.
+                let start = committed.unwrap_or(low).max(low);
+                Ok(PartitionBacklog {
+                    partition: p,
+                    end,
+                    committed,
+                    batches: ((end - start).max(0) / 2) as u64,
+                })
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Runs a blocking librdkafka call off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking Kafka call does not panic")
+}
+
+/// Classifies a transactional error: fencing (a newer producer with the same
+/// `transactional.id`) and fatal errors end this leadership; the rest are
+/// retried by the run loop.
+fn txn_error(op: &'static str) -> impl FnOnce(KafkaError) -> Error {
+    move |err| {
+        let fenced = match &err {
+            KafkaError::Transaction(e) => {
+                e.is_fatal() || e.code() == RDKafkaErrorCode::InvalidProducerEpoch
+                    || e.code() == RDKafkaErrorCode::ProducerFenced
+            }
+            e => matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fatal)
+            ),
+        };
+        if fenced {
+            Error::Fenced(format!("{op}: {err}"))
+        } else {
+            Error::Kafka { op, source: err }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `kgs-producer run`: wait for the pool's lease, then, while leading, keep
+//! every partition's backlog between the watermarks, top the pool up, put
+//! returned keys back, and finish any unfinished batch first.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::generate::top_up;
+use crate::kafka::PoolKafka;
+use crate::lease::{Lease, LeaseGuard, LeaseKeeper};
+use crate::metrics::Metrics;
+use crate::mover::Mover;
+use crate::store::Store;
+
+/// How often an idle or busy leader looks for unfinished batches of older
+/// epochs (a zombie may have left one after the takeover's recovery pass).
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How often the pool gauges (counts of keys) are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keys generated per loop iteration at most, so top-up never starves publishing.
+const TOP_UP_PER_ITERATION: u64 = 50_000;
+
+/// Runs the producer of `pool` until `shutdown` resolves: standby until the
+/// lease is free, leader after. Returns after releasing the lease.
+pub async fn run(
+    config: Config,
+    pool: String,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    config.validate()?;
+    let store = Store::connect(&config).await?;
+    let doc = store.pool(&pool).await?;
+    // Fail at start, in one line, if Kafka or the topic is missing.
+    if crate::pool::topic_partition_count(&config, &doc.topic).await?.is_none() {
+        return Err(Error::Config(format!(
+            "topic {} of pool {pool:?} does not exist: run `kgs-producer init`",
+            doc.topic
+        )));
+    }
+    metrics.key_space.set(doc.space as i64);
+    let holder = config.instance_id.clone().unwrap_or_else(instance_id);
+    tracing::info!(pool = %pool, holder = %holder, "producer started");
+    let keeper = LeaseKeeper::spawn(Lease::new(store.clone(), &pool, &holder, config.lease_duration));
+    let mut guard = keeper.guard();
+    let http = match config.http_listen {
+        Some(addr) => Some(crate::http::spawn(addr, metrics.clone(), keeper.guard()).await?),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let epoch = tokio::select! {
+            _ = &mut shutdown => break,
+            epoch = guard.wait_leader() => epoch,
+        };
+        metrics.leader.set(1);
+        metrics.lease_epoch.set(epoch as i64);
+        tracing::info!(pool = %pool, epoch, "leading");
+        let leading = lead(&config, &store, &doc, &guard, &metrics, stop_rx.clone());
+        let mut leading = std::pin::pin!(leading);
+        let result = tokio::select! {
+            r = &mut leading => r,
+            _ = &mut shutdown => {
+                // Let the current step finish, within the deadline.
+                let _ = stop_tx.send(true);
+                match tokio::time::timeout(config.shutdown_timeout, &mut leading).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::error!(timeout_s = config.shutdown_timeout.as_secs(), "shutdown deadline passed; stopping mid-step (recovery will finish it)");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        metrics.leader.set(0);
+        match result {
+            Ok(()) => break,
+            Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => {
+                metrics.error(&e, "leading");
+                tracing::warn!(pool = %pool, epoch, "stepped down");
+                // Wait for the keeper to notice before trying again.
+                tokio::time::sleep(config.lease_duration / 3).await;
+            }
+            Err(e) => {
+                metrics.error(&e, "leading");
+                tokio::time::sleep(config.poll_interval.max(Duration::from_secs(1))).await;
+            }
+        }
+        if *stop_rx.borrow() {
+            break;
+        }
+    }
+    keeper.stop().await;
+    if let Some(http) = http {
+        http.stop().await;
+    }
+    tracing::info!(pool = %pool, "producer stopped");
+    Ok(())
+}
+
+/// One leadership: returns `Ok` on shutdown, an error when it must end.
+async fn lead(
+    config: &Config,
+    store: &Store,
+    doc: &kgs_schemas::docs::PoolDoc,
+    guard: &LeaseGuard,
+    metrics: &Metrics,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let pool = doc.name.as_str();
+    let kafka = PoolKafka::start(config, pool, &doc.topic, doc.partitions).await?;
+    let mover = Mover {
+        store,
+        pk: store.pool_keys(pool),
+        pool,
+        guard,
+        kafka: &kafka,
+        metrics,
+    };
+    let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
+    let mut filling: HashSet<i32> = HashSet::new();
+    let mut last_recovery: Option<Instant> = None;
+    let mut last_gauges: Option<Instant> = None;
+    let mut errors_in_a_row = 0u32;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let step = async {
+            let backlog = kafka.backlog().await?;
+            let smallest = backlog
+                .iter()
+                .min_by_key(|b| (b.batches, b.partition))
+                .map(|b| b.partition)
+                .unwrap_or(0);
+            if last_recovery.is_none_or(|t| t.elapsed() >= RECOVERY_INTERVAL) {
+                mover.recover(smallest).await?;
+                last_recovery = Some(Instant::now());
+            }
+            mover.process_returns().await?;
+            top_up(store, pool, target, config.generate_chunk, TOP_UP_PER_ITERATION, guard, None).await?;
+            if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
+                refresh_gauges(store, pool, metrics).await?;
+                last_gauges = Some(Instant::now());
+            }
+            for b in &backlog {
+                metrics
+                    .backlog
+                    .with_label_values(&[&b.partition.to_string()])
+                    .set(b.batches as i64);
+                if b.batches <= config.low_watermark {
+                    filling.insert(b.partition);
+                }
+                if b.batches >= config.high_watermark {
+                    filling.remove(&b.partition);
+                }
+            }
+            let smallest_batches = backlog.iter().map(|b| b.batches).min().unwrap_or(0);
+            if filling.is_empty() || smallest_batches >= config.high_watermark {
+                return Ok::<bool, Error>(false);
+            }
+            mover.next_batch(config.batch_size, smallest).await
+        };
+        match step.await {
+            Ok(true) => {
+                errors_in_a_row = 0;
+                continue;
+            }
+            Ok(false) => errors_in_a_row = 0,
+            Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
+            Err(e) => {
+                metrics.error(&e, "batch step");
+                // Whatever was half done is finished by the next recovery pass.
+                last_recovery = None;
+                errors_in_a_row += 1;
+                if errors_in_a_row >= 10 {
+                    return Err(e);
+                }
+            }
+        }
+        // Idle (backlog full or pool empty) or after an error: wait a little.
+        tokio::select! {
+            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics) -> Result<()> {
+    let pk = store.pool_keys(pool);
+    let doc = store.pool(pool).await?;
+    let keys = pk.keys.estimated_document_count().await.map_err(Error::store("count keys"))?;
+    let used = pk.used.estimated_document_count().await.map_err(Error::store("count used keys"))?;
+    metrics.keys_in_pool.set(keys as i64);
+    metrics.keys_used.set(used as i64);
+    metrics.keys_generated.set(doc.cursor as i64);
+    metrics
+        .space_used_ppm
+        .set((used as f64 / doc.space as f64 * 1e6) as i64);
+    Ok(())
+}
+
+/// `<host>-<pid>-<random>`: unique per process, readable in the lease doc.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "host".to_owned());
+    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
+}

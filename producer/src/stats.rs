@@ -1,0 +1,189 @@
+//! `kgs-producer stats`: the original design's collStats figures of a pool's
+//! `keys` and `used_keys`, its generation progress, per-partition backlog and
+//! leader.
+
+use std::sync::Arc;
+
+use bson::{doc, Document};
+use futures::TryStreamExt;
+use kgs_schemas::docs::{self, LeaseDoc, PoolDoc};
+use rdkafka::consumer::BaseConsumer;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kafka::{backlog, PartitionBacklog};
+use crate::store::Store;
+
+/// collStats of one collection.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollStats {
+    /// Collection name.
+    pub ns: String,
+    /// Documents.
+    pub count: i64,
+    /// Uncompressed data size in bytes.
+    pub size: i64,
+    /// Average document size in bytes.
+    pub avg_obj_size: i64,
+    /// Storage size in bytes.
+    pub storage_size: i64,
+    /// Size of all indexes in bytes.
+    pub total_index_size: i64,
+}
+
+/// Everything `stats` reports about a pool.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStats {
+    /// Pool name.
+    pub pool: String,
+    /// Size of the key space.
+    pub space: u64,
+    /// Positions generated (cursor).
+    pub generated: u64,
+    /// Keys in `keys`.
+    pub in_keys: i64,
+    /// Keys in `used_keys` (batches and reserved).
+    pub used: i64,
+    /// Of which reserved.
+    pub reserved: u64,
+    /// used / space.
+    pub fraction_used: f64,
+    /// collStats of `keys.<pool>`.
+    pub keys: CollStats,
+    /// collStats of `used_keys.<pool>`.
+    pub used_keys: CollStats,
+    /// Backlog per partition for the group.
+    pub group: String,
+    /// Per-partition backlog.
+    pub partitions: Vec<PartitionBacklog>,
+    /// Lease holder, if any.
+    pub leader: Option<String>,
+    /// Lease epoch.
+    pub epoch: Option<u64>,
+    /// Whether the lease is currently held (not expired).
+    pub lease_live: bool,
+}
+
+/// Stats of `pool`, or of every pool.
+pub async fn stats(config: &Config, pool: Option<&str>) -> Result<Vec<PoolStats>> {
+    let store = Store::connect(config).await?;
+    let pools: Vec<PoolDoc> = match pool {
+        Some(p) => vec![store.pool(p).await?],
+        None => store
+            .pools
+            .find(doc! {})
+            .await
+            .map_err(Error::store("list pools"))?
+            .try_collect()
+            .await
+            .map_err(Error::store("list pools"))?,
+    };
+    let mut out = Vec::new();
+    for p in pools {
+        out.push(pool_stats(config, &store, &p).await?);
+    }
+    Ok(out)
+}
+
+async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolStats> {
+    let keys = coll_stats(store, &docs::keys_collection(&p.name)).await?;
+    let used_keys = coll_stats(store, &docs::used_keys_collection(&p.name)).await?;
+    // An operator command: a filtered count is acceptable here.
+    let reserved = store
+        .pool_keys(&p.name)
+        .used
+        .count_documents(doc! { "reason": "reserved" })
+        .await
+        .map_err(Error::store("count reserved keys"))?;
+    let group = config.group_of(&p.name);
+    let reader: BaseConsumer = config
+        .kafka_reader(&group)
+        .create()
+        .map_err(Error::kafka("create offset reader"))?;
+    let partitions = backlog(&Arc::new(reader), &p.topic, p.partitions as i32).await?;
+    let lease: Option<LeaseDoc> = store
+        .leases
+        .find_one(doc! { "_id": &p.name })
+        .await
+        .map_err(Error::store("read lease"))?;
+    Ok(PoolStats {
+        pool: p.name.clone(),
+        space: p.space,
+        generated: p.cursor,
+        in_keys: keys.count,
+        used: used_keys.count,
+        reserved,
+        fraction_used: used_keys.count as f64 / p.space as f64,
+        keys,
+        used_keys,
+        group,
+        partitions,
+        lease_live: lease.as_ref().is_some_and(|l| l.expires_at > chrono::Utc::now()),
+        leader: lease.as_ref().map(|l| l.holder.clone()),
+        epoch: lease.map(|l| l.epoch),
+    })
+}
+
+async fn coll_stats(store: &Store, name: &str) -> Result<CollStats> {
+    let reply: Document = store
+        .db
+        .run_command(doc! { "collStats": name })
+        .await
+        .map_err(Error::store("collStats"))?;
+    let num = |k: &str| -> i64 {
+        match reply.get(k) {
+            Some(bson::Bson::Int32(v)) => i64::from(*v),
+            Some(bson::Bson::Int64(v)) => *v,
+            Some(bson::Bson::Double(v)) => *v as i64,
+            _ => 0,
+        }
+    };
+    Ok(CollStats {
+        ns: name.to_owned(),
+        count: num("count"),
+        size: num("size"),
+        avg_obj_size: num("avgObjSize"),
+        storage_size: num("storageSize"),
+        total_index_size: num("totalIndexSize"),
+    })
+}
+
+/// The human-readable form of `stats`.
+pub fn render(s: &PoolStats) -> String {
+    let mut out = format!(
+        "pool {}: space {}, generated {} ({:.2}%), in keys {}, used {} ({:.4}% of space), reserved {}\n",
+        s.pool,
+        s.space,
+        s.generated,
+        s.generated as f64 / s.space as f64 * 100.0,
+        s.in_keys,
+        s.used,
+        s.fraction_used * 100.0,
+        s.reserved
+    );
+    for c in [&s.keys, &s.used_keys] {
+        out += &format!(
+            "  {}: count {}, size {}, avgObjSize {}, storageSize {}, totalIndexSize {}\n",
+            c.ns, c.count, c.size, c.avg_obj_size, c.storage_size, c.total_index_size
+        );
+    }
+    for b in &s.partitions {
+        out += &format!(
+            "  partition {}: end offset {}, committed {}, backlog {} batches (group {})\n",
+            b.partition,
+            b.end,
+            b.committed.map_or("-".to_owned(), |c| c.to_string()),
+            b.batches,
+            s.group
+        );
+    }
+    out += &format!(
+        "  leader: {} (epoch {}, {})\n",
+        s.leader.as_deref().unwrap_or("none"),
+        s.epoch.map_or("-".to_owned(), |e| e.to_string()),
+        if s.lease_live { "live" } else { "expired" }
+    );
+    out
+}

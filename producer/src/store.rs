@@ -1,0 +1,212 @@
+//! MongoDB access: connecting with a bounded retry, the typed collections of
+//! one pool, and the duplicate-key helpers every idempotent step relies on.
+//!
+//! All writes use write concern `majority` with journaling: a step is only
+//! considered done (and the next one, e.g. publishing, only starts) once it
+//! would survive a failover or a crash of the server.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use kgs_schemas::docs::{
+    self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, PoolDoc, UsedKeyDoc,
+};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
+use mongodb::{Client, Collection, Database};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// MongoDB's duplicate key error code.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// The database of kgs and its shared collections.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// The database, with majority + journaled writes.
+    pub db: Database,
+    /// `pools`.
+    pub pools: Collection<PoolDoc>,
+    /// `leases`.
+    pub leases: Collection<LeaseDoc>,
+    /// `batches`.
+    pub batches: Collection<BatchRecord>,
+    /// `claims`.
+    pub claims: Collection<ClaimDoc>,
+}
+
+/// The two key collections of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolKeys {
+    /// `keys.<pool>`: unused keys.
+    pub keys: Collection<KeyDoc>,
+    /// `used_keys.<pool>`: moved and reserved keys.
+    pub used: Collection<UsedKeyDoc>,
+}
+
+impl Store {
+    /// Connects, retrying with backoff until `config.connect_timeout`, so a
+    /// server that is merely slow to start is waited for, and an absent one
+    /// is reported in one line.
+    pub async fn connect(config: &Config) -> Result<Self> {
+        let unreachable = |detail: String| Error::Unreachable {
+            server: "MongoDB",
+            address: config.mongodb_uri.clone(),
+            detail,
+        };
+        let mut opts = ClientOptions::parse(&config.mongodb_uri)
+            .await
+            .map_err(|e| Error::Config(format!("mongodb_uri: {e}")))?;
+        opts.server_selection_timeout = Some(Duration::from_secs(5));
+        opts.app_name = Some("kgs-producer".to_owned());
+        opts.write_concern = Some(
+            WriteConcern::builder()
+                .w(Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
+        let client = Client::with_options(opts).map_err(|e| unreachable(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match client.database("admin").run_command(doc! { "ping": 1 }).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::info!(cause = %e, retry_in_ms = backoff.as_millis() as u64, "MongoDB not ready");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(unreachable(e.to_string())),
+            }
+        }
+        let db = client.database(&config.mongodb_db);
+        Ok(Self {
+            pools: db.collection(docs::POOLS),
+            leases: db.collection(docs::LEASES),
+            batches: db.collection(docs::BATCHES),
+            claims: db.collection(docs::CLAIMS),
+            db,
+        })
+    }
+
+    /// The key collections of `pool`.
+    pub fn pool_keys(&self, pool: &str) -> PoolKeys {
+        PoolKeys {
+            keys: self.db.collection(&docs::keys_collection(pool)),
+            used: self.db.collection(&docs::used_keys_collection(pool)),
+        }
+    }
+
+    /// The pool document, or [`Error::NoSuchPool`].
+    pub async fn pool(&self, pool: &str) -> Result<PoolDoc> {
+        self.pools
+            .find_one(doc! { "_id": pool })
+            .await
+            .map_err(Error::store("read pool"))?
+            .ok_or_else(|| Error::NoSuchPool(pool.to_owned()))
+    }
+
+    /// Creates the collections and indexes a pool needs (idempotent).
+    pub async fn ensure_collections(&self, pool: &str) -> Result<()> {
+        use mongodb::IndexModel;
+        let existing = self
+            .db
+            .list_collection_names()
+            .await
+            .map_err(Error::store("list collections"))?;
+        for name in [
+            docs::POOLS.to_owned(),
+            docs::LEASES.to_owned(),
+            docs::BATCHES.to_owned(),
+            docs::CLAIMS.to_owned(),
+            docs::keys_collection(pool),
+            docs::used_keys_collection(pool),
+        ] {
+            if !existing.contains(&name) {
+                match self.db.create_collection(&name).await {
+                    // 48 = NamespaceExists: another init created it meanwhile.
+                    Err(e) if code_of(&e) == Some(48) => {}
+                    r => r.map_err(Error::store("create collection"))?,
+                }
+            }
+        }
+        // Batches are taken smallest `n` first: an index scan, not a sort.
+        let keys = self.pool_keys(pool).keys;
+        keys.create_index(IndexModel::builder().keys(doc! { "n": 1 }).build())
+            .await
+            .map_err(Error::store("create index keys.n"))?;
+        // Recovery looks for unfinished batches and returning claims of a pool.
+        self.batches
+            .create_index(IndexModel::builder().keys(doc! { "pool": 1, "state": 1 }).build())
+            .await
+            .map_err(Error::store("create index batches.pool_state"))?;
+        self.claims
+            .create_index(IndexModel::builder().keys(doc! { "pool": 1, "state": 1 }).build())
+            .await
+            .map_err(Error::store("create index claims.pool_state"))?;
+        Ok(())
+    }
+}
+
+/// The server error code of a single-document write error, if any.
+pub fn code_of(err: &mongodb::error::Error) -> Option<i32> {
+    match err.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+/// True for E11000 on a single-document write.
+pub fn is_duplicate(err: &mongodb::error::Error) -> bool {
+    code_of(err) == Some(DUPLICATE_KEY)
+}
+
+/// The outcome of an unordered `insert_many` where duplicates are expected.
+#[derive(Debug, Default)]
+pub struct InsertOutcome {
+    /// Positions (in the input) of documents that already existed.
+    pub duplicates: Vec<usize>,
+}
+
+/// Inserts `docs` unordered; documents that already exist are reported, not
+/// errors, because every insert of the protocol may be a retry after a crash
+/// (or after the driver's own retry across a server restart).
+pub async fn insert_ignoring_duplicates<T>(
+    coll: &Collection<T>,
+    docs: &[T],
+    op: &'static str,
+) -> Result<InsertOutcome>
+where
+    T: serde::Serialize + Send + Sync,
+{
+    if docs.is_empty() {
+        return Ok(InsertOutcome::default());
+    }
+    match coll.insert_many(docs).ordered(false).await {
+        Ok(_) => Ok(InsertOutcome::default()),
+        Err(e) => match e.kind.as_ref() {
+            ErrorKind::InsertMany(m)
+                if m.write_concern_error.is_none()
+                    && m
+                        .write_errors
+                        .as_ref()
+                        .is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY)) =>
+            {
+                let duplicates = m
+                    .write_errors
+                    .as_ref()
+                    .map(|w| w.iter().map(|w| w.index).collect())
+                    .unwrap_or_default();
+                Ok(InsertOutcome { duplicates })
+            }
+            _ => Err(Error::Store { op, source: e }),
+        },
+    }
+}
+
+/// `{ _id: id }`.
+pub fn by_id(id: &str) -> Document {
+    doc! { "_id": id }
+}
