@@ -2,6 +2,7 @@
 //! allocates nothing.
 
 use std::fmt;
+use std::num::NonZeroU8;
 
 /// The longest key kgs generates ([`kgs_schemas::format::MAX_KEY_LENGTH`]).
 pub const MAX_KEY_LEN: usize = kgs_schemas::format::MAX_KEY_LENGTH as usize;
@@ -11,11 +12,15 @@ pub const MAX_KEY_LEN: usize = kgs_schemas::format::MAX_KEY_LENGTH as usize;
 /// `Key` is `Copy` and 13 bytes large; [`crate::KeyConsumer::next_key`]
 /// returns it by value without touching the heap. Use [`Key::as_str`] or
 /// `Display` to get the text.
+// Aligned to 8 and 16 bytes large, with a niche in `len`: `Option<Key>` is
+// 16 bytes, returned in two registers and written with aligned stores (an
+// odd layout made the hot path stall on store-to-load forwarding).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C, align(8))]
 pub struct Key {
     // Bytes past `len` are always zero, so the derived Eq/Hash are correct.
     bytes: [u8; MAX_KEY_LEN],
-    len: u8,
+    len: NonZeroU8,
 }
 
 impl Key {
@@ -34,10 +39,20 @@ impl Key {
     pub(crate) fn from_ascii(bytes: &[u8]) -> Self {
         let mut key = Self {
             bytes: [0; MAX_KEY_LEN],
-            len: bytes.len() as u8,
+            len: NonZeroU8::new(bytes.len() as u8).expect("keys are not empty"),
         };
         key.bytes[..bytes.len()].copy_from_slice(bytes);
         key
+    }
+
+    /// A key from its bytes read as little-endian words, bytes past `len`
+    /// already zero (see `PackedBatch::key`).
+    #[inline]
+    pub(crate) fn from_words(low: u64, high: u32, len: NonZeroU8) -> Self {
+        let mut bytes = [0; MAX_KEY_LEN];
+        bytes[..8].copy_from_slice(&low.to_le_bytes());
+        bytes[8..].copy_from_slice(&high.to_le_bytes());
+        Self { bytes, len }
     }
 
     /// The key's text.
@@ -48,13 +63,13 @@ impl Key {
 
     /// The key's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
+        &self.bytes[..usize::from(self.len.get())]
     }
 
     /// The key's length in characters.
     #[allow(clippy::len_without_is_empty)] // a key is never empty
     pub fn len(&self) -> usize {
-        usize::from(self.len)
+        usize::from(self.len.get())
     }
 }
 
@@ -104,5 +119,6 @@ mod tests {
         assert!(Key::new("abcdefghijklm").is_none());
         assert!(Key::new("abcdefghijkl").is_some());
         assert!(Key::new("é").is_none());
+        assert_eq!(std::mem::size_of::<Option<Key>>(), 16);
     }
 }

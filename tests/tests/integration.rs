@@ -4,4 +4,5 @@
 //!
 //! One test binary, one module per area.
 
+mod consumer;
 mod smoke;

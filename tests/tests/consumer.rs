@@ -1,0 +1,698 @@
+//! Tests of `kgs-consumer` against real Kafka and the MongoDB-wire server:
+//! disjoint hand-out through the consumer group, claim-then-commit, rebalance,
+//! graceful return, bad input and backpressure.
+//!
+//! The batches come from a minimal publisher written here ([`Pool`]), which
+//! does what the producer does for a batch: keys into `used_keys.<pool>`
+//! (reason `batch`), then the `KeyBatch` JSON on the pool's topic.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bson::doc;
+use chrono::Utc;
+use futures::TryStreamExt;
+use kgs_consumer::{KeyConsumer, KeyConsumerBuilder};
+use kgs_schemas::docs::{
+    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, UsedKeyDoc, UsedReason,
+    CLAIMS, POOLS,
+};
+use kgs_schemas::format::KeyFormatSpec;
+use kgs_schemas::{KeyBatch, KeyFormat};
+use kgs_tests::{
+    create_topic, kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for,
+};
+use prometheus::Registry;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+const WAIT: Duration = Duration::from_secs(60);
+const KEY_LEN: u32 = 6;
+
+/// A test pool: its own database, topic and key sequence, and a publisher.
+struct Pool {
+    db_name: String,
+    db: mongodb::Database,
+    name: String,
+    topic: String,
+    format: KeyFormat,
+    producer: FutureProducer,
+    next_index: Mutex<u64>,
+}
+
+impl Pool {
+    /// Creates the pool document and a topic of `partitions` partitions.
+    async fn create(partitions: i32) -> Result<Self> {
+        let db_name = unique("kgs-consumer");
+        let name = unique("p");
+        let topic = format!("kgs.{name}");
+        create_topic(&topic, partitions).await?;
+        let db = mongo_client().await?.database(&db_name);
+        let format = KeyFormat::base62(KEY_LEN)?;
+        // Written as a plain document with only the fields the consumer
+        // reads (and the required ones), so new optional fields of PoolDoc
+        // do not break this publisher; read back as PoolDoc to check it.
+        let spec = KeyFormatSpec::from(&format);
+        db.collection::<bson::Document>(POOLS)
+            .insert_one(doc! {
+                "_id": &name,
+                "format": { "alphabet": &spec.alphabet, "length": i64::from(spec.length) },
+                "space": format.space() as i64,
+                "secret": "00",
+                "cursor": 0_i64,
+                "topic": &topic,
+                "partitions": i64::from(partitions),
+                "created_at": bson::DateTime::now(),
+            })
+            .await?;
+        db.collection::<PoolDoc>(POOLS)
+            .find_one(doc! { "_id": &name })
+            .await?
+            .context("pool document reads back as PoolDoc")?;
+        let producer = kafka_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .context("creating producer")?;
+        Ok(Self {
+            db_name,
+            db,
+            name,
+            topic,
+            format,
+            producer,
+            next_index: Mutex::new(0),
+        })
+    }
+
+    /// `n` fresh keys of the pool.
+    fn fresh_keys(&self, n: usize) -> Vec<String> {
+        let mut next = self.next_index.lock().unwrap();
+        let keys: Vec<String> = (0..n as u64)
+            .map(|i| self.format.key_at(*next + i).unwrap())
+            .collect();
+        *next += n as u64;
+        keys
+    }
+
+    /// Publishes a good batch of `n` new keys (to `partition`, or by key hash).
+    async fn publish(&self, n: usize, partition: Option<i32>) -> Result<KeyBatch> {
+        let batch = KeyBatch::new(unique("b"), self.name.clone(), 1, self.fresh_keys(n));
+        self.record_used(&batch).await?;
+        self.send(&batch.encode(), partition).await?;
+        Ok(batch)
+    }
+
+    /// Moves the batch's keys to `used_keys`, as the producer does before publishing.
+    async fn record_used(&self, batch: &KeyBatch) -> Result<()> {
+        let docs: Vec<UsedKeyDoc> = batch
+            .keys
+            .iter()
+            .map(|k| UsedKeyDoc {
+                key: k.clone(),
+                n: self.format.index_of(k).unwrap(),
+                reason: UsedReason::Batch,
+                batch: Some(batch.batch_id.clone()),
+                at: Utc::now(),
+            })
+            .collect();
+        self.db
+            .collection::<UsedKeyDoc>(&used_keys_collection(&self.name))
+            .insert_many(docs)
+            .await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes to the topic.
+    async fn send(&self, payload: &[u8], partition: Option<i32>) -> Result<()> {
+        let mut record = FutureRecord::<(), [u8]>::to(&self.topic).payload(payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(e, _)| e)
+            .context("publishing")?;
+        Ok(())
+    }
+
+    /// A consumer builder for this pool with test-friendly settings.
+    fn consumer(&self, group: &str, registry: &Registry) -> KeyConsumerBuilder {
+        KeyConsumer::builder()
+            .brokers(kafka_brokers())
+            .mongodb_uri(mongodb_uri())
+            .database(&self.db_name)
+            .pool(&self.name)
+            .group(group)
+            .registry(registry.clone())
+            .lanes(2)
+            // Fast failure detection for members that vanish.
+            .kafka_option("session.timeout.ms", "6000")
+            .kafka_option("heartbeat.interval.ms", "500")
+    }
+
+    async fn claims(&self) -> Result<Vec<ClaimDoc>> {
+        Ok(self
+            .db
+            .collection::<ClaimDoc>(CLAIMS)
+            .find(doc! {})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    async fn claim(&self, batch: &str) -> Result<Option<ClaimDoc>> {
+        Ok(self
+            .db
+            .collection::<ClaimDoc>(CLAIMS)
+            .find_one(doc! { "_id": batch })
+            .await?)
+    }
+
+    async fn drop_db(&self) {
+        let _ = self.db.drop().await;
+    }
+}
+
+/// A metric's value in `registry` (`label` = `(name, value)` to pick one series).
+fn metric(registry: &Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            label.is_none_or(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == k && l.value() == v)
+            })
+        })
+        .map(|m| {
+            // Only one of the two is set; the other reads 0.
+            m.get_counter().get_value() + m.get_gauge().get_value()
+        })
+        .sum()
+}
+
+/// Takes keys from `c` until `n` were taken or `timeout` passes.
+async fn take(c: &KeyConsumer, n: usize, timeout: Duration) -> Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut keys = Vec::with_capacity(n);
+    while keys.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        ensure!(
+            !left.is_zero(),
+            "took only {} of {n} keys in {timeout:?}",
+            keys.len()
+        );
+        match c.next_key_wait(left.min(Duration::from_millis(500))).await {
+            Ok(k) => keys.push(k.to_string()),
+            Err(kgs_consumer::Error::Empty) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(keys)
+}
+
+/// Waits until `c` has buffered at least `n` keys.
+async fn buffered_at_least(c: &KeyConsumer, n: usize) -> Result<()> {
+    wait_for(&format!("{n} keys buffered"), WAIT, || async move {
+        Ok((c.buffered() >= n).then_some(()))
+    })
+    .await
+}
+
+/// Waits until the consumer behind `registry` has been assigned partitions.
+async fn assigned(registry: &Registry) -> Result<()> {
+    wait_for("a partition assignment", WAIT, || async move {
+        Ok((metric(
+            registry,
+            kgs_consumer::metrics::REBALANCES_TOTAL,
+            Some(("event", "assign")),
+        ) >= 1.0)
+            .then_some(()))
+    })
+    .await
+}
+
+/// Two instances in one group get disjoint keys, both get some, and
+/// together exactly the published set; every handed-out key's batch has an
+/// open or drained claim by the instance that handed it out.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_get_disjoint_keys() -> Result<()> {
+    let pool = Pool::create(4).await?;
+    let group = unique("g");
+    let (ra, rb) = (Registry::new(), Registry::new());
+    let a = pool.consumer(&group, &ra).instance_id("a").build().await?;
+    let b = pool.consumer(&group, &rb).instance_id("b").build().await?;
+    assigned(&ra).await?;
+    assigned(&rb).await?;
+    // Let the group settle on a split of the partitions between a and b.
+    wait_for("both members in the group", WAIT, || async {
+        let total = metric(
+            &ra,
+            kgs_consumer::metrics::REBALANCES_TOTAL,
+            Some(("event", "assign")),
+        ) + metric(
+            &rb,
+            kgs_consumer::metrics::REBALANCES_TOTAL,
+            Some(("event", "assign")),
+        );
+        Ok((total >= 2.0).then_some(()))
+    })
+    .await?;
+
+    let mut published = HashSet::new();
+    let mut batch_of = HashMap::new();
+    for i in 0..8 {
+        let batch = pool.publish(25, Some(i % 4)).await?;
+        for k in &batch.keys {
+            batch_of.insert(k.clone(), batch.batch_id.clone());
+        }
+        published.extend(batch.keys);
+    }
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got_a.len() + got_b.len() < published.len() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "keys missing: {} of {}",
+            got_a.len() + got_b.len(),
+            published.len()
+        );
+        let mut progress = false;
+        while let Ok(k) = a.next_key() {
+            got_a.push(k.to_string());
+            progress = true;
+        }
+        while let Ok(k) = b.next_key() {
+            got_b.push(k.to_string());
+            progress = true;
+        }
+        if !progress {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let set_a: HashSet<_> = got_a.iter().cloned().collect();
+    let set_b: HashSet<_> = got_b.iter().cloned().collect();
+    assert_eq!(set_a.len(), got_a.len(), "a handed a key out twice");
+    assert_eq!(set_b.len(), got_b.len(), "b handed a key out twice");
+    assert!(set_a.is_disjoint(&set_b), "a key reached both instances");
+    assert!(
+        !set_a.is_empty() && !set_b.is_empty(),
+        "both instances got keys"
+    );
+    let union: HashSet<_> = set_a.union(&set_b).cloned().collect();
+    assert_eq!(union, published);
+
+    let claims: HashMap<String, ClaimDoc> = pool
+        .claims()
+        .await?
+        .into_iter()
+        .map(|c| (c.batch_id.clone(), c))
+        .collect();
+    for (keys, instance) in [(&set_a, "a"), (&set_b, "b")] {
+        for k in keys {
+            let claim = &claims[&batch_of[k]];
+            assert_eq!(claim.instance, instance, "claim of {k}'s batch");
+        }
+    }
+    a.shutdown().await?;
+    b.shutdown().await?;
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// The claim and the offset commit come before hand-out: once an instance
+/// handed out a key, its batch is claimed and committed, so after the
+/// instance dies without returning anything, a new member of the group
+/// neither re-reads nor re-hands those batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_instances_batches_are_never_handed_out_again() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let group = unique("g");
+    let ra = Registry::new();
+    let a = pool.consumer(&group, &ra).instance_id("a").build().await?;
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(pool.publish(10, Some(0)).await?);
+    }
+    let handed = take(&a, 5, WAIT).await?;
+    buffered_at_least(&a, 25).await?;
+    for batch in &first {
+        let claim = pool
+            .claim(&batch.batch_id)
+            .await?
+            .context("claim recorded before hand-out")?;
+        assert_eq!(
+            (claim.instance.as_str(), claim.state),
+            ("a", ClaimState::Open)
+        );
+    }
+    // Crash: nothing is returned, claims stay open.
+    a.abandon().await;
+    assert!(
+        a.next_key().is_err(),
+        "an abandoned instance hands nothing out"
+    );
+
+    let rb = Registry::new();
+    let b = pool.consumer(&group, &rb).instance_id("b").build().await?;
+    let later = pool.publish(10, Some(0)).await?;
+    let got = take(&b, 10, WAIT).await?;
+    let got: HashSet<String> = got.into_iter().collect();
+    assert_eq!(got, later.keys.iter().cloned().collect::<HashSet<_>>());
+    assert!(handed.iter().all(|k| !got.contains(k)));
+    // Committed offsets, not only claims, kept b off a's batches.
+    assert_eq!(
+        metric(
+            &rb,
+            kgs_consumer::metrics::BAD_MESSAGES_TOTAL,
+            Some(("kind", "replay"))
+        ),
+        0.0
+    );
+    for batch in &first {
+        assert_eq!(
+            pool.claim(&batch.batch_id).await?.unwrap().state,
+            ClaimState::Open
+        );
+    }
+    b.shutdown().await?;
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// Graceful shutdown records, per buffered batch, exactly the keys not
+/// handed out (`returning`), marks fully used batches `drained`, counts the
+/// returned keys, and hands nothing out afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_returns_exactly_the_unhanded_keys() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let registry = Registry::new();
+    let c = pool
+        .consumer(&unique("g"), &registry)
+        .instance_id("c")
+        .lanes(1)
+        .build()
+        .await?;
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        batches.push(pool.publish(10, Some(0)).await?);
+    }
+    buffered_at_least(&c, 30).await?;
+    let handed: HashSet<String> = take(&c, 13, WAIT).await?.into_iter().collect();
+    let report = c.shutdown().await?;
+    assert!(matches!(c.next_key(), Err(kgs_consumer::Error::ShutDown)));
+    assert_eq!(report.keys_returned, 17);
+    assert!(report.failed.is_empty());
+    assert_eq!(
+        metric(&registry, kgs_consumer::metrics::KEYS_RETURNED_TOTAL, None),
+        17.0
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            kgs_consumer::metrics::KEYS_HANDED_OUT_TOTAL,
+            None
+        ),
+        13.0
+    );
+
+    let mut returned = HashSet::new();
+    for batch in &batches {
+        let claim = pool.claim(&batch.batch_id).await?.context("claim")?;
+        let unhanded: HashSet<String> = batch
+            .keys
+            .iter()
+            .filter(|k| !handed.contains(*k))
+            .cloned()
+            .collect();
+        let expected_state = if unhanded.is_empty() {
+            ClaimState::Drained
+        } else {
+            ClaimState::Returning
+        };
+        assert_eq!(claim.state, expected_state, "batch {}", batch.batch_id);
+        assert_eq!(
+            claim.return_keys.iter().cloned().collect::<HashSet<_>>(),
+            unhanded
+        );
+        assert_eq!(claim.return_keys.len(), unhanded.len());
+        returned.extend(claim.return_keys);
+    }
+    assert_eq!(returned.len(), 17);
+    assert!(returned.is_disjoint(&handed));
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// Every kind of bad input is skipped with its metric incremented, none of
+/// its keys is handed out, and the partition keeps flowing: the good batch
+/// after each bad message is handed out.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_skipped_and_the_partition_keeps_flowing() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let registry = Registry::new();
+    let c = pool.consumer(&unique("g"), &registry).build().await?;
+    let good_json = |keys: serde_json::Value, pool_name: &str, version: u32| {
+        serde_json::to_vec(&serde_json::json!({
+            "schema_version": version,
+            "batch_id": unique("bad"),
+            "pool": pool_name,
+            "epoch": 1,
+            "created_at": "2026-11-26T00:00:00Z",
+            "keys": keys,
+        }))
+        .unwrap()
+    };
+    let fresh = pool.fresh_keys(3);
+    let truncated = {
+        let bytes = good_json(serde_json::json!(fresh), &pool.name, 1);
+        bytes[..bytes.len() / 2].to_vec()
+    };
+    let many: Vec<String> = (0..kgs_schemas::batch::MAX_BATCH_KEYS as u64 + 1)
+        .map(|i| pool.format.key_at(1_000_000 + i).unwrap())
+        .collect();
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("not_json", vec![0xff, 0x00, 0x13, 0x37]),
+        ("not_json", truncated),
+        (
+            "unknown_schema_version",
+            good_json(serde_json::json!(fresh), &pool.name, 2),
+        ),
+        (
+            "wrong_pool",
+            good_json(serde_json::json!(fresh), "another-pool", 1),
+        ),
+        (
+            "bad_key",
+            good_json(serde_json::json!(["abc"]), &pool.name, 1),
+        ),
+        (
+            "bad_key",
+            good_json(serde_json::json!(["ab-def"]), &pool.name, 1),
+        ),
+        (
+            "duplicate_key",
+            good_json(
+                serde_json::json!([fresh[0], fresh[1], fresh[0]]),
+                &pool.name,
+                1,
+            ),
+        ),
+        // A message over 1 MiB cannot even be produced to a default topic;
+        // the batch-size limit is the oversize case that reaches a consumer.
+        (
+            "too_many_keys",
+            good_json(serde_json::json!(many), &pool.name, 1),
+        ),
+    ];
+    let bad_keys: HashSet<String> = fresh.iter().cloned().chain(many.iter().cloned()).collect();
+    let mut good = HashSet::new();
+    let mut expected: HashMap<&str, f64> = HashMap::new();
+    for (kind, payload) in &bad {
+        pool.send(payload, Some(0)).await?;
+        *expected.entry(kind).or_default() += 1.0;
+        good.extend(pool.publish(5, Some(0)).await?.keys);
+    }
+    // A replay: the same batch (same id) published a second time.
+    let replayed = pool.publish(5, Some(0)).await?;
+    good.extend(replayed.keys.iter().cloned());
+    pool.send(&replayed.encode(), Some(0)).await?;
+    *expected.entry("replay").or_default() += 1.0;
+    let last = pool.publish(5, Some(0)).await?;
+    good.extend(last.keys);
+
+    let got = take(&c, good.len(), WAIT).await?;
+    let got_set: HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(got_set.len(), got.len(), "a key was handed out twice");
+    assert_eq!(got_set, good);
+    assert!(got_set.is_disjoint(&bad_keys));
+    for (kind, count) in &expected {
+        assert_eq!(
+            metric(
+                &registry,
+                kgs_consumer::metrics::BAD_MESSAGES_TOTAL,
+                Some(("kind", kind))
+            ),
+            *count,
+            "bad messages of kind {kind}"
+        );
+    }
+    assert!(matches!(
+        c.next_key_wait(Duration::from_millis(300)).await,
+        Err(kgs_consumer::Error::Empty)
+    ));
+    c.shutdown().await?;
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// At the high watermark the consumer pauses its partitions (claims no more
+/// batches), and resumes once hand-out brings the buffer to the low one.
+#[tokio::test(flavor = "multi_thread")]
+async fn backpressure_pauses_at_the_high_watermark() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let registry = Registry::new();
+    let c = pool
+        .consumer(&unique("g"), &registry)
+        .watermarks(15, 40)
+        .build()
+        .await?;
+    let mut all = HashSet::new();
+    for _ in 0..12 {
+        all.extend(pool.publish(10, Some(0)).await?.keys);
+    }
+    buffered_at_least(&c, 40).await?;
+    wait_for("the paused gauge", WAIT, || async {
+        Ok((metric(&registry, kgs_consumer::metrics::PAUSED, None) == 1.0).then_some(()))
+    })
+    .await?;
+    // Paused: nothing more is claimed however long we wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let claimed = metric(
+        &registry,
+        kgs_consumer::metrics::BATCHES_CLAIMED_TOTAL,
+        None,
+    );
+    assert!(
+        c.buffered() <= 50,
+        "buffered {} past high watermark + one batch",
+        c.buffered()
+    );
+    assert!(claimed <= 5.0, "claimed {claimed} batches while paused");
+    assert_eq!(pool.claims().await?.len() as f64, claimed);
+    // Draining resumes the flow until every key has been handed out.
+    let got: HashSet<String> = take(&c, all.len(), WAIT).await?.into_iter().collect();
+    assert_eq!(got, all);
+    c.shutdown().await?;
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// Members join and leave (gracefully) while keys are taken at full speed:
+/// no key is handed out twice, and at the end every published key was
+/// either handed out or recorded for return, never both.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_join_and_leave_without_duplicates() -> Result<()> {
+    let pool = Arc::new(Pool::create(4).await?);
+    let group = unique("g");
+    let handed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Each member runs with a taker task hammering next_key.
+    let start_member = |name: &'static str| {
+        let pool = Arc::clone(&pool);
+        let handed = Arc::clone(&handed);
+        let stop = Arc::clone(&stop);
+        let group = group.clone();
+        async move {
+            let c = Arc::new(
+                pool.consumer(&group, &Registry::new())
+                    .instance_id(name)
+                    .build()
+                    .await?,
+            );
+            let taker = {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.next_key() {
+                            Ok(k) => mine.push(k.to_string()),
+                            Err(kgs_consumer::Error::ShutDown) => break,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                    handed.lock().unwrap().extend(mine);
+                })
+            };
+            anyhow::Ok((c, taker))
+        }
+    };
+    let publisher = {
+        let pool = Arc::clone(&pool);
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            for i in 0..40 {
+                published.push(pool.publish(20, Some(i % 4)).await?);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(published)
+        })
+    };
+    let (a, ta) = start_member("a").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (b, tb) = start_member("b").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report_a = a.shutdown().await?;
+    let (c, tc) = start_member("c").await?;
+    let published = publisher.await??;
+    let batch_ids: HashSet<String> = published.iter().map(|b| b.batch_id.clone()).collect();
+    wait_for("every batch claimed", WAIT, || async {
+        let claims = pool.claims().await?;
+        Ok((claims
+            .iter()
+            .filter(|c| batch_ids.contains(&c.batch_id))
+            .count()
+            == batch_ids.len())
+        .then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report_b = b.shutdown().await?;
+    let report_c = c.shutdown().await?;
+    stop.store(true, Ordering::Relaxed);
+    for t in [ta, tb, tc] {
+        t.await?;
+    }
+
+    let handed = handed.lock().unwrap().clone();
+    let handed_set: HashSet<String> = handed.iter().cloned().collect();
+    assert_eq!(handed_set.len(), handed.len(), "a key was handed out twice");
+    let claims = pool.claims().await?;
+    let returned: Vec<String> = claims.iter().flat_map(|c| c.return_keys.clone()).collect();
+    let returned_set: HashSet<String> = returned.iter().cloned().collect();
+    assert_eq!(returned_set.len(), returned.len());
+    assert!(
+        handed_set.is_disjoint(&returned_set),
+        "a key both handed out and returned"
+    );
+    let all: HashSet<String> = published.iter().flat_map(|b| b.keys.clone()).collect();
+    let accounted: HashSet<String> = handed_set.union(&returned_set).cloned().collect();
+    assert_eq!(accounted, all, "every key handed out or returned");
+    assert!(
+        claims.iter().all(|c| c.state != ClaimState::Open),
+        "no claim left open"
+    );
+    let reported = report_a.keys_returned + report_b.keys_returned + report_c.keys_returned;
+    assert!(reported <= returned.len());
+    pool.drop_db().await;
+    Ok(())
+}
