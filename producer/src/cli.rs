@@ -239,7 +239,16 @@ mod tests {
         let (cmd, c) = cli.resolve().unwrap();
         assert!(matches!(cmd, Command::Run { pool } if pool == "p"));
         assert_eq!(c.batch_size, 7);
-        let cli = Cli::parse_from(["kgs-producer", "init", "--pool", "p", "--length", "2", "--alphabet", "aa"]);
+        let cli = Cli::parse_from([
+            "kgs-producer",
+            "init",
+            "--pool",
+            "p",
+            "--length",
+            "2",
+            "--alphabet",
+            "aa",
+        ]);
         assert!(matches!(cli.resolve(), Err(Error::Config(_))));
     }
 }

@@ -198,7 +198,11 @@ mod tests {
             high_watermark: 2,
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("low_watermark"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("low_watermark"));
         assert!(Config::default().validate().is_ok());
     }
 }

@@ -20,7 +20,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("duration {s:?} has unknown unit {unit:?} (ms, s, m, h)")),
+        _ => Err(format!(
+            "duration {s:?} has unknown unit {unit:?} (ms, s, m, h)"
+        )),
     }
 }
 

@@ -31,7 +31,11 @@ pub const ALL: &[&str] = &[
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     ARMED
-        .get_or_init(|| std::env::var("KGS_FAILPOINT").ok().filter(|s| !s.is_empty()))
+        .get_or_init(|| {
+            std::env::var("KGS_FAILPOINT")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .as_deref()
 }
 

@@ -60,7 +60,12 @@ pub async fn top_up(
     loop {
         let doc = store.pool(pool).await?;
         if let Some(range) = doc.generating {
-            tracing::info!(pool, from = range.from, to = range.to, "recovering an unfinished generation step");
+            tracing::info!(
+                pool,
+                from = range.from,
+                to = range.to,
+                "recovering an unfinished generation step"
+            );
             finish_range(store, &pk, &doc, range, true, guard, progress).await?;
             continue;
         }
@@ -125,7 +130,9 @@ async fn finish_range(
         let mut docs: Vec<KeyDoc> = (from..to)
             .filter(|i| !skip.contains(i))
             .map(|n| {
-                let key = format.key_at(perm.apply(n)).expect("perm stays in the space");
+                let key = format
+                    .key_at(perm.apply(n))
+                    .expect("perm stays in the space");
                 KeyDoc { key, n }
             })
             .collect();

@@ -69,6 +69,9 @@ async fn ready_handler(State(state): State<AppState>) -> (StatusCode, String) {
     match state.lease.state() {
         LeaseState::Leader { epoch, .. } => (StatusCode::OK, format!("leader epoch {epoch}\n")),
         LeaseState::Standby => (StatusCode::OK, "standby\n".to_owned()),
-        LeaseState::Unknown => (StatusCode::SERVICE_UNAVAILABLE, "lease state unknown\n".to_owned()),
+        LeaseState::Unknown => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lease state unknown\n".to_owned(),
+        ),
     }
 }

@@ -4,10 +4,10 @@
 //! already be in the topic.
 //!
 //! Each batch is its own transaction: one data record plus one commit marker,
-//! so a partition's offsets advance by two per batch and the backlog in
-//! batches is half the offset difference (an aborted attempt also takes two
-//! offsets and is counted until a consumer passes it: the producer then
-//! under-fills by a batch, never over-fills).
+//! so a partition's offsets advance by two per batch and half the offset
+//! difference estimates the backlog in batches. An aborted attempt also takes
+//! two offsets, so the leader counts exactly instead, from its batch records
+//! (see `leader.rs`); the estimate serves `stats`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +54,8 @@ pub struct PartitionBacklog {
     pub end: i64,
     /// The group's committed offset, if any.
     pub committed: Option<i64>,
+    /// Where the group resumes: its committed offset, else the earliest.
+    pub start: i64,
     /// Batches not yet consumed.
     pub batches: u64,
 }
@@ -138,7 +140,12 @@ impl PoolKafka {
 
     /// Looks for `batch_id` in `partition` from offset `from` to the current
     /// end, reading only committed transactions. Returns its offset if found.
-    pub async fn find_batch(&self, partition: i32, from: i64, batch_id: &str) -> Result<Option<i64>> {
+    pub async fn find_batch(
+        &self,
+        partition: i32,
+        from: i64,
+        batch_id: &str,
+    ) -> Result<Option<i64>> {
         let end = self.end_offset(partition).await?;
         if from >= end {
             return Ok(None);
@@ -158,17 +165,25 @@ impl PoolKafka {
             consumer.assign(&tpl).map_err(Error::kafka("assign"))?;
             let deadline = std::time::Instant::now() + CALL_TIMEOUT;
             while std::time::Instant::now() < deadline {
-                match consumer.poll(Duration::from_millis(500)) {
-                    None => continue,
+                match consumer.poll(Duration::from_millis(200)) {
+                    None => {}
                     Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
                     Some(Err(e)) => return Err(Error::kafka("read topic")(e)),
                     Some(Ok(m)) => {
                         if m.key() == Some(id.as_bytes()) {
                             return Ok(Some(m.offset()));
                         }
-                        if m.offset() + 1 >= end {
-                            return Ok(None);
-                        }
+                    }
+                }
+                // Aborted records and transaction markers are skipped without
+                // a message (and the EOF event may go to the main queue): the
+                // position says when the end has been passed.
+                let position = consumer.position().map_err(Error::kafka("read position"))?;
+                if let Some(Offset::Offset(o)) =
+                    position.find_partition(&topic, partition).map(|e| e.offset())
+                {
+                    if o >= end {
+                        return Ok(None);
                     }
                 }
             }
@@ -201,18 +216,20 @@ pub async fn backlog(
                 let (low, end) = reader
                     .fetch_watermarks(&topic, p, CALL_TIMEOUT)
                     .map_err(Error::kafka("fetch watermarks"))?;
-                let committed = committed
-                    .find_partition(&topic, p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    });
+                let committed =
+                    committed
+                        .find_partition(&topic, p)
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        });
                 // Without a commit the group starts at the earliest offset.
                 let start = committed.unwrap_or(low).max(low);
                 Ok(PartitionBacklog {
                     partition: p,
                     end,
                     committed,
+                    start,
                     batches: ((end - start).max(0) / 2) as u64,
                 })
             })
@@ -235,12 +252,17 @@ fn txn_error(op: &'static str) -> impl FnOnce(KafkaError) -> Error {
     move |err| {
         let fenced = match &err {
             KafkaError::Transaction(e) => {
-                e.is_fatal() || e.code() == RDKafkaErrorCode::InvalidProducerEpoch
+                e.is_fatal()
+                    || e.code() == RDKafkaErrorCode::InvalidProducerEpoch
                     || e.code() == RDKafkaErrorCode::ProducerFenced
             }
             e => matches!(
                 e.rdkafka_error_code(),
-                Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fatal)
+                Some(
+                    RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::Fatal
+                )
             ),
         };
         if fenced {

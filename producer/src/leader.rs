@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::generate::top_up;
-use crate::kafka::PoolKafka;
+use crate::kafka::{PartitionBacklog, PoolKafka};
 use crate::lease::{Lease, LeaseGuard, LeaseKeeper};
 use crate::metrics::Metrics;
 use crate::mover::Mover;
@@ -39,7 +39,10 @@ pub async fn run(
     let store = Store::connect(&config).await?;
     let doc = store.pool(&pool).await?;
     // Fail at start, in one line, if Kafka or the topic is missing.
-    if crate::pool::topic_partition_count(&config, &doc.topic).await?.is_none() {
+    if crate::pool::topic_partition_count(&config, &doc.topic)
+        .await?
+        .is_none()
+    {
         return Err(Error::Config(format!(
             "topic {} of pool {pool:?} does not exist: run `kgs-producer init`",
             doc.topic
@@ -48,7 +51,12 @@ pub async fn run(
     metrics.key_space.set(doc.space as i64);
     let holder = config.instance_id.clone().unwrap_or_else(instance_id);
     tracing::info!(pool = %pool, holder = %holder, "producer started");
-    let keeper = LeaseKeeper::spawn(Lease::new(store.clone(), &pool, &holder, config.lease_duration));
+    let keeper = LeaseKeeper::spawn(Lease::new(
+        store.clone(),
+        &pool,
+        &holder,
+        config.lease_duration,
+    ));
     let mut guard = keeper.guard();
     let http = match config.http_listen {
         Some(addr) => Some(crate::http::spawn(addr, metrics.clone(), keeper.guard()).await?),
@@ -135,7 +143,8 @@ async fn lead(
             return Ok(());
         }
         let step = async {
-            let backlog = kafka.backlog().await?;
+            let mut backlog = kafka.backlog().await?;
+            exact_backlog(store, pool, &mut backlog).await?;
             let smallest = backlog
                 .iter()
                 .min_by_key(|b| (b.batches, b.partition))
@@ -146,7 +155,16 @@ async fn lead(
                 last_recovery = Some(Instant::now());
             }
             mover.process_returns().await?;
-            top_up(store, pool, target, config.generate_chunk, TOP_UP_PER_ITERATION, guard, None).await?;
+            top_up(
+                store,
+                pool,
+                target,
+                config.generate_chunk,
+                TOP_UP_PER_ITERATION,
+                guard,
+                None,
+            )
+            .await?;
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
                 refresh_gauges(store, pool, metrics).await?;
                 last_gauges = Some(Instant::now());
@@ -194,11 +212,39 @@ async fn lead(
     }
 }
 
+/// Replaces the offset-based estimate by the number of this pool's published
+/// batches at or after where the group resumes (an index range count on
+/// `{pool, partition, offset}`): aborted transactions then count for nothing.
+async fn exact_backlog(store: &Store, pool: &str, backlog: &mut [PartitionBacklog]) -> Result<()> {
+    for b in backlog.iter_mut() {
+        let n = store
+            .batches
+            .count_documents(bson::doc! {
+                "pool": pool,
+                "partition": b.partition,
+                "offset": { "$gte": b.start },
+                "state": "published",
+            })
+            .await
+            .map_err(Error::store("count backlog"))?;
+        b.batches = n;
+    }
+    Ok(())
+}
+
 async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics) -> Result<()> {
     let pk = store.pool_keys(pool);
     let doc = store.pool(pool).await?;
-    let keys = pk.keys.estimated_document_count().await.map_err(Error::store("count keys"))?;
-    let used = pk.used.estimated_document_count().await.map_err(Error::store("count used keys"))?;
+    let keys = pk
+        .keys
+        .estimated_document_count()
+        .await
+        .map_err(Error::store("count keys"))?;
+    let used = pk
+        .used
+        .estimated_document_count()
+        .await
+        .map_err(Error::store("count used keys"))?;
     metrics.keys_in_pool.set(keys as i64);
     metrics.keys_used.set(used as i64);
     metrics.keys_generated.set(doc.cursor as i64);
@@ -212,7 +258,15 @@ async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics) -> Result<
 fn instance_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
         .unwrap_or_else(|| "host".to_owned());
-    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
 }

@@ -244,7 +244,9 @@ impl LeaseKeeper {
         if let LeaseState::Leader { epoch, .. } = last {
             match self.lease.release(epoch).await {
                 Ok(()) => tracing::info!(pool = %self.lease.pool, epoch, "lease released"),
-                Err(err) => tracing::warn!(cause = %err, "could not release the lease; it expires on its own"),
+                Err(err) => {
+                    tracing::warn!(cause = %err, "could not release the lease; it expires on its own")
+                }
             }
         }
     }

@@ -42,7 +42,11 @@ use crate::lease::{Lease, LeaseKeeper, LeaseState};
 use crate::store::Store;
 
 /// Runs one command to completion (`run` until `shutdown` resolves).
-pub async fn run(command: Command, config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    command: Command,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     match command {
         Command::Init(spec) => {
             let store = Store::connect(&config).await?;
@@ -71,7 +75,10 @@ pub async fn run(command: Command, config: Config, shutdown: impl Future<Output 
         Command::Stats { pool, json } => {
             let all = stats::stats(&config, pool.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all).expect("stats serialize"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&all).expect("stats serialize")
+                );
             } else {
                 for s in &all {
                     print!("{}", stats::render(s));
@@ -95,20 +102,46 @@ pub async fn run(command: Command, config: Config, shutdown: impl Future<Output 
 async fn initial_generation(config: &Config, store: &Store, pool: &str) -> Result<u64> {
     let doc = store.pool(pool).await?;
     let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
-    let holder = format!("init-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff);
-    let keeper = LeaseKeeper::spawn(Lease::new(store.clone(), pool, &holder, config.lease_duration));
+    let holder = format!(
+        "init-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    );
+    let keeper = LeaseKeeper::spawn(Lease::new(
+        store.clone(),
+        pool,
+        &holder,
+        config.lease_duration,
+    ));
     let mut guard = keeper.guard();
     // A crashed init or producer holds the lease until it expires: wait that long.
     let wait = config.lease_duration + config.lease_duration / 2;
-    let leading = tokio::time::timeout(wait, guard.wait_leader()).await.is_ok();
+    let leading = tokio::time::timeout(wait, guard.wait_leader())
+        .await
+        .is_ok();
     let result = if leading {
-        let bar = generate::progress_bar(target.min(doc.space - doc.cursor.min(doc.space)), "generating");
-        let r = generate::top_up(store, pool, target, config.generate_chunk, u64::MAX, &guard, Some(&bar)).await;
+        let bar = generate::progress_bar(
+            target.min(doc.space - doc.cursor.min(doc.space)),
+            "generating",
+        );
+        let r = generate::top_up(
+            store,
+            pool,
+            target,
+            config.generate_chunk,
+            u64::MAX,
+            &guard,
+            Some(&bar),
+        )
+        .await;
         bar.finish_and_clear();
         r
     } else {
         if guard.state() == LeaseState::Standby {
-            tracing::warn!(pool, "a producer leads this pool; it tops the pool up itself");
+            tracing::warn!(
+                pool,
+                "a producer leads this pool; it tops the pool up itself"
+            );
         }
         Ok(0)
     };

@@ -15,9 +15,15 @@ async fn main() -> ExitCode {
         let (command, config) = cli.resolve().context("configuration")?;
         // `run` is a service and logs its life at INFO; the one-shot commands
         // print their result and only log warnings.
-        let default = if matches!(command, Command::Run { .. }) { "info" } else { "warn" };
+        let default = if matches!(command, Command::Run { .. }) {
+            "info"
+        } else {
+            "warn"
+        };
         tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::try_from_env("KGS_LOG").unwrap_or_else(|_| EnvFilter::new(default)))
+            .with_env_filter(
+                EnvFilter::try_from_env("KGS_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
+            )
             .with_writer(std::io::stderr)
             .init();
         kgs_producer::run(command, config, kgs_producer::shutdown_signal()).await?;

@@ -57,23 +57,31 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new(pool: &str) -> Self {
-        let registry =
-            Registry::new_custom(Some("kgs_producer".into()), Some([("pool".to_owned(), pool.to_owned())].into()))
-                .expect("valid registry");
+        let registry = Registry::new_custom(
+            Some("kgs_producer".into()),
+            Some([("pool".to_owned(), pool.to_owned())].into()),
+        )
+        .expect("valid registry");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid gauge");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid counter");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))
                 .expect("valid histogram");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let backlog = IntGaugeVec::new(
@@ -81,10 +89,14 @@ impl Metrics {
             &["partition"],
         )
         .expect("valid gauge vec");
-        registry.register(Box::new(backlog.clone())).expect("unique metric");
+        registry
+            .register(Box::new(backlog.clone()))
+            .expect("unique metric");
         let errors = IntCounterVec::new(Opts::new("errors_total", "Errors by kind"), &["kind"])
             .expect("valid counter vec");
-        registry.register(Box::new(errors.clone())).expect("unique metric");
+        registry
+            .register(Box::new(errors.clone()))
+            .expect("unique metric");
         Self {
             keys_in_pool: gauge("keys_in_pool", "Keys in keys.<pool>"),
             keys_used: gauge("keys_used", "Keys in used_keys.<pool>"),
@@ -119,15 +131,34 @@ impl Metrics {
     pub fn batch_moved(&self, batch: &str, keys: usize, took: Duration) {
         self.batches_moved.inc();
         self.move_seconds.observe(took.as_secs_f64());
-        tracing::debug!(batch, keys, took_ms = took.as_millis() as u64, "batch moved");
+        tracing::debug!(
+            batch,
+            keys,
+            took_ms = took.as_millis() as u64,
+            "batch moved"
+        );
     }
 
     /// A batch was published: log and count.
-    pub fn batch_published(&self, batch: &str, keys: usize, partition: i32, offset: i64, took: Duration) {
+    pub fn batch_published(
+        &self,
+        batch: &str,
+        keys: usize,
+        partition: i32,
+        offset: i64,
+        took: Duration,
+    ) {
         self.batches_published.inc();
         self.keys_published.inc_by(keys as u64);
         self.publish_seconds.observe(took.as_secs_f64());
-        tracing::debug!(batch, keys, partition, offset, took_ms = took.as_millis() as u64, "batch published");
+        tracing::debug!(
+            batch,
+            keys,
+            partition,
+            offset,
+            took_ms = took.as_millis() as u64,
+            "batch published"
+        );
     }
 
     /// An error happened in the run loop: log and count by kind.

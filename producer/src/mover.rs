@@ -24,7 +24,9 @@ use std::time::Instant;
 use bson::doc;
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
-use kgs_schemas::docs::{BatchRecord, BatchState, ClaimDoc, ClaimState, KeyDoc, UsedKeyDoc, UsedReason};
+use kgs_schemas::docs::{
+    BatchRecord, BatchState, ClaimDoc, ClaimState, KeyDoc, UsedKeyDoc, UsedReason,
+};
 use kgs_schemas::KeyBatch;
 
 use crate::error::{Error, Result};
@@ -217,7 +219,12 @@ impl Mover<'_> {
         Ok(())
     }
 
-    async fn mark_published(&self, record: &mut BatchRecord, partition: i32, offset: i64) -> Result<()> {
+    async fn mark_published(
+        &self,
+        record: &mut BatchRecord,
+        partition: i32,
+        offset: i64,
+    ) -> Result<()> {
         // Not guarded by the local lease check: the batch *is* in the topic,
         // and the epoch condition still stops a fenced leader.
         let r = self
@@ -279,13 +286,15 @@ impl Mover<'_> {
             }
             if record.state == BatchState::Moved {
                 match (record.partition, record.offset) {
-                    (Some(p), Some(from)) => match self.kafka.find_batch(p, from, &record.id).await? {
-                        Some(offset) => {
-                            tracing::info!(batch = %record.id, partition = p, offset, "batch already in the topic");
-                            self.mark_published(&mut record, p, offset).await?;
+                    (Some(p), Some(from)) => {
+                        match self.kafka.find_batch(p, from, &record.id).await? {
+                            Some(offset) => {
+                                tracing::info!(batch = %record.id, partition = p, offset, "batch already in the topic");
+                                self.mark_published(&mut record, p, offset).await?;
+                            }
+                            None => self.publish(&mut record, p).await?,
                         }
-                        None => self.publish(&mut record, p).await?,
-                    },
+                    }
                     _ => self.publish(&mut record, partition).await?,
                 }
             }
@@ -319,7 +328,9 @@ impl Mover<'_> {
                 .find_one(by_id(&claim.batch_id))
                 .await
                 .map_err(Error::store("read batch of claim"))?
-                .ok_or_else(|| Error::Corrupt(format!("claim {} has no batch record", claim.batch_id)))?;
+                .ok_or_else(|| {
+                    Error::Corrupt(format!("claim {} has no batch record", claim.batch_id))
+                })?;
             for key in &claim.return_keys {
                 let Some(pos) = record.keys.iter().position(|k| k == key) else {
                     tracing::warn!(batch = %claim.batch_id, key = %key, "returned key is not in its batch; ignored");

@@ -77,7 +77,11 @@ impl Permutation {
 
     /// `perm⁻¹(index)`: the generation position of a key index.
     pub fn invert(&self, index: u64) -> u64 {
-        assert!(index < self.space, "index {index} outside 0..{}", self.space);
+        assert!(
+            index < self.space,
+            "index {index} outside 0..{}",
+            self.space
+        );
         let mut x = index;
         loop {
             x = self.feistel_inverse(x);

@@ -67,7 +67,10 @@ pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<Ini
     if let Some(found) = topic_partitions.filter(|p| *p != spec.partitions) {
         return Err(Error::Conflict {
             pool: spec.name.clone(),
-            detail: format!("topic {topic} has {found} partitions, asked for {}", spec.partitions),
+            detail: format!(
+                "topic {topic} has {found} partitions, asked for {}",
+                spec.partitions
+            ),
         });
     }
     // 2. Create what is missing.
@@ -105,13 +108,22 @@ pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<Ini
 fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<()> {
     let mut diffs = Vec::new();
     if doc.format.length != wanted.length {
-        diffs.push(format!("length {} (asked {})", doc.format.length, wanted.length));
+        diffs.push(format!(
+            "length {} (asked {})",
+            doc.format.length, wanted.length
+        ));
     }
     if doc.format.alphabet != wanted.alphabet {
-        diffs.push(format!("alphabet {:?} (asked {:?})", doc.format.alphabet, wanted.alphabet));
+        diffs.push(format!(
+            "alphabet {:?} (asked {:?})",
+            doc.format.alphabet, wanted.alphabet
+        ));
     }
     if doc.partitions != spec.partitions {
-        diffs.push(format!("{} partitions (asked {})", doc.partitions, spec.partitions));
+        diffs.push(format!(
+            "{} partitions (asked {})",
+            doc.partitions, spec.partitions
+        ));
     }
     if diffs.is_empty() {
         Ok(())
@@ -164,8 +176,10 @@ pub async fn topic_partition_count(config: &Config, topic: &str) -> Result<Optio
 }
 
 async fn create_topic(config: &Config, topic: &str, partitions: u32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        config.kafka().create().map_err(Error::kafka("create admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = config
+        .kafka()
+        .create()
+        .map_err(Error::kafka("create admin client"))?;
     // Replication 1 suits the single-broker setups kgs is tested on; a
     // production cluster pre-creates the topic (init then only checks it).
     let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
@@ -196,7 +210,9 @@ async fn create_topic(config: &Config, topic: &str, partitions: u32) -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(Error::Config(format!("topic {topic} was created but does not show up in metadata")))
+    Err(Error::Config(format!(
+        "topic {topic} was created but does not show up in metadata"
+    )))
 }
 
 /// What happened to one key given to `reserve`.

@@ -120,7 +120,9 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         used_keys,
         group,
         partitions,
-        lease_live: lease.as_ref().is_some_and(|l| l.expires_at > chrono::Utc::now()),
+        lease_live: lease
+            .as_ref()
+            .is_some_and(|l| l.expires_at > chrono::Utc::now()),
         leader: lease.as_ref().map(|l| l.holder.clone()),
         epoch: lease.map(|l| l.epoch),
     })

@@ -8,9 +8,7 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
-use kgs_schemas::docs::{
-    self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, PoolDoc, UsedKeyDoc,
-};
+use kgs_schemas::docs::{self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, PoolDoc, UsedKeyDoc};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
@@ -70,7 +68,11 @@ impl Store {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let mut backoff = Duration::from_millis(200);
         loop {
-            match client.database("admin").run_command(doc! { "ping": 1 }).await {
+            match client
+                .database("admin")
+                .run_command(doc! { "ping": 1 })
+                .await
+            {
                 Ok(_) => break,
                 Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::info!(cause = %e, retry_in_ms = backoff.as_millis() as u64, "MongoDB not ready");
@@ -138,11 +140,28 @@ impl Store {
             .map_err(Error::store("create index keys.n"))?;
         // Recovery looks for unfinished batches and returning claims of a pool.
         self.batches
-            .create_index(IndexModel::builder().keys(doc! { "pool": 1, "state": 1 }).build())
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "pool": 1, "state": 1 })
+                    .build(),
+            )
             .await
             .map_err(Error::store("create index batches.pool_state"))?;
+        // The exact backlog counts published batches at or after an offset.
+        self.batches
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "pool": 1, "partition": 1, "offset": 1 })
+                    .build(),
+            )
+            .await
+            .map_err(Error::store("create index batches.pool_partition_offset"))?;
         self.claims
-            .create_index(IndexModel::builder().keys(doc! { "pool": 1, "state": 1 }).build())
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "pool": 1, "state": 1 })
+                    .build(),
+            )
             .await
             .map_err(Error::store("create index claims.pool_state"))?;
         Ok(())
@@ -189,8 +208,7 @@ where
         Err(e) => match e.kind.as_ref() {
             ErrorKind::InsertMany(m)
                 if m.write_concern_error.is_none()
-                    && m
-                        .write_errors
+                    && m.write_errors
                         .as_ref()
                         .is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY)) =>
             {
