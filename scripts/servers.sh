@@ -2,8 +2,10 @@
 # Installs, starts and stops the local test servers of kgs on 127.0.0.1:
 #   kafka  - Apache Kafka (official broker jars from Maven Central), KRaft, single node, :9092
 #   mongo  - SecantusDB (a MongoDB-wire server from PyPI), single-node replica set, :27017
+#   ferretdb - FerretDB v1 (MongoDB-compatible, SQLite backend), built with Go, :27018
 #
-# Usage: scripts/servers.sh {install|up|down|restart|status|logs} [kafka|mongo|all]
+# Usage: scripts/servers.sh {install|up|down|restart|status|logs} [kafka|mongo|ferretdb|all]
+# (`all` is kafka + mongo; ferretdb is the second MongoDB-wire target, KGS_MONGO_IMPL=ferretdb)
 #
 # Everything lives in the git-ignored folder .cache/ (override with KGS_CACHE_DIR):
 # installs are reused on a second run, data survives restarts, logs are kept in
@@ -21,6 +23,9 @@ KAFKA_CONTROLLER_PORT=9093
 SECANTUS_VERSION="0.7.0b3"
 MONGO_HOME="$CACHE/secantus"
 MONGO_PORT=27017
+
+FERRETDB_HOME="$CACHE/ferretdb"
+FERRETDB_PORT=27018
 
 # How long `up` waits for a server to answer before giving up.
 READY_TIMEOUT="${KGS_SERVER_READY_TIMEOUT:-120}"
@@ -174,6 +179,47 @@ mongo_up() {
   log "mongo: ready on 127.0.0.1:$MONGO_PORT"
 }
 
+# ---------------------------------------------------------------- ferretdb
+
+ferretdb_install() {
+  command -v go >/dev/null || die "go not found: FerretDB is built from the Go module proxy"
+  local src="$ROOT/servers/ferretdb" stamp="$FERRETDB_HOME/bin/.installed"
+  local sum
+  sum="$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$sum" ]]; then
+    return 0
+  fi
+  log "ferretdb: building servers/ferretdb with Go ($(grep -o "FerretDB v[0-9.]*" "$src/go.mod"))"
+  mkdir -p "$FERRETDB_HOME/bin" "$FERRETDB_HOME/logs"
+  (cd "$src" && go build -o "$FERRETDB_HOME/bin/kgs-ferretdb" .) >"$FERRETDB_HOME/logs/install.log" 2>&1 \
+    || die "ferretdb: go build failed, see $FERRETDB_HOME/logs/install.log"
+  echo "$sum" >"$stamp"
+  log "ferretdb: built $FERRETDB_HOME/bin/kgs-ferretdb"
+}
+
+ferretdb_up() {
+  ferretdb_install
+  if pid_alive "$FERRETDB_HOME/ferretdb.pid"; then
+    log "ferretdb: already running (pid $(cat "$FERRETDB_HOME/ferretdb.pid"))"
+  else
+    port_open "$FERRETDB_PORT" && die "ferretdb: port $FERRETDB_PORT is taken by another process"
+    mkdir -p "$FERRETDB_HOME/data" "$FERRETDB_HOME/logs"
+    log "ferretdb: starting on 127.0.0.1:$FERRETDB_PORT (data: $FERRETDB_HOME/data)"
+    nohup "$FERRETDB_HOME/bin/kgs-ferretdb" --listen "127.0.0.1:$FERRETDB_PORT" \
+      --data-dir "$FERRETDB_HOME/data" >>"$FERRETDB_HOME/logs/server.log" 2>&1 </dev/null &
+    echo $! >"$FERRETDB_HOME/ferretdb.pid"
+  fi
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until port_open "$FERRETDB_PORT"; do
+    pid_alive "$FERRETDB_HOME/ferretdb.pid" \
+      || die "ferretdb: exited during start-up, see $FERRETDB_HOME/logs/server.log"
+    ((SECONDS < deadline)) \
+      || die "ferretdb: not listening on 127.0.0.1:$FERRETDB_PORT after ${READY_TIMEOUT}s, see $FERRETDB_HOME/logs/server.log"
+    sleep 0.2
+  done
+  log "ferretdb: ready on 127.0.0.1:$FERRETDB_PORT"
+}
+
 # ---------------------------------------------------------------- common
 
 # Stops a server by its pid file: SIGTERM, then SIGKILL after a grace period.
@@ -218,22 +264,25 @@ status_of() {
 
 cmd="${1:-}"
 which="${2:-all}"
-case "$which" in kafka | mongo | all) ;; *) die "unknown server '$which' (expected kafka, mongo or all)" ;; esac
-want() { [[ "$which" == all || "$which" == "$1" ]]; }
+case "$which" in kafka | mongo | ferretdb | all) ;; *) die "unknown server '$which' (expected kafka, mongo, ferretdb or all)" ;; esac
+want() { [[ "$which" == "$1" || ("$which" == all && "$1" != ferretdb) ]]; }
 
 case "$cmd" in
   install)
     want mongo && mongo_install
     want kafka && kafka_install
+    want ferretdb && ferretdb_install
     ;;
   up)
     # Mongo first: its start is quicker, and Kafka's JVM start overlaps nothing else.
     want mongo && mongo_up
     want kafka && kafka_up
+    want ferretdb && ferretdb_up
     ;;
   down)
     want kafka && stop_pid kafka "$KAFKA_HOME/kafka.pid" 60
     want mongo && stop_pid mongo "$MONGO_HOME/secantus.pid" 30
+    want ferretdb && stop_pid ferretdb "$FERRETDB_HOME/ferretdb.pid" 30
     ;;
   restart)
     "$0" down "$which"
@@ -243,14 +292,16 @@ case "$cmd" in
     rc=0
     want kafka && { status_of kafka "$KAFKA_HOME/kafka.pid" "$KAFKA_PORT" || rc=$?; }
     want mongo && { status_of mongo "$MONGO_HOME/secantus.pid" "$MONGO_PORT" || rc=$?; }
+    want ferretdb && { status_of ferretdb "$FERRETDB_HOME/ferretdb.pid" "$FERRETDB_PORT" || rc=$?; }
     exit "$rc"
     ;;
   logs)
     want kafka && echo "kafka: $KAFKA_HOME/logs/server.log"
     want mongo && echo "mongo: $MONGO_HOME/logs/server.log"
+    want ferretdb && echo "ferretdb: $FERRETDB_HOME/logs/server.log"
     ;;
   *)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     [[ -z "$cmd" || "$cmd" == -h || "$cmd" == --help ]] || exit 2
     ;;
 esac

@@ -2,6 +2,10 @@
 # The whole test suite (`make test`): starts the local Kafka and MongoDB-wire
 # servers unless KGS_KAFKA_BROKERS / KGS_MONGODB_URI point elsewhere, builds
 # the binaries the tests spawn, and runs every test of the workspace.
+#
+# KGS_MONGO_IMPL picks the local MongoDB-wire server: `secantus` (default,
+# SecantusDB on :27017) or `ferretdb` (FerretDB v1 + SQLite on :27018, no
+# multi-document transactions).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,7 +19,15 @@ need cmake "rdkafka builds librdkafka with cmake: apt-get install cmake"
   || { echo "test: error: curl headers missing: apt-get install libcurl4-openssl-dev (or run .ci/run)" >&2; exit 1; }
 
 started=()
-if [[ -z "${KGS_MONGODB_URI:-}" ]]; then started+=(mongo); fi
+case "${KGS_MONGO_IMPL:=secantus}" in
+  secantus) mongo_server=mongo local_uri="" ;;
+  ferretdb) mongo_server=ferretdb local_uri="mongodb://127.0.0.1:27018/?directConnection=true" ;;
+  *) echo "test: error: KGS_MONGO_IMPL must be secantus or ferretdb, not '$KGS_MONGO_IMPL'" >&2; exit 1 ;;
+esac
+if [[ -z "${KGS_MONGODB_URI:-}" ]]; then
+  started+=("$mongo_server")
+  [[ -z "$local_uri" ]] || export KGS_MONGODB_URI="$local_uri"
+fi
 if [[ -z "${KGS_KAFKA_BROKERS:-}" ]]; then started+=(kafka); fi
 for server in "${started[@]}"; do
   scripts/servers.sh up "$server"
@@ -23,6 +35,7 @@ done
 
 # Tests spawn kgs-producer and the example app server as separate processes.
 cargo build --workspace --bins --examples
+echo "test: MongoDB-wire server: ${KGS_MONGODB_URI:-local $KGS_MONGO_IMPL (default URI)}" >&2
 cargo test --workspace --no-fail-fast "$@"
 
 if ((${#started[@]})); then
