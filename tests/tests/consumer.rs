@@ -17,8 +17,7 @@ use chrono::Utc;
 use futures::TryStreamExt;
 use kgs_consumer::{KeyConsumer, KeyConsumerBuilder};
 use kgs_schemas::docs::{
-    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, UsedKeyDoc, UsedReason,
-    CLAIMS, POOLS,
+    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, UsedKeyDoc, UsedReason, CLAIMS, POOLS,
 };
 use kgs_schemas::format::KeyFormatSpec;
 use kgs_schemas::{KeyBatch, KeyFormat};
@@ -693,6 +692,103 @@ async fn members_join_and_leave_without_duplicates() -> Result<()> {
     );
     let reported = report_a.keys_returned + report_b.keys_returned + report_c.keys_returned;
     assert!(reported <= returned.len());
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// One HTTP/1.0 GET to the app server: (status, body).
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The example app server serves keys over `GET /keys` (503 `no keys` when
+/// empty), exposes `/metrics` and `/healthz`, and on SIGTERM exits cleanly
+/// after recording its unserved keys for return.
+#[tokio::test(flavor = "multi_thread")]
+async fn app_server_serves_keys_and_returns_them_on_sigterm() -> Result<()> {
+    let binary = kgs_tests::workspace_binary("app-server")?;
+    let pool = Pool::create(1).await?;
+    let mut published = HashSet::new();
+    for _ in 0..2 {
+        published.extend(pool.publish(10, Some(0)).await?.keys);
+    }
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.to_string()
+    };
+    let mut child = tokio::process::Command::new(binary)
+        .env("KGS_KAFKA_BROKERS", kafka_brokers())
+        .env("KGS_MONGODB_URI", mongodb_uri())
+        .env("KGS_MONGODB_DB", &pool.db_name)
+        .env("KGS_POOL", &pool.name)
+        .env("KGS_GROUP", unique("g"))
+        .env("KGS_HTTP_ADDR", &addr)
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning app-server")?;
+    wait_for("app-server /healthz", WAIT, || async {
+        Ok(http_get(&addr, "/healthz")
+            .await
+            .ok()
+            .filter(|(s, _)| *s == 200))
+    })
+    .await?;
+    let mut served = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served.len() < 5 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "app-server served no keys"
+        );
+        let (status, body) = http_get(&addr, "/keys").await?;
+        match status {
+            200 => assert!(served.insert(body), "key served twice"),
+            503 => assert_eq!(body, "no keys\n"),
+            other => anyhow::bail!("GET /keys: {other} {body}"),
+        }
+    }
+    assert!(served.is_subset(&published));
+    let (status, metrics) = http_get(&addr, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(metrics.contains(kgs_consumer::metrics::BATCHES_CLAIMED_TOTAL));
+
+    // Wait until both batches are buffered, so the return covers 15 keys.
+    wait_for("both batches claimed", WAIT, || async {
+        Ok((pool.claims().await?.len() == 2).then_some(()))
+    })
+    .await?;
+    let pid = child.id().context("app-server pid")?;
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    ensure!(kill.success(), "kill -TERM failed");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .context("app-server did not exit after SIGTERM")??;
+    assert!(status.success(), "app-server exit status {status}");
+    let returned: HashSet<String> = pool
+        .claims()
+        .await?
+        .into_iter()
+        .flat_map(|c| c.return_keys)
+        .collect();
+    assert_eq!(returned.len(), published.len() - served.len());
+    assert!(returned.is_disjoint(&served));
     pool.drop_db().await;
     Ok(())
 }
