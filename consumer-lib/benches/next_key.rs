@@ -27,8 +27,9 @@ fn filled(keys: &[String], total: u64, lanes: usize) -> KeyBuffer {
 fn next_key(c: &mut Criterion) {
     let keys: Vec<String> = (0..BATCH).map(|i| format!("k{i:09}")).collect();
     let mut group = c.benchmark_group("next_key");
-    group.throughput(Throughput::Elements(1));
     for threads in [1usize, 2] {
+        // Per iteration every thread takes one key: thrpt is the total rate.
+        group.throughput(Throughput::Elements(threads as u64));
         let keys = keys.clone();
         group.bench_function(format!("{threads}_threads"), move |b| {
             b.iter_custom(|iters| {

@@ -26,7 +26,7 @@
 //! only the list of batches, touched by push, housekeeping and close.
 
 use std::cell::RefCell;
-use std::num::NonZeroU8;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -55,8 +55,8 @@ const MAX_LANES: usize = 64;
 struct PackedBatch {
     id: String,
     key_len: usize,
-    /// `key_len` as stored in a [`Key`].
-    key_len_nz: NonZeroU8,
+    /// `key_len << 32`, the length part of a key's high word.
+    len_word: NonZeroU64,
     bytes: Box<[u8]>,
     /// Masks keeping the first `key_len` bytes of a chunk read as a little-endian
     /// `u64` (bytes 0..8) and `u32` (bytes 8..12).
@@ -71,17 +71,27 @@ impl PackedBatch {
         Self {
             id,
             key_len,
-            key_len_nz: NonZeroU8::new(key_len as u8).expect("key length checked by push"),
+            len_word: NonZeroU64::new((key_len as u64) << 32).expect("key length checked by push"),
             bytes: bytes.into_boxed_slice(),
             low_mask: bits(8 * key_len.min(8)),
             high_mask: bits(8 * key_len.saturating_sub(8)) as u32,
         }
     }
 
-    /// The key at `index`. A fixed-size read plus two masks: no `memcpy`
-    /// call and no store-to-load stall, unlike copying `key_len` bytes.
+    /// The key at `index`.
     #[inline]
     fn key(&self, index: usize) -> Key {
+        let (low, high) = self.words(index);
+        Key::from_words(low, high)
+    }
+
+    /// The key at `index` as two words (see [`Key::from_words`]): a
+    /// fixed-size read plus two masks, no `memcpy` call. Two integers are
+    /// returned in registers even where a call is not inlined (a 16-byte
+    /// `Key` is returned through memory, and reading it back stalled on
+    /// store-to-load forwarding).
+    #[inline]
+    fn words(&self, index: usize) -> (u64, NonZeroU64) {
         let start = index * self.key_len;
         let chunk: &[u8; MAX_KEY_LEN] = self.bytes[start..start + MAX_KEY_LEN]
             .try_into()
@@ -89,7 +99,7 @@ impl PackedBatch {
         let (low, high) = chunk.split_at(8);
         let low = u64::from_le_bytes(low.try_into().expect("8 bytes")) & self.low_mask;
         let high = u32::from_le_bytes(high.try_into().expect("4 bytes")) & self.high_mask;
-        Key::from_words(low, high, self.key_len_nz)
+        (low, self.len_word | u64::from(high))
     }
 
     fn keys(&self, from: usize, to: usize) -> impl Iterator<Item = String> + '_ {
@@ -121,10 +131,16 @@ impl Segment {
 
     #[inline]
     fn take(&self) -> Option<Key> {
+        self.take_words()
+            .map(|(low, high)| Key::from_words(low, high))
+    }
+
+    #[inline]
+    fn take_words(&self) -> Option<(u64, NonZeroU64)> {
         // Relaxed is enough: the bytes are immutable and were published by
         // the ArcSwap store (release) that made this segment visible.
         let i = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (i < self.len).then(|| self.batch.key(self.start + i))
+        (i < self.len).then(|| self.batch.words(self.start + i))
     }
 
     fn handed_out(&self) -> usize {
@@ -302,22 +318,21 @@ impl KeyBuffer {
     /// `fetch_add`; the lanes are looked at only when that segment runs out.
     #[inline]
     pub fn next_key(&self) -> Option<Key> {
-        LOCAL_SEGMENT.with(|local| {
-            let mut local = local.borrow_mut();
-            if let Some((owner, segment)) = local.as_ref() {
-                if *owner == self.id {
-                    if let Some(key) = segment.take() {
-                        return Some(key);
-                    }
-                }
-            }
-            self.next_key_from_lanes(&mut local)
-        })
+        // Fast path kept tiny so that it inlines into the caller.
+        let words = LOCAL_SEGMENT.with_borrow(|local| match local {
+            Some((owner, segment)) if *owner == self.id => segment.take_words(),
+            _ => None,
+        });
+        match words {
+            Some((low, high)) => Some(Key::from_words(low, high)),
+            None => LOCAL_SEGMENT.with_borrow_mut(|local| self.next_key_from_lanes(local)),
+        }
     }
 
     /// The slow path: finds a segment with keys left, starting at the
     /// thread's home lane, and makes it the thread's current one.
     #[cold]
+    #[inline(never)]
     fn next_key_from_lanes(&self, local: &mut Option<(usize, Arc<Segment>)>) -> Option<Key> {
         let home = thread_number();
         for step in 0..self.lanes.len() {

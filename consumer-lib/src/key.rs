@@ -2,7 +2,7 @@
 //! allocates nothing.
 
 use std::fmt;
-use std::num::NonZeroU8;
+use std::num::{NonZeroU64, NonZeroU8};
 
 /// The longest key kgs generates ([`kgs_schemas::format::MAX_KEY_LENGTH`]).
 pub const MAX_KEY_LEN: usize = kgs_schemas::format::MAX_KEY_LENGTH as usize;
@@ -45,13 +45,16 @@ impl Key {
         key
     }
 
-    /// A key from its bytes read as little-endian words, bytes past `len`
-    /// already zero (see `PackedBatch::key`).
+    /// A key from two little-endian words: bytes 0..8 in `low`, bytes 8..12
+    /// in the low half of `high` and the length in bits 32..40 of `high`;
+    /// bytes past the length already zero (see `PackedBatch::words`).
     #[inline]
-    pub(crate) fn from_words(low: u64, high: u32, len: NonZeroU8) -> Self {
+    pub(crate) fn from_words(low: u64, high: NonZeroU64) -> Self {
+        let high = high.get();
         let mut bytes = [0; MAX_KEY_LEN];
         bytes[..8].copy_from_slice(&low.to_le_bytes());
-        bytes[8..].copy_from_slice(&high.to_le_bytes());
+        bytes[8..].copy_from_slice(&(high as u32).to_le_bytes());
+        let len = NonZeroU8::new((high >> 32) as u8).expect("keys are not empty");
         Self { bytes, len }
     }
 
