@@ -24,7 +24,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 /// Lease of the spawned producers: short, so a restart after a crash takes over quickly.
-const LEASE: &str = "1500ms";
+const LEASE: &str = "3s";
 
 /// One pool in its own database.
 struct Pool {
@@ -151,6 +151,16 @@ impl Pool {
     /// batch or key is twice in the topic, every key in the topic is in
     /// `used_keys` with its batch, and no batch record is left unfinished.
     async fn check_invariants(&self, space: usize) -> Result<Vec<(i32, i64, KeyBatch)>> {
+        self.check_invariants_returned(space, &HashSet::new()).await
+    }
+
+    /// [`Pool::check_invariants`], where the `returned` keys of published
+    /// batches are back in `keys` instead of in `used_keys`.
+    async fn check_invariants_returned(
+        &self,
+        space: usize,
+        returned: &HashSet<String>,
+    ) -> Result<Vec<(i32, i64, KeyBatch)>> {
         let keys: HashSet<String> = self
             .ids(&format!("keys.{}", self.name))
             .await?
@@ -187,6 +197,10 @@ impl Pool {
             );
             for k in &b.keys {
                 ensure!(seen.insert(k.clone()), "key {k} in two batches");
+                if returned.contains(k) {
+                    ensure!(keys.contains(k), "returned key {k} is not back in keys");
+                    continue;
+                }
                 ensure!(
                     used.get(k) == Some(&Some(b.batch_id.clone())),
                     "key {k} of batch {} is not in used_keys with that batch",
@@ -436,7 +450,57 @@ macro_rules! crash_tests {
     )*};
 }
 
+/// A consumer's `returning` claim is processed even across a crash at each
+/// return failpoint: the unused keys go back to `keys` with their old `n`,
+/// leave `used_keys`, and the claim ends `returned`.
+async fn return_crash(failpoint: &str) -> Result<()> {
+    let pool = Pool::new(2);
+    pool.init(2, &[]).await?;
+    let run = pool.run(2, &[], None)?;
+    wait_batches(&pool, 4, Duration::from_secs(60)).await?;
+    assert!(terminate(run).await?.success());
+    let (partition, offset, batch) = pool.topic_batches().await?.remove(0);
+    let back: Vec<String> = batch.keys[..10].to_vec();
+    pool.db()
+        .await?
+        .collection::<Document>("claims")
+        .insert_one(doc! {
+            "_id": &batch.batch_id, "pool": &pool.name, "group": format!("kgs.{}", pool.name),
+            "instance": "test", "partition": partition, "offset": offset,
+            "keys": batch.keys.len() as i64, "state": "returning", "return_keys": &back,
+            "claimed_at": bson::DateTime::now(),
+        })
+        .await?;
+    let mut crashed = pool.run(2, &[], Some(failpoint))?;
+    let status = tokio::task::spawn_blocking(move || crashed.wait()).await??;
+    assert!(!status.success(), "{failpoint} did not fire");
+    let run = pool.run(2, &[], None)?;
+    wait_for("claim returned", Duration::from_secs(30), || async {
+        let c = pool.docs("claims", doc! {}).await?;
+        Ok((c[0].get_str("state")? == "returned").then_some(()))
+    })
+    .await?;
+    assert!(terminate(run).await?.success());
+    let returned: HashSet<String> = back.iter().cloned().collect();
+    pool.check_invariants_returned(3_844, &returned).await?;
+    let keys = pool.docs(&format!("keys.{}", pool.name), doc! {}).await?;
+    let record = pool
+        .docs("batches", doc! { "_id": &batch.batch_id })
+        .await?;
+    let ns = record[0].get_array("ns")?;
+    for (i, key) in back.iter().enumerate() {
+        let d = keys
+            .iter()
+            .find(|d| d.get_str("_id").ok() == Some(key.as_str()));
+        let d = d.with_context(|| format!("{key} not back"))?;
+        assert_eq!(Some(d.get_i64("n")?), ns[i].as_i64(), "{key} lost its n");
+    }
+    Ok(())
+}
+
 crash_tests! {
+    crash_return_after_delete => return_crash("return_after_delete"),
+    crash_return_after_insert => return_crash("return_after_insert"),
     crash_gen_after_mark => generation_crash("gen_after_mark"),
     crash_gen_after_insert => generation_crash("gen_after_insert"),
     crash_gen_after_cursor => generation_crash("gen_after_cursor"),
@@ -503,7 +567,7 @@ async fn two_producers_one_leader_and_takeover() -> Result<()> {
     commit_all(pool.topic(), pool.partitions, format!("kgs.{}", pool.name)).await?;
     wait_batches(&pool, 8, Duration::from_secs(30)).await?;
     let took = paused.elapsed();
-    // Lease 1.5 s + a renewal period + Kafka init_transactions.
+    // Lease 3 s + a renewal period + Kafka init_transactions.
     assert!(took < Duration::from_secs(15), "takeover took {took:?}");
     let batches = pool.topic_batches().await?;
     let newer = batches
@@ -519,7 +583,14 @@ async fn two_producers_one_leader_and_takeover() -> Result<()> {
     assert!(terminate(zombie).await?.success());
     assert!(terminate(standby).await?.success());
     let batches = pool.check_invariants(3_844).await?;
-    assert_eq!(batches.len(), 8);
+    // 8, plus at most one: a leader that stepped down mid-batch (a slow lease
+    // renewal on a loaded machine) finishes that batch when it leads again,
+    // even if the partitions are full, because its keys are already moved.
+    assert!(
+        (8..=9).contains(&batches.len()),
+        "{} batches",
+        batches.len()
+    );
     Ok(())
 }
 
