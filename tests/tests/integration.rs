@@ -5,4 +5,5 @@
 //! One test binary, one module per area.
 
 mod consumer;
+mod producer;
 mod smoke;
