@@ -639,3 +639,54 @@ async fn reserve_generated_and_future_keys() -> Result<()> {
     pool.check_invariants(3_844).await?;
     Ok(())
 }
+
+/// Recovering a crashed generation step never brings back a key that was
+/// moved to `used_keys` meanwhile, and still generates every other key.
+#[tokio::test]
+async fn generation_recovery_skips_used_keys() -> Result<()> {
+    let pool = Pool::new(1);
+    let small = ["--target-size", "1000", "--generate-chunk", "1000"];
+    pool.init(2, &small).await?;
+    let out = pool
+        .exec(
+            &[
+                "init",
+                "--length",
+                "2",
+                "--partitions",
+                "1",
+                "--target-size",
+                "2000",
+                "--generate-chunk",
+                "1000",
+            ],
+            Some("gen_after_insert"),
+        )
+        .await?;
+    assert!(!out.status.success(), "gen_after_insert did not fire");
+    // Simulate a batch that moved a key of the pending range before the recovery.
+    let db = pool.db().await?;
+    let keys = db.collection::<Document>(&format!("keys.{}", pool.name));
+    let moved = keys
+        .find_one(doc! { "n": 1_500_i64 })
+        .await?
+        .context("key n=1500 was not inserted before the crash")?;
+    let key = moved.get_str("_id")?.to_owned();
+    db.collection::<Document>(&format!("used_keys.{}", pool.name))
+        .insert_one(doc! { "_id": &key, "n": 1_500_i64, "reason": "batch", "batch": "manual", "at": bson::DateTime::now() })
+        .await?;
+    keys.delete_one(doc! { "_id": &key }).await?;
+    pool.init(2, &["--target-size", "2000", "--generate-chunk", "1000"])
+        .await?;
+    let ids: HashSet<String> = pool
+        .ids(&format!("keys.{}", pool.name))
+        .await?
+        .into_iter()
+        .collect();
+    assert!(!ids.contains(&key), "recovery resurrected a used key");
+    // The recovered range holds 999 keys; top-up then adds position 2000.
+    assert_eq!(ids.len(), 2_000);
+    let p = pool.docs("pools", doc! {}).await?;
+    assert_eq!(p[0].get_i64("cursor")?, 2_001);
+    Ok(())
+}
