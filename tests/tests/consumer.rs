@@ -45,8 +45,11 @@ struct Pool {
 impl Pool {
     /// Creates the pool document and a topic of `partitions` partitions.
     async fn create(partitions: i32) -> Result<Self> {
-        let db_name = unique("kgs-consumer");
-        let name = unique("p");
+        Self::create_named(partitions, unique("kgs-consumer"), unique("p")).await
+    }
+
+    /// Like [`Pool::create`], with given database and pool names.
+    async fn create_named(partitions: i32, db_name: String, name: String) -> Result<Self> {
         let topic = format!("kgs.{name}");
         create_topic(&topic, partitions).await?;
         let db = mongo_client().await?.database(&db_name);
@@ -790,5 +793,33 @@ async fn app_server_serves_keys_and_returns_them_on_sigterm() -> Result<()> {
     assert_eq!(returned.len(), published.len() - served.len());
     assert!(returned.is_disjoint(&served));
     pool.drop_db().await;
+    Ok(())
+}
+
+/// Not a check: seeds a pool for the HTTP benchmark in BENCHMARKS.md.
+/// Creates pool `$KGS_BENCH_POOL` in database `$KGS_MONGODB_DB` and publishes
+/// `$KGS_BENCH_KEYS` keys (default 1,000,000) in batches of 50,000, without
+/// the `used_keys` documents (the consumer never reads them).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark fixture, run by hand"]
+async fn seed_pool_for_http_benchmark() -> Result<()> {
+    let total: usize = std::env::var("KGS_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let pool = Pool::create_named(
+        4,
+        std::env::var("KGS_MONGODB_DB").context("KGS_MONGODB_DB")?,
+        std::env::var("KGS_BENCH_POOL").context("KGS_BENCH_POOL")?,
+    )
+    .await?;
+    for i in 0..total.div_ceil(50_000) {
+        let batch = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(50_000));
+        pool.send(&batch.encode(), Some((i % 4) as i32)).await?;
+    }
+    println!(
+        "seeded pool {} in {} with {total} keys",
+        pool.name, pool.db_name
+    );
     Ok(())
 }
