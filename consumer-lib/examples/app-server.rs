@@ -57,6 +57,10 @@ struct Config {
     /// Pause fetching at this many buffered keys.
     #[arg(long, env = "KGS_HIGH_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_HIGH_WATERMARK)]
     high_watermark: usize,
+    /// Kafka session timeout: how soon the group notices a dead instance
+    /// and gives its partitions to the others (librdkafka's default).
+    #[arg(long, env = "KGS_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
+    kafka_session_timeout_ms: u64,
     /// How long `GET /keys` waits for a batch when the buffer is empty.
     #[arg(long, env = "KGS_KEY_WAIT_MS", default_value_t = 100)]
     key_wait_ms: u64,
@@ -96,7 +100,18 @@ async fn run(
         .database(&config.mongodb_db)
         .pool(&config.pool)
         .watermarks(config.low_watermark, config.high_watermark)
-        .registry(registry.clone());
+        .registry(registry.clone())
+        .kafka_option(
+            "session.timeout.ms",
+            config.kafka_session_timeout_ms.to_string(),
+        )
+        // librdkafka requires the heartbeat well inside the session timeout.
+        .kafka_option(
+            "heartbeat.interval.ms",
+            (config.kafka_session_timeout_ms / 10)
+                .clamp(100, 3_000)
+                .to_string(),
+        );
     if let Some(group) = &config.group {
         builder = builder.group(group);
     }

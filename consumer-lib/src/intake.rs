@@ -294,6 +294,12 @@ impl Intake {
     /// Pauses the assigned partitions at the high watermark, resumes them at
     /// the low one, and pauses partitions assigned while paused.
     fn apply_backpressure(&mut self) {
+        if let Ok(tpl) = self.consumer.assignment() {
+            self.shared
+                .metrics
+                .assigned_partitions
+                .set(tpl.count() as i64);
+        }
         let depth = self.shared.buffer.depth();
         self.shared.metrics.buffered_keys.set(depth as i64);
         let reassigned = self

@@ -37,6 +37,8 @@ pub const COMMIT_FAILURES_TOTAL: &str = "kgs_consumer_commit_failures_total";
 pub const CLAIM_ERRORS_TOTAL: &str = "kgs_consumer_claim_errors_total";
 /// Counter, label `event` (`assign`, `revoke`, `error`): rebalance events.
 pub const REBALANCES_TOTAL: &str = "kgs_consumer_rebalances_total";
+/// Gauge: partitions of the pool topic currently assigned to this instance.
+pub const ASSIGNED_PARTITIONS: &str = "kgs_consumer_assigned_partitions";
 /// Gauge: 1 while the assigned partitions are paused (buffer above the high watermark).
 pub const PAUSED: &str = "kgs_consumer_paused";
 
@@ -57,6 +59,7 @@ pub(crate) struct Metrics {
     pub claim_errors: IntCounter,
     pub rebalances: IntCounterVec,
     pub paused: IntGauge,
+    pub assigned_partitions: IntGauge,
 }
 
 impl Metrics {
@@ -110,6 +113,10 @@ impl Metrics {
             paused: reg(
                 registry,
                 IntGauge::new(PAUSED, "1 while the assigned partitions are paused.")?,
+            )?,
+            assigned_partitions: reg(
+                registry,
+                IntGauge::new(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.")?,
             )?,
         };
         Ok(m)

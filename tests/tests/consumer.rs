@@ -823,3 +823,232 @@ async fn seed_pool_for_http_benchmark() -> Result<()> {
     );
     Ok(())
 }
+
+/// A running example app server process.
+struct AppServer {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+impl AppServer {
+    /// Spawns `app-server` for `pool` in `group` and waits for `/healthz`.
+    async fn start(pool: &Pool, group: &str, instance: &str) -> Result<Self> {
+        let binary = kgs_tests::workspace_binary("app-server")?;
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let child = tokio::process::Command::new(binary)
+            .env("KGS_KAFKA_BROKERS", kafka_brokers())
+            .env("KGS_MONGODB_URI", mongodb_uri())
+            .env("KGS_MONGODB_DB", &pool.db_name)
+            .env("KGS_POOL", &pool.name)
+            .env("KGS_GROUP", group)
+            .env("KGS_INSTANCE_ID", instance)
+            .env("KGS_HTTP_ADDR", &addr)
+            .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("KGS_KEY_WAIT_MS", "20")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning app-server")?;
+        let server = Self { child, addr };
+        wait_for("app-server /healthz", WAIT, || async {
+            Ok(http_get(&server.addr, "/healthz")
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200))
+        })
+        .await?;
+        Ok(server)
+    }
+
+    /// One key, or `None` on 503.
+    async fn key(&self) -> Result<Option<String>> {
+        match http_get(&self.addr, "/keys").await? {
+            (200, key) => Ok(Some(key)),
+            (503, _) => Ok(None),
+            (status, body) => anyhow::bail!("GET /keys: {status} {body}"),
+        }
+    }
+
+    /// An unlabelled metric from `/metrics`.
+    async fn metric(&self, name: &str) -> Result<f64> {
+        let (_, text) = http_get(&self.addr, "/metrics").await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    /// SIGTERM (graceful) or SIGKILL (crash), then waits for the exit.
+    async fn stop(mut self, signal: &str) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("app-server pid")?;
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        ensure!(sent.success(), "kill -{signal} failed");
+        Ok(tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .context("app-server did not exit")??)
+    }
+}
+
+/// Three app-server processes in one group each own one partition and hand
+/// out disjoint keys, together exactly the published set, every one of them
+/// in `used_keys`.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_app_server_processes_hand_out_disjoint_keys() -> Result<()> {
+    let pool = Pool::create(3).await?;
+    let group = unique("g");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(AppServer::start(&pool, &group, &format!("app{i}")).await?);
+    }
+    wait_for("one partition per app server", WAIT, || async {
+        for s in &servers {
+            if s.metric(kgs_consumer::metrics::ASSIGNED_PARTITIONS).await? != 1.0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    let mut published = HashSet::new();
+    for i in 0..9 {
+        published.extend(pool.publish(15, Some(i % 3)).await?.keys);
+    }
+    let mut served: Vec<HashSet<String>> = vec![HashSet::new(); 3];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served.iter().map(HashSet::len).sum::<usize>() < published.len() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "served only {} keys",
+            served.iter().map(HashSet::len).sum::<usize>()
+        );
+        for (s, mine) in servers.iter().zip(served.iter_mut()) {
+            if let Some(k) = s.key().await? {
+                assert!(mine.insert(k), "a server handed a key out twice");
+            }
+        }
+    }
+    for (i, a) in served.iter().enumerate() {
+        assert_eq!(a.len(), 45, "app{i} serves its own partition's 3 batches");
+        for b in &served[i + 1..] {
+            assert!(a.is_disjoint(b), "a key reached two app servers");
+        }
+    }
+    let all: HashSet<String> = served.iter().flatten().cloned().collect();
+    assert_eq!(all, published);
+    let keys: Vec<&String> = all.iter().collect();
+    let used = pool
+        .db
+        .collection::<UsedKeyDoc>(&used_keys_collection(&pool.name))
+        .count_documents(doc! { "_id": { "$in": keys } })
+        .await?;
+    assert_eq!(
+        used as usize,
+        all.len(),
+        "every handed-out key is in used_keys"
+    );
+    for s in servers {
+        assert!(s.stop("TERM").await?.success());
+    }
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// SIGKILL of an app server mid-stream: no key is ever served twice, the
+/// survivor takes over its partition, and the only keys neither served nor
+/// returned are in the dead instance's claims, which stay `open`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_stream_loses_at_most_the_buffer() -> Result<()> {
+    let pool = Pool::create(2).await?;
+    let group = unique("g");
+    let doomed = AppServer::start(&pool, &group, "doomed").await?;
+    let survivor = AppServer::start(&pool, &group, "survivor").await?;
+    wait_for("one partition per app server", WAIT, || async {
+        Ok((doomed
+            .metric(kgs_consumer::metrics::ASSIGNED_PARTITIONS)
+            .await?
+            == 1.0
+            && survivor
+                .metric(kgs_consumer::metrics::ASSIGNED_PARTITIONS)
+                .await?
+                == 1.0)
+            .then_some(()))
+    })
+    .await?;
+    let mut published = Vec::new();
+    for i in 0..6 {
+        published.push(pool.publish(20, Some(i % 2)).await?);
+    }
+    // Take keys from both until the doomed one has served some.
+    let mut served = Vec::new();
+    let mut from_doomed = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while from_doomed < 10 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "doomed served no keys"
+        );
+        if let Some(k) = doomed.key().await? {
+            served.push(k);
+            from_doomed += 1;
+        }
+        if let Some(k) = survivor.key().await? {
+            served.push(k);
+        }
+    }
+    assert!(!doomed.stop("KILL").await?.success());
+    // More batches on both partitions: the survivor gets the dead one's
+    // partition after the session timeout and serves the new batches.
+    for i in 0..4 {
+        published.push(pool.publish(20, Some(i % 2)).await?);
+    }
+    let ids: HashSet<String> = published.iter().map(|b| b.batch_id.clone()).collect();
+    wait_for("every batch claimed", WAIT, || async {
+        let claimed = pool
+            .claims()
+            .await?
+            .iter()
+            .filter(|c| ids.contains(&c.batch_id))
+            .count();
+        Ok((claimed == ids.len()).then_some(()))
+    })
+    .await?;
+    while let Some(k) = survivor.key().await? {
+        served.push(k);
+    }
+    assert!(survivor.stop("TERM").await?.success());
+
+    let served_set: HashSet<String> = served.iter().cloned().collect();
+    assert_eq!(served_set.len(), served.len(), "a key was served twice");
+    let claims = pool.claims().await?;
+    let returned: HashSet<String> = claims.iter().flat_map(|c| c.return_keys.clone()).collect();
+    assert!(returned.is_disjoint(&served_set));
+    let batch_keys: HashMap<String, &Vec<String>> = published
+        .iter()
+        .map(|b| (b.batch_id.clone(), &b.keys))
+        .collect();
+    let lost_allowed: HashSet<String> = claims
+        .iter()
+        .filter(|c| c.instance == "doomed" && c.state == ClaimState::Open)
+        .flat_map(|c| batch_keys[&c.batch_id].iter().cloned())
+        .collect();
+    assert!(
+        !lost_allowed.is_empty(),
+        "the dead instance's claims stay open"
+    );
+    for key in published.iter().flat_map(|b| &b.keys) {
+        assert!(
+            served_set.contains(key) || returned.contains(key) || lost_allowed.contains(key),
+            "key {key} neither served, returned, nor in an open claim of the dead instance"
+        );
+    }
+    assert!(claims
+        .iter()
+        .all(|c| c.instance == "doomed" || c.state != ClaimState::Open));
+    pool.drop_db().await;
+    Ok(())
+}
