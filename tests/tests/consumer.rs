@@ -1052,3 +1052,110 @@ async fn sigkill_mid_stream_loses_at_most_the_buffer() -> Result<()> {
     pool.drop_db().await;
     Ok(())
 }
+
+/// End to end with the real `kgs-producer` over a whole 1,000-key space:
+/// an instance shuts down gracefully, the producer puts its unused keys
+/// back into `keys` (claims `returned`), and another instance later hands
+/// them out: every key of the space is handed out exactly once in total.
+#[tokio::test(flavor = "multi_thread")]
+async fn returned_keys_are_handed_out_later_exactly_once() -> Result<()> {
+    let producer_bin = kgs_tests::workspace_binary("kgs-producer")?;
+    let db_name = unique("kgs-consumer");
+    let pool = unique("p");
+    let group = unique("g");
+    let producer = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(&producer_bin);
+        c.args(args)
+            .env("KGS_KAFKA_BROKERS", kafka_brokers())
+            .env("KGS_MONGODB_URI", mongodb_uri())
+            .env("KGS_MONGODB_DB", &db_name)
+            .env("KGS_POOL", &pool)
+            .env("KGS_TARGET_SIZE", "1000")
+            .env("KGS_LEASE_DURATION", "3s")
+            .env("KGS_CONNECT_TIMEOUT", "10s")
+            .env_remove("KGS_FAILPOINT")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        c
+    };
+    let init = producer(&[
+        "init",
+        "--length",
+        "3",
+        "--alphabet",
+        "0123456789",
+        "--partitions",
+        "2",
+    ])
+    .output()
+    .await?;
+    ensure!(
+        init.status.success(),
+        "kgs-producer init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = producer(&[
+        "run",
+        "--group",
+        &group,
+        "--batch-size",
+        "50",
+        "--low-watermark",
+        "1",
+        "--high-watermark",
+        "2",
+        "--poll-interval",
+        "100ms",
+    ])
+    .stderr(std::process::Stdio::null())
+    .spawn()?;
+
+    let consumer = |instance: &str| {
+        KeyConsumer::builder()
+            .brokers(kafka_brokers())
+            .mongodb_uri(mongodb_uri())
+            .database(&db_name)
+            .pool(&pool)
+            .group(&group)
+            .instance_id(instance)
+            .registry(Registry::new())
+            .watermarks(60, 120)
+            .kafka_option("session.timeout.ms", "6000")
+            .kafka_option("heartbeat.interval.ms", "500")
+            .build()
+    };
+    let a = consumer("a").await?;
+    let from_a = take(&a, 30, WAIT).await?;
+    buffered_at_least(&a, 20).await?;
+    let report = a.shutdown().await?;
+    assert!(report.keys_returned > 0, "a had unused keys to return");
+
+    let db = mongo_client().await?.database(&db_name);
+    let claims = db.collection::<ClaimDoc>(CLAIMS);
+    wait_for("the producer to return a's keys", WAIT, || async {
+        let open: Vec<ClaimDoc> = claims
+            .find(doc! { "instance": "a", "state": { "$ne": "returned" }, "return_keys.0": { "$exists": true } })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(open.is_empty().then_some(()))
+    })
+    .await?;
+
+    let b = consumer("b").await?;
+    let from_b = take(&b, 1000 - from_a.len(), Duration::from_secs(240)).await?;
+    b.shutdown().await?;
+    let mut run = run;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &run.id().unwrap_or_default().to_string()])
+        .status();
+    let _ = tokio::time::timeout(WAIT, run.wait()).await;
+
+    let all: Vec<String> = from_a.iter().chain(&from_b).cloned().collect();
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(distinct.len(), all.len(), "a key was handed out twice");
+    assert_eq!(distinct.len(), 1000, "the whole space was handed out");
+    let _ = db.drop().await;
+    Ok(())
+}
