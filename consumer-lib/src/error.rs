@@ -1,7 +1,8 @@
 //! The crate's error type: one variant per operation that can fail, so a
-//! caller can branch on what happened.
+//! caller can branch on what happened. (Bad messages on the topic are not
+//! errors of any call: they are skipped, logged and counted; see `metrics`.)
 
-use kgs_schemas::{DecodeError, FormatError};
+use kgs_schemas::FormatError;
 use rdkafka::error::KafkaError;
 
 /// The result of the crate's operations.
@@ -76,9 +77,6 @@ pub enum Error {
         #[source]
         source: mongodb::error::Error,
     },
-    /// A message on the topic is not an acceptable batch; it is skipped.
-    #[error("bad message")]
-    BadMessage(#[from] DecodeError),
     /// No key is buffered right now (or none arrived before the wait's timeout).
     #[error("no key available")]
     Empty,
