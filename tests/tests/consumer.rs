@@ -1159,3 +1159,86 @@ async fn returned_keys_are_handed_out_later_exactly_once() -> Result<()> {
     let _ = db.drop().await;
     Ok(())
 }
+
+/// A claim that already exists for a batch is honoured only if it is this
+/// instance's own open claim of the same partition and offset (a claim write
+/// retried across a server restart): then the keys are handed out; a claim
+/// by another instance makes the batch a replay.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_own_open_claim_is_resumed_and_a_foreign_one_is_a_replay() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let own = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(5));
+    let foreign = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(5));
+    let claim = |batch: &KeyBatch, instance: &str, offset: i64| ClaimDoc {
+        batch_id: batch.batch_id.clone(),
+        pool: pool.name.clone(),
+        group: "g".into(),
+        instance: instance.into(),
+        partition: 0,
+        offset,
+        keys: 5,
+        state: ClaimState::Open,
+        return_keys: Vec::new(),
+        claimed_at: Utc::now(),
+    };
+    pool.db
+        .collection::<ClaimDoc>(CLAIMS)
+        .insert_many([claim(&own, "me", 0), claim(&foreign, "someone-else", 1)])
+        .await?;
+    for batch in [&own, &foreign] {
+        pool.record_used(batch).await?;
+        pool.send(&batch.encode(), Some(0)).await?;
+    }
+    let last = pool.publish(5, Some(0)).await?;
+    let registry = Registry::new();
+    let c = pool
+        .consumer(&unique("g"), &registry)
+        .instance_id("me")
+        .build()
+        .await?;
+    let got: HashSet<String> = take(&c, 10, WAIT).await?.into_iter().collect();
+    let expected: HashSet<String> = own.keys.iter().chain(&last.keys).cloned().collect();
+    assert_eq!(got, expected);
+    assert_eq!(
+        metric(
+            &registry,
+            kgs_consumer::metrics::BAD_MESSAGES_TOTAL,
+            Some(("kind", "replay"))
+        ),
+        1.0
+    );
+    c.shutdown().await?;
+    pool.drop_db().await;
+    Ok(())
+}
+
+/// Dropping a `KeyConsumer` without `shutdown` (while the runtime keeps
+/// running) still returns its unused keys in the background.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_consumer_returns_keys_in_the_background() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let batch = pool.publish(10, Some(0)).await?;
+    let c = pool
+        .consumer(&unique("g"), &Registry::new())
+        .build()
+        .await?;
+    let handed: HashSet<String> = take(&c, 4, WAIT).await?.into_iter().collect();
+    drop(c);
+    let claim = wait_for("the claim to become returning", WAIT, || async {
+        Ok(pool
+            .claim(&batch.batch_id)
+            .await?
+            .filter(|c| c.state == ClaimState::Returning))
+    })
+    .await?;
+    let returned: HashSet<String> = claim.return_keys.into_iter().collect();
+    let expected: HashSet<String> = batch
+        .keys
+        .iter()
+        .filter(|k| !handed.contains(*k))
+        .cloned()
+        .collect();
+    assert_eq!(returned, expected);
+    pool.drop_db().await;
+    Ok(())
+}
