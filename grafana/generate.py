@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Writes the Grafana dashboards of kgs (grafana/dashboards/*.json).
+
+Dashboards as code: edit the panel list here and re-run
+`python3 grafana/generate.py`. The observability test evaluates every
+`expr` of every dashboard against a real Prometheus scraping the running
+producer and app servers, so a metric renamed in code without the dashboard
+fails `make test`.
+"""
+import json
+import pathlib
+
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+OUT = pathlib.Path(__file__).resolve().parent / "dashboards"
+
+
+def panel(pid, title, targets, unit="short", kind="timeseries", x=0, y=0, w=12, h=8, desc=""):
+    return {
+        "id": pid,
+        "type": kind,
+        "title": title,
+        "description": desc,
+        "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+
+
+def dashboard(uid, title, panels, desc):
+    # Lay panels out two per row.
+    for i, p in enumerate(panels):
+        p["gridPos"]["x"] = 0 if i % 2 == 0 else 12
+        p["gridPos"]["y"] = (i // 2) * 8
+    return {
+        "uid": uid,
+        "title": title,
+        "description": desc,
+        "tags": ["kgs"],
+        "timezone": "utc",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": []},
+        "panels": panels,
+    }
+
+
+pool = dashboard("kgs-pool", "kgs / pool health", [
+    panel(1, "Keys left in keys.<pool>", [("max by (pool) (kgs_producer_keys_in_pool)", "{{pool}}")],
+          desc="Unused keys ready to be moved; the producer tops this up from the key space."),
+    panel(2, "Key space used", [("max by (pool) (kgs_producer_keys_used) / max by (pool) (kgs_producer_key_space)", "{{pool}}")],
+          unit="percentunit"),
+    panel(3, "Burn rate (keys published per second)",
+          [("sum by (pool) (rate(kgs_producer_keys_published_total[5m]))", "{{pool}}")], unit="ops"),
+    panel(4, "Time to exhaustion of the key space",
+          [("(max by (pool) (kgs_producer_key_space) - max by (pool) (kgs_producer_keys_used))"
+            " / clamp_min(sum by (pool) (rate(kgs_producer_keys_published_total[15m])), 1e-9)", "{{pool}}")],
+          unit="s", desc="Keys never handed out divided by the 15-minute burn rate."),
+    panel(5, "Keys generated vs key space",
+          [("max by (pool) (kgs_producer_keys_generated)", "generated {{pool}}"),
+           ("max by (pool) (kgs_producer_key_space)", "space {{pool}}")]),
+], "Is there enough key space left, and how fast is it burning?")
+
+producer = dashboard("kgs-producer", "kgs / producer", [
+    panel(1, "Leader (lease held)", [("kgs_producer_lease_leader", "{{instance}}")],
+          desc="Exactly one producer per pool should show 1."),
+    panel(2, "Lease epoch", [("max by (pool) (kgs_producer_lease_epoch)", "{{pool}}")]),
+    panel(3, "Batches and keys published per second",
+          [("sum by (pool) (rate(kgs_producer_batches_published_total[1m]))", "batches {{pool}}"),
+           ("sum by (pool) (rate(kgs_producer_keys_published_total[1m]))", "keys {{pool}}")], unit="ops"),
+    panel(4, "Move latency (p50, p99)",
+          [("histogram_quantile(0.5, sum by (le) (rate(kgs_producer_move_seconds_bucket[5m])))", "p50"),
+           ("histogram_quantile(0.99, sum by (le) (rate(kgs_producer_move_seconds_bucket[5m])))", "p99")], unit="s"),
+    panel(5, "Publish latency (p50, p99)",
+          [("histogram_quantile(0.5, sum by (le) (rate(kgs_producer_publish_seconds_bucket[5m])))", "p50"),
+           ("histogram_quantile(0.99, sum by (le) (rate(kgs_producer_publish_seconds_bucket[5m])))", "p99")], unit="s"),
+    panel(6, "Backlog per partition (batches)",
+          [("max by (pool, partition) (kgs_producer_backlog_batches)", "{{pool}} p{{partition}}")]),
+    panel(7, "Batches moved, recovered; keys returned by app servers",
+          [("sum by (pool) (increase(kgs_producer_batches_moved_total[5m]))", "moved {{pool}}"),
+           ("sum by (pool) (increase(kgs_producer_batches_recovered_total[5m]))", "recovered {{pool}}"),
+           ("sum by (pool) (increase(kgs_producer_keys_returned_total[5m]))", "keys returned {{pool}}")]),
+], "The active producer: leadership, publishing, latency, per-partition backlog.")
+
+apps = dashboard("kgs-app-servers", "kgs / app servers", [
+    panel(1, "Buffered keys per instance", [("kgs_consumer_buffered_keys", "{{instance}}")]),
+    panel(2, "Keys handed out per second",
+          [("sum by (instance) (rate(kgs_consumer_keys_handed_out_total[1m]))", "{{instance}}")], unit="ops"),
+    panel(3, "Empty-buffer errors and waits per second",
+          [("sum by (instance) (rate(kgs_consumer_empty_total[1m]))", "empty {{instance}}"),
+           ("sum by (instance) (rate(kgs_consumer_waits_total[1m]))", "waits {{instance}}"),
+           ("sum by (instance) (rate(kgs_consumer_wait_timeouts_total[1m]))", "timeouts {{instance}}")], unit="ops"),
+    panel(4, "Claim + commit latency (p50, p99)",
+          [("histogram_quantile(0.5, sum by (le) (rate(kgs_consumer_claim_commit_seconds_bucket[5m])))", "p50"),
+           ("histogram_quantile(0.99, sum by (le) (rate(kgs_consumer_claim_commit_seconds_bucket[5m])))", "p99")], unit="s"),
+    panel(5, "Batches claimed per second",
+          [("sum by (instance) (rate(kgs_consumer_batches_claimed_total[1m]))", "{{instance}}")], unit="ops"),
+    panel(6, "Keys returned at shutdown", [("sum by (instance) (kgs_consumer_keys_returned_total)", "{{instance}}")]),
+    panel(7, "Assigned partitions and paused state",
+          [("kgs_consumer_assigned_partitions", "assigned {{instance}}"), ("kgs_consumer_paused", "paused {{instance}}")]),
+], "Every app server embedding kgs-consumer: buffer depth, hand-out rate, waits, claim latency.")
+
+errors = dashboard("kgs-errors", "kgs / errors and bad messages", [
+    panel(1, "Bad messages skipped, by kind",
+          [("sum by (kind) (increase(kgs_consumer_bad_messages_total[5m]))", "{{kind}}")]),
+    panel(2, "Producer errors, by kind",
+          [("sum by (kind) (increase(kgs_producer_errors_total[5m]))", "{{kind}}")]),
+    panel(3, "Consumer commit failures and claim errors",
+          [("sum by (instance) (increase(kgs_consumer_commit_failures_total[5m]))", "commit {{instance}}"),
+           ("sum by (instance) (increase(kgs_consumer_claim_errors_total[5m]))", "claim {{instance}}")]),
+    panel(4, "Rebalances, by event",
+          [("sum by (event) (increase(kgs_consumer_rebalances_total[5m]))", "{{event}}")]),
+], "Everything that went wrong, by kind.")
+
+for name, d in [("pool", pool), ("producer", producer), ("app-servers", apps), ("errors", errors)]:
+    (OUT / f"kgs-{name}.json").write_text(json.dumps(d, indent=2) + "\n")
+    print(f"wrote grafana/dashboards/kgs-{name}.json")
