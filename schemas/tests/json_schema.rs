@@ -16,7 +16,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 fn load(file: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("json").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("json")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -72,11 +74,18 @@ fn key_batch_examples_match_the_schema() {
     ] {
         let mut broken = good.clone();
         broken[field] = bad;
-        assert!(!v.is_valid(&broken), "schema accepted {field} = {}", broken[field]);
+        assert!(
+            !v.is_valid(&broken),
+            "schema accepted {field} = {}",
+            broken[field]
+        );
     }
     let mut missing = good.clone();
     missing.as_object_mut().unwrap().remove("batch_id");
-    assert!(!v.is_valid(&missing), "schema accepted a batch without batch_id");
+    assert!(
+        !v.is_valid(&missing),
+        "schema accepted a batch without batch_id"
+    );
 }
 
 #[test]
@@ -162,7 +171,10 @@ fn mongo_documents_match_the_schema() {
         // know, must be rejected.
         let mut no_id = good.clone();
         no_id.as_object_mut().unwrap().remove("_id");
-        assert!(!v.is_valid(&no_id), "{def}: accepted a document without _id");
+        assert!(
+            !v.is_valid(&no_id),
+            "{def}: accepted a document without _id"
+        );
         let mut extra = good.clone();
         extra["unexpected"] = json!(1);
         assert!(!v.is_valid(&extra), "{def}: accepted an unknown field");
