@@ -10,22 +10,38 @@
 # Everything lives in the git-ignored folder .cache/ (override with KGS_CACHE_DIR):
 # installs are reused on a second run, data survives restarts, logs are kept in
 # .cache/<server>/logs. `up` waits for readiness with a timeout and names what failed.
+#
+# A second, independent set of servers (e.g. for the chaos test, which restarts
+# them) shares the installs but has its own data, logs and ports:
+#   KGS_SERVERS_INSTANCE=chaos KGS_KAFKA_PORT=19092 KGS_KAFKA_CONTROLLER_PORT=19093 \
+#   KGS_MONGO_PORT=27117 scripts/servers.sh up
+# keeps its state in .cache/instances/chaos/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KGS_CACHE_DIR:-$ROOT/.cache}"
 
 KAFKA_VERSION_FILE="$ROOT/servers/kafka/pom.xml"
-KAFKA_HOME="$CACHE/kafka"
-KAFKA_PORT=9092
-KAFKA_CONTROLLER_PORT=9093
+# Installs are shared; state (data, logs, pid files) is per instance.
+if [[ -n "${KGS_SERVERS_INSTANCE:-}" ]]; then
+  STATE="$CACHE/instances/$KGS_SERVERS_INSTANCE"
+else
+  STATE="$CACHE"
+fi
+
+KAFKA_LIB="$CACHE/kafka/lib"
+KAFKA_HOME="$STATE/kafka"
+KAFKA_PORT="${KGS_KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KGS_KAFKA_CONTROLLER_PORT:-9093}"
 
 SECANTUS_VERSION="0.7.0b3"
-MONGO_HOME="$CACHE/secantus"
-MONGO_PORT=27017
+MONGO_VENV="$CACHE/secantus/venv"
+MONGO_HOME="$STATE/secantus"
+MONGO_PORT="${KGS_MONGO_PORT:-27017}"
 
-FERRETDB_HOME="$CACHE/ferretdb"
-FERRETDB_PORT=27018
+FERRETDB_BIN="$CACHE/ferretdb/bin"
+FERRETDB_HOME="$STATE/ferretdb"
+FERRETDB_PORT="${KGS_FERRETDB_PORT:-27018}"
 
 # How long `up` waits for a server to answer before giving up.
 READY_TIMEOUT="${KGS_SERVER_READY_TIMEOUT:-120}"
@@ -42,7 +58,7 @@ pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 kafka_install() {
   command -v java >/dev/null || die "java not found: Kafka needs a Java 17+ runtime"
   command -v mvn >/dev/null || die "mvn not found: Maven resolves the Kafka broker jars"
-  local stamp="$KAFKA_HOME/lib/.installed"
+  local stamp="$KAFKA_LIB/.installed"
   # Reinstall when the pom (the pinned versions) changed.
   local sum
   sum="$(sha256sum "$KAFKA_VERSION_FILE" | cut -d' ' -f1)"
@@ -50,14 +66,14 @@ kafka_install() {
     return 0
   fi
   log "kafka: resolving broker jars with Maven (servers/kafka/pom.xml)"
-  rm -rf "$KAFKA_HOME/lib"
-  mkdir -p "$KAFKA_HOME/lib" "$KAFKA_HOME/logs"
+  rm -rf "$KAFKA_LIB"
+  mkdir -p "$KAFKA_LIB"
   mvn -q -B -f "$KAFKA_VERSION_FILE" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/lib" \
-    >"$KAFKA_HOME/logs/install.log" 2>&1 \
-    || die "kafka: Maven could not resolve the broker jars, see $KAFKA_HOME/logs/install.log"
+    -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB" \
+    >"$CACHE/kafka/install.log" 2>&1 \
+    || die "kafka: Maven could not resolve the broker jars, see $CACHE/kafka/install.log"
   echo "$sum" >"$stamp"
-  log "kafka: installed $(ls "$KAFKA_HOME/lib" | wc -l) jars"
+  log "kafka: installed $(ls "$KAFKA_LIB" | wc -l) jars"
 }
 
 # JVM flags shared by the tools and the broker.
@@ -65,7 +81,7 @@ kafka_jvm_args() {
   KAFKA_JVM=(-Xms256m -Xmx768m -XX:+UseG1GC
     -Dkafka.logs.dir="$KAFKA_HOME/logs"
     -Dlog4j2.configurationFile="$ROOT/servers/kafka/log4j2.properties"
-    -cp "$KAFKA_HOME/lib/*")
+    -cp "$KAFKA_LIB/*")
 }
 
 kafka_java() {
@@ -76,7 +92,8 @@ kafka_java() {
 kafka_configure() {
   local data="$KAFKA_HOME/data"
   mkdir -p "$data" "$KAFKA_HOME/logs"
-  sed "s|@DATA_DIR@|$data|" "$ROOT/servers/kafka/server.properties" >"$KAFKA_HOME/server.properties"
+  sed -e "s|@DATA_DIR@|$data|" -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+    "$ROOT/servers/kafka/server.properties" >"$KAFKA_HOME/server.properties"
   # Format the storage once; a formatted log dir keeps its cluster id across restarts.
   if [[ ! -f "$data/meta.properties" ]]; then
     local cluster_id
@@ -125,21 +142,22 @@ kafka_wait() {
 
 # ---------------------------------------------------------------- mongo (SecantusDB)
 
-mongo_python() { echo "$MONGO_HOME/venv/bin/python"; }
+mongo_python() { echo "$MONGO_VENV/bin/python"; }
 
 mongo_install() {
   command -v python3 >/dev/null || die "python3 not found: SecantusDB is a Python package"
-  local stamp="$MONGO_HOME/venv/.installed"
+  local stamp="$MONGO_VENV/.installed"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$SECANTUS_VERSION" ]]; then
     return 0
   fi
   log "mongo: installing secantusdb==$SECANTUS_VERSION into a venv"
-  rm -rf "$MONGO_HOME/venv"
-  mkdir -p "$MONGO_HOME/logs"
-  python3 -m venv "$MONGO_HOME/venv" >"$MONGO_HOME/logs/install.log" 2>&1 \
-    || die "mongo: python3 -m venv failed, see $MONGO_HOME/logs/install.log"
-  "$MONGO_HOME/venv/bin/pip" install -q "secantusdb==$SECANTUS_VERSION" >>"$MONGO_HOME/logs/install.log" 2>&1 \
-    || die "mongo: pip install secantusdb==$SECANTUS_VERSION failed, see $MONGO_HOME/logs/install.log"
+  rm -rf "$MONGO_VENV"
+  mkdir -p "$CACHE/secantus"
+  local install_log="$CACHE/secantus/install.log"
+  python3 -m venv "$MONGO_VENV" >"$install_log" 2>&1 \
+    || die "mongo: python3 -m venv failed, see $install_log"
+  "$MONGO_VENV/bin/pip" install -q "secantusdb==$SECANTUS_VERSION" >>"$install_log" 2>&1 \
+    || die "mongo: pip install secantusdb==$SECANTUS_VERSION failed, see $install_log"
   echo "$SECANTUS_VERSION" >"$stamp"
   log "mongo: installed secantusdb==$SECANTUS_VERSION"
 }
@@ -163,7 +181,7 @@ mongo_up() {
     log "mongo: starting SecantusDB on 127.0.0.1:$MONGO_PORT (data: $MONGO_HOME/data)"
     # Default mode advertises a single-node replica set named "secantus".
     # --sync-on-commit: a journaled write is on disk before it is acknowledged.
-    nohup "$MONGO_HOME/venv/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
+    nohup "$MONGO_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
       --storage-path "$MONGO_HOME/data" --log-level WARNING --sync-on-commit \
       >>"$MONGO_HOME/logs/server.log" 2>&1 </dev/null &
     echo $! >"$MONGO_HOME/secantus.pid"
@@ -183,18 +201,18 @@ mongo_up() {
 
 ferretdb_install() {
   command -v go >/dev/null || die "go not found: FerretDB is built from the Go module proxy"
-  local src="$ROOT/servers/ferretdb" stamp="$FERRETDB_HOME/bin/.installed"
+  local src="$ROOT/servers/ferretdb" stamp="$FERRETDB_BIN/.installed"
   local sum
   sum="$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$sum" ]]; then
     return 0
   fi
   log "ferretdb: building servers/ferretdb with Go ($(grep -o "FerretDB v[0-9.]*" "$src/go.mod"))"
-  mkdir -p "$FERRETDB_HOME/bin" "$FERRETDB_HOME/logs"
-  (cd "$src" && go build -o "$FERRETDB_HOME/bin/kgs-ferretdb" .) >"$FERRETDB_HOME/logs/install.log" 2>&1 \
-    || die "ferretdb: go build failed, see $FERRETDB_HOME/logs/install.log"
+  mkdir -p "$FERRETDB_BIN"
+  (cd "$src" && go build -o "$FERRETDB_BIN/kgs-ferretdb" .) >"$CACHE/ferretdb/install.log" 2>&1 \
+    || die "ferretdb: go build failed, see $CACHE/ferretdb/install.log"
   echo "$sum" >"$stamp"
-  log "ferretdb: built $FERRETDB_HOME/bin/kgs-ferretdb"
+  log "ferretdb: built $FERRETDB_BIN/kgs-ferretdb"
 }
 
 ferretdb_up() {
@@ -205,7 +223,7 @@ ferretdb_up() {
     port_open "$FERRETDB_PORT" && die "ferretdb: port $FERRETDB_PORT is taken by another process"
     mkdir -p "$FERRETDB_HOME/data" "$FERRETDB_HOME/logs"
     log "ferretdb: starting on 127.0.0.1:$FERRETDB_PORT (data: $FERRETDB_HOME/data)"
-    nohup "$FERRETDB_HOME/bin/kgs-ferretdb" --listen "127.0.0.1:$FERRETDB_PORT" \
+    nohup "$FERRETDB_BIN/kgs-ferretdb" --listen "127.0.0.1:$FERRETDB_PORT" \
       --data-dir "$FERRETDB_HOME/data" >>"$FERRETDB_HOME/logs/server.log" 2>&1 </dev/null &
     echo $! >"$FERRETDB_HOME/ferretdb.pid"
   fi
@@ -305,3 +323,5 @@ case "$cmd" in
     [[ -z "$cmd" || "$cmd" == -h || "$cmd" == --help ]] || exit 2
     ;;
 esac
+# `want x && ...` lists end with a false test when x is not wanted.
+exit 0
