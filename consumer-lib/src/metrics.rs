@@ -119,6 +119,14 @@ impl Metrics {
                 IntGauge::new(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.")?,
             )?,
         };
+        // Start every labelled series at 0: `increase()` then sees the first
+        // event, and dashboards have series before anything went wrong.
+        for kind in DecodeError::KINDS.into_iter().chain(["replay"]) {
+            m.bad_messages.with_label_values(&[kind]);
+        }
+        for event in ["assign", "revoke", "error"] {
+            m.rebalances.with_label_values(&[event]);
+        }
         Ok(m)
     }
 }

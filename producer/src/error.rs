@@ -65,6 +65,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::kind`] returns, so the `errors_total{kind}`
+    /// series exist (at 0) before the first error and dashboards show them.
+    pub const KINDS: [&'static str; 10] = [
+        "config",
+        "unreachable",
+        "conflict",
+        "no_such_pool",
+        "bad_key",
+        "mongodb",
+        "kafka",
+        "lease_lost",
+        "fenced",
+        "corrupt",
+    ];
+
     /// A short, fixed label for the `errors_total{kind}` metric.
     pub fn kind(&self) -> &'static str {
         match self {

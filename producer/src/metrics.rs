@@ -97,6 +97,11 @@ impl Metrics {
         registry
             .register(Box::new(errors.clone()))
             .expect("unique metric");
+        // Every kind starts at 0, so `increase()` sees the first error and
+        // the errors panel has series before anything went wrong.
+        for kind in crate::Error::KINDS {
+            errors.with_label_values(&[kind]);
+        }
         Self {
             keys_in_pool: gauge("keys_in_pool", "Keys in keys.<pool>"),
             keys_used: gauge("keys_used", "Keys in used_keys.<pool>"),

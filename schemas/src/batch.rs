@@ -114,6 +114,21 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every value [`DecodeError::kind`] returns, so metrics labelled by kind
+    /// can start every series at 0.
+    pub const KINDS: [&'static str; 10] = [
+        "oversize",
+        "not_json",
+        "unknown_schema_version",
+        "missing_field",
+        "malformed",
+        "wrong_pool",
+        "empty_batch",
+        "too_many_keys",
+        "bad_key",
+        "duplicate_key",
+    ];
+
     /// A short, fixed label for metrics (bounded cardinality).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -269,6 +284,31 @@ mod tests {
         let mut v = good();
         v[field] = value;
         v
+    }
+
+    /// `KINDS` lists the kind of every variant, once.
+    #[test]
+    fn kinds_lists_every_variant() {
+        let every = [
+            DecodeError::Oversize { size: 0 },
+            DecodeError::NotJson(String::new()),
+            DecodeError::UnknownSchemaVersion(String::new()),
+            DecodeError::MissingField("keys"),
+            DecodeError::Malformed(String::new()),
+            DecodeError::WrongPool {
+                expected: String::new(),
+                found: String::new(),
+            },
+            DecodeError::EmptyBatch,
+            DecodeError::TooManyKeys(0),
+            DecodeError::BadKey {
+                position: 0,
+                source: FormatError::BadLength(0),
+            },
+            DecodeError::DuplicateKey(String::new()),
+        ];
+        let kinds: Vec<&str> = every.iter().map(DecodeError::kind).collect();
+        assert_eq!(kinds, DecodeError::KINDS);
     }
 
     #[test]
