@@ -146,7 +146,7 @@ pub struct ReserveArgs {
 #[derive(Debug, Clone)]
 pub enum Command {
     /// Create a pool and generate its first keys.
-    Init(PoolSpec),
+    Init(Box<PoolSpec>),
     /// Run the producer of a pool.
     Run {
         /// Pool name.
@@ -184,12 +184,12 @@ impl Cli {
         set(&mut c.generate_chunk, g.generate_chunk);
         c.target_size = g.target_size.or(c.target_size);
         let command = match self.command {
-            CommandArgs::Init(a) => Command::Init(PoolSpec {
+            CommandArgs::Init(a) => Command::Init(Box::new(PoolSpec {
                 format: KeyFormat::new(&a.alphabet, a.length)
                     .map_err(|e| Error::Config(e.to_string()))?,
                 name: a.pool,
                 partitions: a.partitions,
-            }),
+            })),
             CommandArgs::Run(a) => {
                 c.group = a.group.or(c.group);
                 set(&mut c.batch_size, a.batch_size);

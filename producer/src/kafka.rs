@@ -169,11 +169,8 @@ impl PoolKafka {
                     None => {}
                     Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
                     Some(Err(e)) => return Err(Error::kafka("read topic")(e)),
-                    Some(Ok(m)) => {
-                        if m.key() == Some(id.as_bytes()) {
-                            return Ok(Some(m.offset()));
-                        }
-                    }
+                    Some(Ok(m)) if m.key() == Some(id.as_bytes()) => return Ok(Some(m.offset())),
+                    Some(Ok(_)) => {}
                 }
                 // Aborted records and transaction markers are skipped without
                 // a message (and the EOF event may go to the main queue): the

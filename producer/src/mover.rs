@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use bson::doc;
 use chrono::Utc;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use kgs_schemas::docs::{
     BatchRecord, BatchState, ClaimDoc, ClaimState, KeyDoc, UsedKeyDoc, UsedReason,
 };
@@ -34,11 +34,9 @@ use crate::failpoint;
 use crate::kafka::PoolKafka;
 use crate::lease::LeaseGuard;
 use crate::metrics::Metrics;
-use crate::store::{by_id, insert_ignoring_duplicates, is_duplicate, PoolKeys, Store};
-
-/// Concurrent single-document deletes/lookups by `_id`. Deleting by exact
-/// `_id` is what every MongoDB-wire server serves from the primary index.
-const CONCURRENT_BY_ID: usize = 64;
+use crate::store::{
+    by_id, delete_by_ids, insert_ignoring_duplicates, is_duplicate, PoolKeys, Store,
+};
 
 /// Moves and publishes the batches of one pool while this process leads.
 #[derive(Debug)]
@@ -78,6 +76,10 @@ impl Mover<'_> {
         if picked.is_empty() {
             return Ok(false);
         }
+        tracing::trace!(
+            pick_ms = started.elapsed().as_millis() as u64,
+            "keys picked"
+        );
         let mut record = BatchRecord {
             id: format!("{}-{}-{}", self.pool, epoch, uuid::Uuid::new_v4().simple()),
             pool: self.pool.to_owned(),
@@ -95,6 +97,10 @@ impl Mover<'_> {
             .insert_one(&record)
             .await
             .map_err(Error::store("insert batch record"))?;
+        tracing::trace!(
+            at_ms = started.elapsed().as_millis() as u64,
+            "record inserted"
+        );
         failpoint::hit("move_after_record");
         self.finish_move(&mut record).await?;
         self.metrics
@@ -108,6 +114,7 @@ impl Mover<'_> {
     /// Steps 2–4: idempotent, so recovery calls it again for a `moving` batch.
     async fn finish_move(&self, record: &mut BatchRecord) -> Result<()> {
         self.guard.check()?;
+        let started = Instant::now();
         let at = Utc::now();
         let used: Vec<UsedKeyDoc> = record
             .keys
@@ -138,15 +145,21 @@ impl Mover<'_> {
                 foreign.push(i);
             }
         }
+        tracing::trace!(
+            at_ms = started.elapsed().as_millis() as u64,
+            "used keys inserted"
+        );
         failpoint::hit("move_after_used");
         self.guard.check()?;
         // Every key leaves `keys`, the dropped ones too: they are used.
-        futures::stream::iter(record.keys.iter())
-            .map(|key| async move { self.pk.keys.delete_one(by_id(key)).await })
-            .buffer_unordered(CONCURRENT_BY_ID)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(Error::store("delete moved keys"))?;
+        delete_by_ids(
+            &self.store.db,
+            self.pk.keys.name(),
+            &record.keys,
+            "delete moved keys",
+        )
+        .await?;
+        tracing::trace!(at_ms = started.elapsed().as_millis() as u64, "keys deleted");
         failpoint::hit("move_after_delete");
         for i in foreign.into_iter().rev() {
             record.keys.remove(i);

@@ -192,14 +192,11 @@ async fn create_topic(config: &Config, topic: &str, partitions: u32) -> Result<(
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
+                tracing::error!(topic = %t, "topic creation failed");
                 return Err(Error::Kafka {
                     op: "create topic",
                     source: rdkafka::error::KafkaError::AdminOp(code),
-                })
-                .map_err(|e| {
-                    tracing::error!(topic = %t, "topic creation failed");
-                    e
-                })
+                });
             }
         }
     }

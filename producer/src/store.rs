@@ -224,6 +224,57 @@ where
     }
 }
 
+/// Statements per `delete` command: MongoDB accepts up to 100,000 per batch;
+/// 1,000 keeps each request small and the server's work per request bounded.
+const DELETES_PER_COMMAND: usize = 1_000;
+
+/// Deletes the documents with these `_id`s from `collection` with one
+/// `delete` command per 1,000 ids, each statement `{q: {_id}, limit: 1}`:
+/// served by the `_id` index on any MongoDB-wire server, one round trip and
+/// one journal commit per command (single `delete_one`s cost one each).
+/// Returns how many were deleted; ids already gone are not errors.
+pub async fn delete_by_ids(
+    db: &Database,
+    collection: &str,
+    ids: &[String],
+    op: &'static str,
+) -> Result<u64> {
+    let mut deleted = 0;
+    for chunk in ids.chunks(DELETES_PER_COMMAND) {
+        let deletes: Vec<Document> = chunk
+            .iter()
+            .map(|id| doc! { "q": { "_id": id }, "limit": 1 })
+            .collect();
+        let reply = db
+            .run_command(doc! {
+                "delete": collection,
+                "deletes": deletes,
+                "ordered": false,
+                "writeConcern": { "w": "majority", "j": true },
+            })
+            .await
+            .map_err(Error::store(op))?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if !errors.is_empty() {
+                return Err(Error::Corrupt(format!(
+                    "{op}: {} write errors, first {:?}",
+                    errors.len(),
+                    errors[0]
+                )));
+            }
+        }
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(Error::Corrupt(format!("{op}: write concern error {wce}")));
+        }
+        deleted += match reply.get("n") {
+            Some(bson::Bson::Int32(n)) => *n as u64,
+            Some(bson::Bson::Int64(n)) => *n as u64,
+            _ => 0,
+        };
+    }
+    Ok(deleted)
+}
+
 /// `{ _id: id }`.
 pub fn by_id(id: &str) -> Document {
     doc! { "_id": id }
