@@ -1,0 +1,309 @@
+//! The checker: after the run, everything stopped cleanly, proves the
+//! invariants from what the clients received, the database and the topic.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bson::{doc, Document};
+use futures::TryStreamExt;
+use kgs_schemas::docs::{ClaimDoc, ClaimState, PoolDoc, CLAIMS, POOLS};
+use kgs_schemas::KeyBatch;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::cluster::Tuning;
+
+/// A check's name and what it found (`None` = passed).
+#[derive(Debug)]
+pub struct Verdict {
+    /// Which invariant.
+    pub name: &'static str,
+    /// Why it failed.
+    pub failure: Option<String>,
+}
+
+/// Figures of the final state, for the summary.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// Keys received by clients.
+    pub handed_out: usize,
+    /// Keys received more than once.
+    pub duplicates: usize,
+    /// Keys generated (`cursor`).
+    pub generated: u64,
+    /// In `keys` / in `used_keys`.
+    pub in_keys: usize,
+    /// In `used_keys`.
+    pub in_used: usize,
+    /// Batches in the topic.
+    pub batches: usize,
+    /// Keys in published, never-claimed batches (the backlog left at the end).
+    pub pending: usize,
+    /// Keys returned by gracefully stopped app servers.
+    pub returned: usize,
+    /// Claimed keys neither received nor returned: lost in crashed buffers
+    /// (or in an HTTP response cut by a crash).
+    pub lost: usize,
+    /// Sum of the loss limits of the lossy incarnations.
+    pub loss_limit: usize,
+    /// Lossy incarnations.
+    pub lossy_instances: usize,
+}
+
+/// Runs every check. `received` are the keys clients got (with repeats).
+pub async fn check(
+    db: &mongodb::Database,
+    pool: &str,
+    brokers: &str,
+    received: &[String],
+    lossy: &HashSet<String>,
+    tuning: &Tuning,
+) -> Result<(Vec<Verdict>, Figures)> {
+    let mut verdicts = Vec::new();
+    let mut fig = Figures::default();
+    let mut verdict = |name, failures: Vec<String>| {
+        verdicts.push(Verdict {
+            name,
+            failure: (!failures.is_empty()).then(|| {
+                let n = failures.len();
+                let mut shown: Vec<_> = failures.into_iter().take(5).collect();
+                if n > 5 {
+                    shown.push(format!("... {} more", n - 5));
+                }
+                shown.join("; ")
+            }),
+        })
+    };
+
+    // (1) no duplicates among the keys handed out.
+    let mut handed: HashMap<&str, usize> = HashMap::new();
+    for k in received {
+        *handed.entry(k.as_str()).or_default() += 1;
+    }
+    fig.handed_out = received.len();
+    let dups: Vec<String> = handed
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, n)| format!("{k} handed out {n} times"))
+        .collect();
+    fig.duplicates = dups.len();
+    verdict("1. zero duplicates among handed-out keys", dups);
+
+    // The database's final state.
+    let doc: PoolDoc = db
+        .collection::<PoolDoc>(POOLS)
+        .find_one(doc! { "_id": pool })
+        .await?
+        .context("pool document missing")?;
+    let keys: HashSet<String> = ids(db, &kgs_schemas::docs::keys_collection(pool)).await?;
+    let used: HashMap<String, Option<String>> = db
+        .collection::<Document>(&kgs_schemas::docs::used_keys_collection(pool))
+        .find(doc! {})
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .map(|d| {
+            (
+                d.get_str("_id").unwrap_or_default().to_owned(),
+                d.get_str("batch").ok().map(str::to_owned),
+            )
+        })
+        .collect();
+    fig.in_keys = keys.len();
+    fig.in_used = used.len();
+    fig.generated = doc.cursor;
+
+    // (2) every handed-out key is in used_keys.
+    let missing: Vec<String> = handed
+        .keys()
+        .filter(|k| !used.contains_key(**k))
+        .map(|k| format!("{k} handed out but not in used_keys"))
+        .collect();
+    verdict("2. every handed-out key is in used_keys", missing);
+
+    // (3) keys ∪ used_keys is exactly the generated set, none in both.
+    let mut bad = Vec::new();
+    if let Some(range) = doc.generating {
+        bad.push(format!(
+            "generation step {}..{} left unfinished",
+            range.from, range.to
+        ));
+    }
+    let (format, perm) = kgs_producer::generate::pool_order(&doc)?;
+    let mut generated = HashSet::with_capacity(doc.cursor as usize);
+    for i in 0..doc.cursor {
+        generated.insert(format.key_at(perm.apply(i))?);
+    }
+    for k in &keys {
+        if used.contains_key(k) {
+            bad.push(format!("{k} in both keys and used_keys"));
+        }
+        if !generated.contains(k) {
+            bad.push(format!("{k} in keys but never generated"));
+        }
+    }
+    for k in used.keys() {
+        if !generated.contains(k) {
+            bad.push(format!("{k} in used_keys but never generated"));
+        }
+    }
+    for k in &generated {
+        if !keys.contains(k) && !used.contains_key(k) {
+            bad.push(format!("generated key {k} in neither collection"));
+        }
+    }
+    verdict("3. keys ∪ used_keys == generated set, none in both", bad);
+
+    // (5) no batch twice in the topic.
+    let batches = read_topic(brokers, &doc.topic, doc.partitions as i32).await?;
+    fig.batches = batches.len();
+    let mut seen = HashSet::new();
+    let twice: Vec<String> = batches
+        .iter()
+        .filter(|b| !seen.insert(b.batch_id.clone()))
+        .map(|b| format!("batch {} twice in the topic", b.batch_id))
+        .collect();
+
+    // (4) lost keys: claimed, not received, not returned.
+    let claims: HashMap<String, ClaimDoc> = db
+        .collection::<ClaimDoc>(CLAIMS)
+        .find(doc! { "pool": pool })
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .map(|c| (c.batch_id.clone(), c))
+        .collect();
+    let mut bad = Vec::new();
+    let mut lost_by: HashMap<&str, usize> = HashMap::new();
+    for (key, batch) in &used {
+        let Some(batch) = batch else { continue };
+        let received = handed.contains_key(key.as_str());
+        match claims.get(batch) {
+            None if received => bad.push(format!("{key} handed out from unclaimed batch {batch}")),
+            None => fig.pending += 1,
+            Some(_) if received => {}
+            Some(c) => match c.state {
+                ClaimState::Open | ClaimState::Drained => {
+                    *lost_by.entry(c.instance.as_str()).or_default() += 1
+                }
+                ClaimState::Returning => {
+                    bad.push(format!("claim {batch} still returning at the end"))
+                }
+                ClaimState::Returned => bad.push(format!(
+                    "{key} of returned claim {batch} not handed out but still in used_keys"
+                )),
+            },
+        }
+    }
+    for c in claims.values() {
+        if c.state == ClaimState::Returned {
+            fig.returned += c.return_keys.len();
+        }
+        if c.state == ClaimState::Open && !lossy.contains(&c.instance) {
+            bad.push(format!(
+                "claim {} of {} still open, but that instance stopped cleanly",
+                c.batch_id, c.instance
+            ));
+        }
+    }
+    for (instance, n) in &lost_by {
+        if !lossy.contains(*instance) {
+            bad.push(format!(
+                "{n} keys of {instance} neither received nor returned, but it stopped cleanly"
+            ));
+        }
+        if *n > tuning.loss_limit() {
+            bad.push(format!(
+                "{instance} lost {n} keys, more than its buffer limit {}",
+                tuning.loss_limit()
+            ));
+        }
+    }
+    fig.lost = lost_by.values().sum();
+    fig.lossy_instances = lossy.len();
+    fig.loss_limit = lossy.len() * tuning.loss_limit();
+    if fig.lost > fig.loss_limit {
+        bad.push(format!(
+            "{} keys lost > {} (sum of the buffer limits of {} crashed instances)",
+            fig.lost,
+            fig.loss_limit,
+            lossy.len()
+        ));
+    }
+    verdict(
+        "4. lost keys ≤ buffer limits of crashed instances, all in their claims",
+        bad,
+    );
+    verdict("5. no batch twice in the topic", twice);
+    Ok((verdicts, fig))
+}
+
+async fn ids(db: &mongodb::Database, coll: &str) -> Result<HashSet<String>> {
+    Ok(db
+        .collection::<Document>(coll)
+        .find(doc! {})
+        .projection(doc! { "_id": 1 })
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .iter()
+        .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+        .collect())
+}
+
+/// Every committed batch of `topic` (read_committed), to the end.
+async fn read_topic(brokers: &str, topic: &str, partitions: i32) -> Result<Vec<KeyBatch>> {
+    let brokers = brokers.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set(
+                "group.id",
+                format!("chaos-check-{:08x}", rand::random::<u32>()),
+            )
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut open = HashSet::new();
+        for p in 0..partitions {
+            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(30))?;
+            if high > 0 {
+                tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+                open.insert(p);
+            }
+        }
+        let mut out = Vec::new();
+        if open.is_empty() {
+            return Ok(out);
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !open.is_empty() {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "reading {topic} timed out"
+            );
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Some(Err(e)) => anyhow::bail!("reading {topic}: {e}"),
+                Some(Ok(m)) => out.push(
+                    serde_json::from_slice(m.payload().unwrap_or_default())
+                        .with_context(|| format!("batch at {}/{}", m.partition(), m.offset()))?,
+                ),
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}

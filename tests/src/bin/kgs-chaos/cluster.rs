@@ -1,0 +1,430 @@
+//! The processes of a chaos run: the chaos instance's Kafka broker and
+//! MongoDB-wire server (driven through `scripts/servers.sh`), and the
+//! restartable slots of producers and app servers, each incarnation with its
+//! own instance id and log file.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::process::{Child, Command};
+
+/// How long a SIGTERMed process may take before it is SIGKILLed (the
+/// producer's shutdown deadline is 20 s, the consumer's return deadline 10 s).
+const TERM_DEADLINE: Duration = Duration::from_secs(40);
+
+/// Pool and pipeline sizes of a run.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Keys per batch (one Kafka message).
+    pub batch_size: usize,
+    /// App server buffer: resume fetching at this many keys...
+    pub app_low: usize,
+    /// ...pause at this many. A crash loses at most `app_high + batch_size`.
+    pub app_high: usize,
+}
+
+impl Tuning {
+    /// Most keys one crashed app server can lose: its buffer pauses at the
+    /// high watermark, after the batch that crossed it.
+    pub fn loss_limit(&self) -> usize {
+        self.app_high + self.batch_size
+    }
+}
+
+/// The chaos instance of the local servers (own ports, data and logs).
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// The repository (for `scripts/servers.sh`).
+    pub root: PathBuf,
+    /// `KGS_SERVERS_INSTANCE`.
+    pub instance: String,
+    /// Kafka listener port.
+    pub kafka_port: u16,
+    /// Kafka controller port.
+    pub controller_port: u16,
+    /// SecantusDB port.
+    pub mongo_port: u16,
+    /// Where `servers.sh` output goes.
+    pub log: PathBuf,
+}
+
+impl Servers {
+    /// Kafka bootstrap servers of the instance.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.kafka_port)
+    }
+
+    /// MongoDB connection string of the instance.
+    pub fn mongodb_uri(&self) -> String {
+        format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            self.mongo_port
+        )
+    }
+
+    /// Runs `scripts/servers.sh <cmd> <which>` for this instance.
+    pub async fn script(&self, cmd: &str, which: &str) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let status = Command::new(self.root.join("scripts/servers.sh"))
+            .args([cmd, which])
+            .env("KGS_SERVERS_INSTANCE", &self.instance)
+            .env("KGS_KAFKA_PORT", self.kafka_port.to_string())
+            .env(
+                "KGS_KAFKA_CONTROLLER_PORT",
+                self.controller_port.to_string(),
+            )
+            .env("KGS_MONGO_PORT", self.mongo_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .await
+            .context("running scripts/servers.sh")?;
+        if !status.success() {
+            bail!(
+                "scripts/servers.sh {cmd} {which} failed ({status}), see {}",
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn pid_file(&self, which: &str) -> PathBuf {
+        let cache = std::env::var_os("KGS_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.root.join(".cache"));
+        let state = cache.join("instances").join(&self.instance);
+        match which {
+            "kafka" => state.join("kafka/kafka.pid"),
+            _ => state.join("secantus/secantus.pid"),
+        }
+    }
+
+    /// Stops `which` (`kafka` or `mongo`): SIGKILL of its process if `hard`,
+    /// else the script's graceful `down`. Its on-disk data is kept.
+    pub async fn stop(&self, which: &str, hard: bool) -> Result<()> {
+        if !hard {
+            return self.script("down", which).await;
+        }
+        let pid = std::fs::read_to_string(self.pid_file(which))
+            .with_context(|| format!("{which} is not running (no pid file)"))?;
+        let pid = pid.trim().to_owned();
+        signal(&pid, "KILL")?;
+        for _ in 0..200 {
+            if !alive(&pid) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("{which} (pid {pid}) survived SIGKILL for 10 s")
+    }
+}
+
+/// Sends `sig` to `pid` with kill(1) (the workspace forbids `unsafe`, so no libc).
+fn signal(pid: &str, sig: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_owned()])
+        .stderr(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+fn alive(pid: &str) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", pid])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What runs in a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `kgs-producer run`.
+    Producer,
+    /// The example app server.
+    App,
+}
+
+/// One restartable process.
+#[derive(Debug)]
+pub struct Slot {
+    /// What it runs.
+    pub role: Role,
+    /// Its HTTP port (metrics for producers, `/keys` for app servers).
+    pub port: u16,
+    /// Instance id of the current incarnation.
+    pub instance: String,
+    /// Incarnations started so far.
+    pub generation: u32,
+    /// The running process, if any.
+    pub child: Option<Child>,
+    /// Whether the run wants it running (the supervisor restarts it).
+    pub wanted: bool,
+    name: String,
+}
+
+/// Every process of the run and what happened to them.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The servers.
+    pub servers: Servers,
+    /// Database of the run.
+    pub db: String,
+    /// Pool of the run.
+    pub pool: String,
+    /// Pipeline sizes.
+    pub tuning: Tuning,
+    /// Producers (0, 1) then app servers (2..).
+    pub slots: Vec<Slot>,
+    /// App server incarnations whose buffered keys may be lost: SIGKILLed,
+    /// or stopped without returning every key (they log it at ERROR).
+    pub lossy: HashSet<String>,
+    /// Exits nobody asked for: (instance, status).
+    pub unexpected_exits: Vec<(String, String)>,
+    producer_bin: PathBuf,
+    app_bin: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl Cluster {
+    /// A cluster of 2 producer slots and `apps` app server slots, none started.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        servers: Servers,
+        db: String,
+        pool: String,
+        tuning: Tuning,
+        apps: usize,
+        base_port: u16,
+        producer_bin: PathBuf,
+        app_bin: PathBuf,
+        run_dir: PathBuf,
+    ) -> Self {
+        let mut slots = Vec::new();
+        for i in 0..2 + apps {
+            let (role, name) = if i < 2 {
+                (Role::Producer, format!("producer{i}"))
+            } else {
+                (Role::App, format!("app{}", i - 2))
+            };
+            slots.push(Slot {
+                role,
+                port: base_port + i as u16,
+                instance: String::new(),
+                generation: 0,
+                child: None,
+                wanted: false,
+                name,
+            });
+        }
+        Self {
+            servers,
+            db,
+            pool,
+            tuning,
+            slots,
+            lossy: HashSet::new(),
+            unexpected_exits: Vec::new(),
+            producer_bin,
+            app_bin,
+            run_dir,
+        }
+    }
+
+    /// Log file of an incarnation.
+    pub fn log_of(&self, instance: &str) -> PathBuf {
+        self.run_dir.join(format!("{instance}.log"))
+    }
+
+    /// A `kgs-producer` command for this run's servers, database and pool.
+    pub fn producer_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.producer_bin);
+        c.args(args)
+            .env("KGS_KAFKA_BROKERS", self.servers.brokers())
+            .env("KGS_MONGODB_URI", self.servers.mongodb_uri())
+            .env("KGS_MONGODB_DB", &self.db)
+            .env("KGS_POOL", &self.pool)
+            // Short lease: a standby takes over 3 s after the leader's crash.
+            .env("KGS_LEASE_DURATION", "3s")
+            // Restarts may happen while a server is down: wait it out.
+            .env("KGS_CONNECT_TIMEOUT", "300s")
+            // The pool holds a few batches' worth of keys and is topped up
+            // while running, so generation runs under faults too.
+            .env("KGS_TARGET_SIZE", (self.tuning.batch_size * 30).to_string())
+            .env(
+                "KGS_GENERATE_CHUNK",
+                (self.tuning.batch_size * 10).to_string(),
+            )
+            .env_remove("KGS_FAILPOINT")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Starts slot `i`'s next incarnation.
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let slot = &self.slots[i];
+        let instance = format!("{}-{}", slot.name, slot.generation + 1);
+        let log = std::fs::File::create(self.log_of(&instance))?;
+        let addr = format!("127.0.0.1:{}", slot.port);
+        let mut cmd = match slot.role {
+            Role::Producer => {
+                let batch = self.tuning.batch_size.to_string();
+                let mut c = self.producer_command(&[
+                    "run",
+                    "--batch-size",
+                    &batch,
+                    "--low-watermark",
+                    "1",
+                    "--high-watermark",
+                    "3",
+                    "--poll-interval",
+                    "100ms",
+                    "--http-addr",
+                    &addr,
+                    "--instance-id",
+                    &instance,
+                ]);
+                c.env("KGS_LOG", "info");
+                c
+            }
+            Role::App => {
+                let mut c = Command::new(&self.app_bin);
+                c.args(["--pool", &self.pool, "--http-addr", &addr])
+                    .args(["--instance-id", &instance])
+                    .args(["--low-watermark", &self.tuning.app_low.to_string()])
+                    .args(["--high-watermark", &self.tuning.app_high.to_string()])
+                    // The group notices a dead member within 6 s.
+                    .args(["--kafka-session-timeout-ms", "6000"])
+                    .args(["--key-wait-ms", "200"])
+                    .env("KGS_KAFKA_BROKERS", self.servers.brokers())
+                    .env("KGS_MONGODB_URI", self.servers.mongodb_uri())
+                    .env("KGS_MONGODB_DB", &self.db)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true);
+                c
+            }
+        };
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {instance}"))?;
+        let slot = &mut self.slots[i];
+        slot.generation += 1;
+        slot.instance = instance;
+        slot.child = Some(child);
+        slot.wanted = true;
+        Ok(())
+    }
+
+    /// Whether slot `i` has a live process.
+    pub fn running(&self, i: usize) -> bool {
+        self.slots[i].child.is_some()
+    }
+
+    /// SIGKILLs slot `i` and reaps it. App server incarnations become lossy.
+    pub async fn kill(&mut self, i: usize) -> Result<()> {
+        let slot = &mut self.slots[i];
+        slot.wanted = false;
+        let Some(mut child) = slot.child.take() else {
+            return Ok(());
+        };
+        child.start_kill()?;
+        child.wait().await?;
+        if slot.role == Role::App {
+            self.lossy.insert(slot.instance.clone());
+        }
+        Ok(())
+    }
+
+    /// SIGTERMs slot `i` and waits for its exit (SIGKILL after the
+    /// deadline). An app server that did not return every key becomes lossy.
+    pub async fn terminate(&mut self, i: usize) -> Result<Option<ExitStatus>> {
+        let slot = &mut self.slots[i];
+        slot.wanted = false;
+        let Some(mut child) = slot.child.take() else {
+            return Ok(None);
+        };
+        if let Some(pid) = child.id() {
+            signal(&pid.to_string(), "TERM")?;
+        }
+        let status = match tokio::time::timeout(TERM_DEADLINE, child.wait()).await {
+            Ok(status) => Some(status?),
+            Err(_) => {
+                child.start_kill()?;
+                child.wait().await?;
+                None
+            }
+        };
+        let instance = slot.instance.clone();
+        if slot.role == Role::App
+            && (status.is_none_or(|s| !s.success()) || self.reported_loss(&instance))
+        {
+            self.lossy.insert(instance);
+        }
+        Ok(status)
+    }
+
+    /// Whether an app server said it could not return some keys (its
+    /// shutdown deadline passed while a server was down).
+    fn reported_loss(&self, instance: &str) -> bool {
+        std::fs::read_to_string(self.log_of(instance))
+            .is_ok_and(|log| log.contains("the claim stays open"))
+    }
+
+    /// Reaps processes that exited on their own, records them, and restarts
+    /// every wanted slot that is not running.
+    pub fn supervise(&mut self) -> Result<()> {
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if let Some(child) = slot.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    slot.child = None;
+                    let instance = slot.instance.clone();
+                    eprintln!("chaos: {instance} exited on its own ({status}); restarting");
+                    self.unexpected_exits
+                        .push((instance.clone(), status.to_string()));
+                    if self.slots[i].role == Role::App {
+                        self.lossy.insert(instance);
+                    }
+                }
+            }
+            if self.slots[i].wanted && self.slots[i].child.is_none() {
+                self.start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every process still running (after a failure).
+    pub async fn kill_all(&mut self) {
+        for i in 0..self.slots.len() {
+            let _ = self.kill(i).await;
+        }
+    }
+}
+
+/// `KGS_CACHE_DIR` or the repository's `.cache`.
+pub fn run_dir(root: &Path, instance: &str, name: &str) -> Result<PathBuf> {
+    let cache = std::env::var_os("KGS_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache"));
+    let dir = cache
+        .join("instances")
+        .join(instance)
+        .join("runs")
+        .join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
