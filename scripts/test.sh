@@ -6,6 +6,11 @@
 # KGS_MONGO_IMPL picks the local MongoDB-wire server: `secantus` (default,
 # SecantusDB on :27017) or `ferretdb` (FerretDB v1 + SQLite on :27018, no
 # multi-document transactions).
+#
+# After the tests, a bounded chaos run (tests/src/bin/kgs-chaos) of the whole
+# pipeline against its own server instance (`chaos`: Kafka :19092, SecantusDB
+# :27117), stopped again afterwards. KGS_CHAOS_DURATION sets how long faults
+# are injected (default 75s; 0 skips it), KGS_CHAOS_SEED replays a run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -37,6 +42,16 @@ done
 cargo build --workspace --bins --examples
 echo "test: MongoDB-wire server: ${KGS_MONGODB_URI:-local $KGS_MONGO_IMPL (default URI)}" >&2
 cargo test --workspace --no-fail-fast "$@"
+
+chaos_duration="${KGS_CHAOS_DURATION:-75s}"
+if [[ "$chaos_duration" != 0 ]]; then
+  chaos_env=(KGS_SERVERS_INSTANCE=chaos KGS_KAFKA_PORT=19092 KGS_KAFKA_CONTROLLER_PORT=19093 KGS_MONGO_PORT=27117)
+  # The chaos servers are restarted and killed by the run: never the shared ones.
+  trap 'env "${chaos_env[@]}" scripts/servers.sh down >/dev/null 2>&1 || true' EXIT
+  env "${chaos_env[@]}" scripts/servers.sh up
+  cargo run -q -p kgs-tests --bin kgs-chaos -- --duration "$chaos_duration" \
+    ${KGS_CHAOS_SEED:+--seed "$KGS_CHAOS_SEED"}
+fi
 
 if ((${#started[@]})); then
   echo "test: local servers left running for the next run; stop them with: scripts/servers.sh down" >&2

@@ -290,12 +290,14 @@ impl Cluster {
                     "3",
                     "--poll-interval",
                     "100ms",
-                    "--http-addr",
-                    &addr,
                     "--instance-id",
                     &instance,
                 ]);
-                c.env("KGS_LOG", "info");
+                // By environment, which both names of the setting read
+                // (`KGS_HTTP_ADDR`, formerly `KGS_HTTP_LISTEN`).
+                c.env("KGS_LOG", "info")
+                    .env("KGS_HTTP_ADDR", &addr)
+                    .env("KGS_HTTP_LISTEN", &addr);
                 c
             }
             Role::App => {
@@ -392,6 +394,12 @@ impl Cluster {
                 if let Some(status) = child.try_wait()? {
                     slot.child = None;
                     let instance = slot.instance.clone();
+                    if status.code() == Some(2) {
+                        bail!(
+                            "{instance} refused its command line ({status}), see {}",
+                            self.log_of(&instance).display()
+                        );
+                    }
                     eprintln!("chaos: {instance} exited on its own ({status}); restarting");
                     self.unexpected_exits
                         .push((instance.clone(), status.to_string()));

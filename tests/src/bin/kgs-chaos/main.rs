@@ -140,7 +140,12 @@ struct Clients {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // Ctrl-C drops the run, and with it every child (`kill_on_drop`).
+    let result = tokio::select! {
+        r = run(args) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -161,7 +166,8 @@ async fn run(args: Args) -> Result<bool> {
         .parent()
         .context("workspace root")?
         .to_owned();
-    let name = format!("chaos-{:08x}", rng.random::<u32>());
+    // Not from the seed: a replay must not reuse the first run's pool and topic.
+    let name = format!("chaos-{:08x}", rand::random::<u32>());
     let run_dir = cluster::run_dir(&root, &args.instance, &name)?;
     println!("kgs-chaos: pool {name}, logs in {}", run_dir.display());
     let servers = Servers {
