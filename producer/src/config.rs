@@ -98,7 +98,17 @@ impl Config {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        // toml's Display draws the offending line with a caret over several
+        // lines; a config error must be one line, so keep the message and
+        // the line number.
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            Error::Config(format!("{}{line}: {message}", path.display()))
+        })
     }
 
     /// Rejects contradictory settings.

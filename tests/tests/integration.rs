@@ -5,5 +5,6 @@
 //! One test binary, one module per area.
 
 mod consumer;
+mod hostile;
 mod producer;
 mod smoke;

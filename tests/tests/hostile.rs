@@ -1,0 +1,354 @@
+//! Hostile conditions, with the real binaries: bad configuration and
+//! unreachable servers at start fail with one clear line and a non-zero
+//! exit; a pool that runs out of keys gives app servers a prompt `503 no
+//! keys` (never a hang) and shows in the producer's metrics; the pool's
+//! permutation secret never appears in logs, `stats` or metrics.
+//! (Bad input on the topic is covered by `consumer.rs`.)
+
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bson::doc;
+use kgs_schemas::docs::{PoolDoc, POOLS};
+use kgs_tests::{kafka_brokers, mongo_client, mongodb_uri, unique, wait_for, workspace_binary};
+use tokio::process::{Child, Command};
+
+/// How long a start-up failure may take: the binaries retry servers that are
+/// merely slow for a bounded time (the driver's 30 s server selection).
+const START_FAILURE: Duration = Duration::from_secs(60);
+
+/// One pool in its own database.
+struct Setup {
+    db: String,
+    pool: String,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self {
+            db: unique("kgs"),
+            pool: unique("h"),
+        }
+    }
+
+    /// `kgs-producer` with this setup's servers, database and pool.
+    fn producer(&self, args: &[&str]) -> Result<Command> {
+        let mut c = Command::new(workspace_binary("kgs-producer")?);
+        c.args(args)
+            .env("KGS_KAFKA_BROKERS", kafka_brokers())
+            .env("KGS_MONGODB_URI", mongodb_uri())
+            .env("KGS_MONGODB_DB", &self.db)
+            .env("KGS_POOL", &self.pool)
+            .env("KGS_LEASE_DURATION", "3s")
+            .env("KGS_CONNECT_TIMEOUT", "5s")
+            .env_remove("KGS_FAILPOINT")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Ok(c)
+    }
+
+    /// The example app server for this pool on `addr`.
+    fn app_server(&self, addr: &str) -> Result<Command> {
+        let mut c = Command::new(workspace_binary("app-server")?);
+        c.args(["--pool", &self.pool, "--http-addr", addr])
+            .env("KGS_KAFKA_BROKERS", kafka_brokers())
+            .env("KGS_MONGODB_URI", mongodb_uri())
+            .env("KGS_MONGODB_DB", &self.db)
+            .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Ok(c)
+    }
+
+    async fn init(&self, extra: &[&str]) -> Result<()> {
+        let mut args = vec!["init"];
+        args.extend_from_slice(extra);
+        let out = self.producer(&args)?.output().await?;
+        ensure!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    async fn pool_doc(&self) -> Result<PoolDoc> {
+        mongo_client()
+            .await?
+            .database(&self.db)
+            .collection::<PoolDoc>(POOLS)
+            .find_one(doc! { "_id": &self.pool })
+            .await?
+            .context("pool document")
+    }
+
+    async fn drop_db(&self) {
+        if let Ok(c) = mongo_client().await {
+            let _ = c.database(&self.db).drop().await;
+        }
+    }
+}
+
+/// Runs `cmd` to completion within [`START_FAILURE`].
+async fn output(mut cmd: Command) -> Result<Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::time::timeout(START_FAILURE, cmd.output())
+        .await
+        .context("the process did not exit")?
+        .context("spawning")
+}
+
+/// Asserts a failed start: non-zero exit and exactly one line on stderr,
+/// starting with `prefix` and containing `needle`.
+fn one_line_failure(out: &Output, prefix: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!out.status.success(), "exit status {}", out.status);
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line on stderr, got:\n{stderr}"
+    );
+    assert!(
+        lines[0].starts_with(prefix) && lines[0].contains(needle),
+        "{:?} should start with {prefix:?} and mention {needle:?}",
+        lines[0]
+    );
+}
+
+/// A free loopback address.
+fn free_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// One HTTP/1.0 GET: (status, body).
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Sends SIGTERM (a graceful stop, so the logs include shutdown).
+fn terminate(child: &Child) -> Result<()> {
+    let pid = child.id().context("process already reaped")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -TERM {pid} failed");
+    Ok(())
+}
+
+async fn healthy(addr: &str) -> Result<()> {
+    wait_for(
+        &format!("/healthz on {addr}"),
+        Duration::from_secs(60),
+        || async {
+            Ok(http_get(addr, "/healthz")
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ()))
+        },
+    )
+    .await
+}
+
+/// Contradictory settings, an unknown TOML key and a missing config file
+/// each stop `kgs-producer` with one line naming the problem.
+#[tokio::test(flavor = "multi_thread")]
+async fn producer_config_errors_are_one_line() -> Result<()> {
+    let s = Setup::new();
+    let out =
+        output(s.producer(&["run", "--low-watermark", "5", "--high-watermark", "2"])?).await?;
+    one_line_failure(&out, "kgs-producer:", "low_watermark");
+
+    let toml = std::env::temp_dir().join(format!("{}.toml", unique("bad")));
+    std::fs::write(&toml, "batch_sise = 7\n")?;
+    let out = output(s.producer(&["stats", "--config", toml.to_str().unwrap()])?).await?;
+    one_line_failure(&out, "kgs-producer:", "batch_sise");
+    let _ = std::fs::remove_file(&toml);
+
+    let out = output(s.producer(&["stats", "--config", "/nonexistent/kgs.toml"])?).await?;
+    one_line_failure(&out, "kgs-producer:", "/nonexistent/kgs.toml");
+    Ok(())
+}
+
+/// Unreachable Kafka or MongoDB at start: `kgs-producer` and the app server
+/// exit non-zero with one line naming the server, after a bounded retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_servers_at_start_are_one_line() -> Result<()> {
+    let s = Setup::new();
+    let mut c = s.producer(&["init", "--length", "1", "--partitions", "1"])?;
+    c.env("KGS_KAFKA_BROKERS", "127.0.0.1:1");
+    one_line_failure(&output(c).await?, "kgs-producer:", "Kafka");
+
+    let mut c = s.app_server(&free_addr()?)?;
+    c.env(
+        "KGS_MONGODB_URI",
+        "mongodb://127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=3000",
+    );
+    one_line_failure(&output(c).await?, "app-server:", "127.0.0.1:1");
+
+    // A pool that does not exist is a configuration error too.
+    one_line_failure(
+        &output(s.app_server(&free_addr()?)?).await?,
+        "app-server:",
+        "not found",
+    );
+    Ok(())
+}
+
+/// A 62-key pool served to exhaustion: the app server hands out every key
+/// once and then answers each request with a prompt `503 no keys` (no
+/// hang); the producer's metrics show the empty pool and the whole space used.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exhausted_pool_is_a_prompt_503_and_a_metric() -> Result<()> {
+    let s = Setup::new();
+    s.init(&["--length", "1", "--partitions", "1"]).await?;
+    let producer_http = free_addr()?;
+    let log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
+    let mut producer = s.producer(&[
+        "run",
+        "--batch-size",
+        "10",
+        "--low-watermark",
+        "1",
+        "--high-watermark",
+        "3",
+        "--poll-interval",
+        "100ms",
+    ])?;
+    producer
+        .env("KGS_HTTP_ADDR", &producer_http)
+        .env("KGS_HTTP_LISTEN", &producer_http)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let mut producer: Child = producer.spawn()?;
+    let addr = free_addr()?;
+    let mut app = s.app_server(&addr)?;
+    app.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut app = app.spawn()?;
+    healthy(&addr).await?;
+
+    let mut served = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while served.len() < 62 {
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of 62 keys served",
+            served.len()
+        );
+        match http_get(&addr, "/keys").await? {
+            (200, key) => ensure!(served.insert(key.clone()), "{key} served twice"),
+            (503, body) => assert_eq!(body, "no keys\n"),
+            (status, body) => anyhow::bail!("GET /keys: {status} {body}"),
+        }
+    }
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, body) = http_get(&addr, "/keys").await?;
+        assert_eq!((status, body.as_str()), (503, "no keys\n"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "an empty pool must not make requests hang ({:?})",
+            started.elapsed()
+        );
+    }
+    let metric = |text: &str, name: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_for(
+        "producer metrics of an exhausted pool",
+        Duration::from_secs(30),
+        || async {
+            let (_, text) = http_get(&producer_http, "/metrics").await?;
+            Ok((metric(&text, "kgs_producer_keys_in_pool") == Some(0.0)
+                && metric(&text, "kgs_producer_space_used_ppm") == Some(1e6))
+            .then_some(()))
+        },
+    )
+    .await?;
+    app.start_kill()?;
+    producer.start_kill()?;
+    let _ = app.wait().await;
+    let _ = producer.wait().await;
+    s.drop_db().await;
+    Ok(())
+}
+
+/// The pool's permutation secret is in the pool document only: not in
+/// `stats` (text or JSON), not in the producer's or app server's logs at
+/// TRACE, not in either `/metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_secret_never_leaks() -> Result<()> {
+    let s = Setup::new();
+    s.init(&["--length", "2", "--partitions", "1"]).await?;
+    let secret = s.pool_doc().await?.secret.0;
+    ensure!(secret.len() >= 16, "secret too short to search for");
+    let mut seen = String::new();
+    for args in [&["stats"][..], &["stats", "--json"][..]] {
+        let mut c = s.producer(args)?;
+        c.env("KGS_LOG", "trace");
+        let out = output(c).await?;
+        ensure!(out.status.success(), "stats failed");
+        seen.push_str(&String::from_utf8_lossy(&out.stdout));
+        seen.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    let producer_http = free_addr()?;
+    let producer_log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
+    let mut producer = s.producer(&["run", "--batch-size", "10", "--high-watermark", "2"])?;
+    producer
+        .env("KGS_LOG", "trace")
+        .env("KGS_HTTP_ADDR", &producer_http)
+        .env("KGS_HTTP_LISTEN", &producer_http)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&producer_log)?);
+    let mut producer = producer.spawn()?;
+    let addr = free_addr()?;
+    let app_log = std::env::temp_dir().join(format!("{}-app.log", s.pool));
+    let mut app = s.app_server(&addr)?;
+    app.env("RUST_LOG", "trace")
+        .stdout(std::fs::File::create(&app_log)?)
+        .stderr(Stdio::null());
+    let mut app = app.spawn()?;
+    healthy(&addr).await?;
+    wait_for("a key served", Duration::from_secs(60), || async {
+        Ok((http_get(&addr, "/keys").await?.0 == 200).then_some(()))
+    })
+    .await?;
+    healthy(&producer_http).await?;
+    seen.push_str(&http_get(&producer_http, "/metrics").await?.1);
+    seen.push_str(&http_get(&addr, "/metrics").await?.1);
+    terminate(&app)?;
+    terminate(&producer)?;
+    let _ = app.wait().await;
+    let _ = producer.wait().await;
+    seen.push_str(&std::fs::read_to_string(&producer_log)?);
+    seen.push_str(&std::fs::read_to_string(&app_log)?);
+    ensure!(seen.len() > 1_000, "too little output to prove anything");
+    assert!(
+        !seen.contains(&secret),
+        "the pool secret appears in logs, stats or metrics"
+    );
+    let _ = std::fs::remove_file(&producer_log);
+    let _ = std::fs::remove_file(&app_log);
+    s.drop_db().await;
+    Ok(())
+}
