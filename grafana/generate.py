@@ -54,8 +54,10 @@ def dashboard(uid, title, panels, desc):
 pool = dashboard("kgs-pool", "kgs / pool health", [
     panel(1, "Keys left in keys.<pool>", [("max by (pool) (kgs_producer_keys_in_pool)", "{{pool}}")],
           desc="Unused keys ready to be moved; the producer tops this up from the key space."),
-    panel(2, "Key space used", [("max by (pool) (kgs_producer_keys_used) / max by (pool) (kgs_producer_key_space)", "{{pool}}")],
-          unit="percentunit"),
+    panel(2, "Key space used",
+          [("max by (pool) (kgs_producer_keys_used) / max by (pool) (kgs_producer_key_space)", "{{pool}}"),
+           ("max by (pool) (kgs_producer_space_used_ppm) / 1e6", "reported {{pool}}")],
+          unit="percentunit", desc="used_keys / key space; 'reported' is the producer's own ppm gauge."),
     panel(3, "Burn rate (keys published per second)",
           [("sum by (pool) (rate(kgs_producer_keys_published_total[5m]))", "{{pool}}")], unit="ops"),
     panel(4, "Time to exhaustion of the key space",
@@ -90,8 +92,10 @@ producer = dashboard("kgs-producer", "kgs / producer", [
 
 apps = dashboard("kgs-app-servers", "kgs / app servers", [
     panel(1, "Buffered keys per instance", [("kgs_consumer_buffered_keys", "{{instance}}")]),
-    panel(2, "Keys handed out per second",
-          [("sum by (instance) (rate(kgs_consumer_keys_handed_out_total[1m]))", "{{instance}}")], unit="ops"),
+    panel(2, "Keys buffered and handed out per second",
+          [("sum by (instance) (rate(kgs_consumer_keys_handed_out_total[1m]))", "handed out {{instance}}"),
+           ("sum by (instance) (rate(kgs_consumer_keys_buffered_total[1m]))", "buffered {{instance}}")], unit="ops",
+          desc="Paired counters: over time, buffered minus handed out is the buffer depth plus keys returned."),
     panel(3, "Empty-buffer errors and waits per second",
           [("sum by (instance) (rate(kgs_consumer_empty_total[1m]))", "empty {{instance}}"),
            ("sum by (instance) (rate(kgs_consumer_waits_total[1m]))", "waits {{instance}}"),

@@ -6,5 +6,6 @@
 
 mod consumer;
 mod hostile;
+mod observability;
 mod producer;
 mod smoke;
