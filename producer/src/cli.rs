@@ -113,8 +113,8 @@ pub struct RunArgs {
     #[arg(long, env = "KGS_SHUTDOWN_TIMEOUT", value_parser = duration::parse)]
     pub shutdown_timeout: Option<Duration>,
     /// Serve /metrics, /healthz, /readyz on this address, e.g. `127.0.0.1:9100`.
-    #[arg(long, env = "KGS_HTTP_LISTEN")]
-    pub http_listen: Option<SocketAddr>,
+    #[arg(long, env = "KGS_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// This instance's id in the lease [default: <host>-<pid>-<random>].
     #[arg(long, env = "KGS_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -197,7 +197,7 @@ impl Cli {
                 set(&mut c.high_watermark, a.high_watermark);
                 set(&mut c.poll_interval, a.poll_interval);
                 set(&mut c.shutdown_timeout, a.shutdown_timeout);
-                c.http_listen = a.http_listen.or(c.http_listen);
+                c.http_addr = a.http_addr.or(c.http_addr);
                 c.instance_id = a.instance_id.or(c.instance_id);
                 Command::Run { pool: a.pool }
             }

@@ -46,7 +46,7 @@ pub struct Config {
     #[serde(with = "crate::duration")]
     pub connect_timeout: Duration,
     /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`); none if absent.
-    pub http_listen: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     /// This instance's id in the lease (default `<host>-<pid>-<random>`).
     pub instance_id: Option<String>,
 }
@@ -87,7 +87,7 @@ impl Default for Config {
             poll_interval: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(30),
-            http_listen: None,
+            http_addr: None,
             instance_id: None,
         }
     }

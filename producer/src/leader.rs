@@ -58,7 +58,7 @@ pub async fn run(
         config.lease_duration,
     ));
     let mut guard = keeper.guard();
-    let http = match config.http_listen {
+    let http = match config.http_addr {
         Some(addr) => Some(crate::http::spawn(addr, metrics.clone(), keeper.guard()).await?),
         None => None,
     };

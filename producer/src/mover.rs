@@ -68,6 +68,9 @@ impl Mover<'_> {
             .find(doc! {})
             .sort(doc! { "n": 1 })
             .limit(size as i64)
+            // All in the first reply: no getMore round trips (a server that
+            // re-runs the query per getMore would pay for each).
+            .batch_size(size as u32)
             .await
             .map_err(Error::store("pick keys"))?
             .try_collect()

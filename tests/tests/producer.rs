@@ -88,7 +88,7 @@ impl Pool {
     }
 
     /// Spawns `run` with small batches and watermarks.
-    fn run(&self, high_watermark: u32, extra: &[&str], failpoint: Option<&str>) -> Result<Child> {
+    fn run(&self, high_watermark: u32, extra: &[&str], failpoint: Option<&str>) -> Result<Running> {
         let high = high_watermark.to_string();
         let mut args = vec![
             "run",
@@ -106,7 +106,9 @@ impl Pool {
         // Logs of each spawned producer go to the temp dir, for post-mortems.
         let log = std::env::temp_dir().join(format!("{}-{}.log", self.name, unique("run")));
         c.stdout(Stdio::null()).stderr(std::fs::File::create(log)?);
-        c.spawn().context("spawning kgs-producer run")
+        Ok(Running(Some(
+            c.spawn().context("spawning kgs-producer run")?,
+        )))
     }
 
     async fn db(&self) -> Result<mongodb::Database> {
@@ -222,6 +224,29 @@ impl Pool {
     }
 }
 
+/// A spawned producer, killed (SIGKILL) if the test ends without
+/// terminating it, so a failing test never leaves a producer running.
+struct Running(Option<Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    fn take(mut self) -> Child {
+        self.0.take().expect("running")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Reads every committed message of `topic` (read_committed) up to the end.
 async fn read_topic(topic: String, partitions: i32) -> Result<Vec<(i32, i64, KeyBatch)>> {
     tokio::task::spawn_blocking(move || {
@@ -284,7 +309,8 @@ async fn commit_all(topic: String, partitions: i32, group: String) -> Result<()>
 }
 
 /// Sends SIGTERM and waits for the exit status.
-async fn terminate(mut child: Child) -> Result<std::process::ExitStatus> {
+async fn terminate(running: Running) -> Result<std::process::ExitStatus> {
+    let mut child = running.take();
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
     let status = tokio::task::spawn_blocking(move || child.wait()).await??;
@@ -414,7 +440,8 @@ async fn generation_crash(failpoint: &str) -> Result<()> {
 async fn move_crash(failpoint: &str) -> Result<()> {
     let pool = Pool::new(2);
     pool.init(2, &[]).await?;
-    let mut crashed = pool.run(2, &[], Some(failpoint))?;
+    let crashed = pool.run(2, &[], Some(failpoint))?;
+    let mut crashed = crashed.take();
     let status = tokio::task::spawn_blocking(move || crashed.wait()).await??;
     assert!(!status.success(), "{failpoint} did not fire");
     let run = pool.run(2, &[], None)?;
@@ -471,7 +498,8 @@ async fn return_crash(failpoint: &str) -> Result<()> {
             "claimed_at": bson::DateTime::now(),
         })
         .await?;
-    let mut crashed = pool.run(2, &[], Some(failpoint))?;
+    let crashed = pool.run(2, &[], Some(failpoint))?;
+    let mut crashed = crashed.take();
     let status = tokio::task::spawn_blocking(move || crashed.wait()).await??;
     assert!(!status.success(), "{failpoint} did not fire");
     let run = pool.run(2, &[], None)?;
