@@ -1,7 +1,7 @@
 # The two commands of the README, and a few helpers.
 #   make run    start everything locally and show keys being handed out
 #   make test   the whole test suite against real Kafka + MongoDB-wire servers
-.PHONY: run test lint servers-up servers-down servers-status
+.PHONY: run test lint servers-up servers-down servers-status check-compose load-test
 
 run:
 	scripts/run.sh
@@ -21,3 +21,9 @@ servers-down:
 
 servers-status:
 	scripts/servers.sh status
+
+check-compose:
+	python3 scripts/check-compose.py
+
+load-test:
+	scripts/load-test.sh

@@ -42,6 +42,8 @@ done
 cargo build --workspace --bins --examples
 echo "test: MongoDB-wire server: ${KGS_MONGODB_URI:-local $KGS_MONGO_IMPL (default URI)}" >&2
 cargo test --workspace --no-fail-fast "$@"
+# docker/compose.yaml against the code and the binaries built above (no Docker engine needed).
+python3 scripts/check-compose.py
 
 chaos_duration="${KGS_CHAOS_DURATION:-75s}"
 if [[ "$chaos_duration" != 0 ]]; then
