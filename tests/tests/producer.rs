@@ -309,10 +309,11 @@ async fn commit_all(topic: String, partitions: i32, group: String) -> Result<()>
 }
 
 /// Sends SIGTERM and waits for the exit status.
+/// (If `kill` cannot run, `running` is dropped and the producer SIGKILLed.)
 async fn terminate(running: Running) -> Result<std::process::ExitStatus> {
-    let mut child = running.take();
-    let pid = child.id().to_string();
+    let pid = running.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
+    let mut child = running.take();
     let status = tokio::task::spawn_blocking(move || child.wait()).await??;
     Ok(status)
 }
