@@ -719,3 +719,77 @@ async fn generation_recovery_skips_used_keys() -> Result<()> {
     assert_eq!(p[0].get_i64("cursor")?, 2_001);
     Ok(())
 }
+
+/// A plain HTTP/1.0 GET; returns the status line and body.
+fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((status, body))
+}
+
+/// The leader serves /healthz, /readyz (leader) and /metrics with the
+/// published batches; `stats --json` reports collStats, progress, backlog
+/// per partition and the leader.
+#[tokio::test]
+async fn http_endpoints_and_stats_json() -> Result<()> {
+    let pool = Pool::new(2);
+    pool.init(2, &[]).await?;
+    let port = 20_000 + (rand::random::<u16>() % 20_000);
+    let addr = format!("127.0.0.1:{port}");
+    let run = pool.run(2, &["--http-addr", &addr, "--instance-id", "solo"], None)?;
+    wait_batches(&pool, 4, Duration::from_secs(60)).await?;
+    let a = addr.clone();
+    let ready = wait_for("readyz to say leader", Duration::from_secs(20), || {
+        let a = a.clone();
+        async move {
+            let (status, body) = http_get(&a, "/readyz")?;
+            Ok((status.contains("200") && body.contains("leader")).then_some(()))
+        }
+    })
+    .await;
+    ready?;
+    assert!(http_get(&addr, "/healthz")?.0.contains("200"));
+    // The 4th batch is visible in Kafka just before the producer records it
+    // (and counts it): wait for the counter.
+    let a = addr.clone();
+    let metrics = wait_for(
+        "4 batches counted in /metrics",
+        Duration::from_secs(20),
+        || {
+            let a = a.clone();
+            async move {
+                let (_, metrics) = http_get(&a, "/metrics")?;
+                let counted = metrics.lines().any(|l| {
+                    l.starts_with("kgs_producer_batches_published_total") && l.ends_with(" 4")
+                });
+                Ok(counted.then_some(metrics))
+            }
+        },
+    )
+    .await?;
+    assert!(metrics.contains("kgs_producer_backlog_batches{partition=\"1\""));
+    let out = pool.exec(&["stats", "--json"], None).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let s = &stats[0];
+    assert_eq!(s["space"], 3_844);
+    assert_eq!(s["generated"], 3_844);
+    assert_eq!(s["used"], 200);
+    assert_eq!(s["in_keys"], 3_644);
+    assert_eq!(s["keys"]["count"], 3_644);
+    assert!(s["used_keys"]["avgObjSize"].as_i64().unwrap_or(0) > 0);
+    assert_eq!(s["partitions"].as_array().map(Vec::len), Some(2));
+    assert_eq!(s["leader"], "solo");
+    assert!(terminate(run).await?.success());
+    Ok(())
+}
