@@ -88,7 +88,7 @@ if [[ -z "$TARGET" ]]; then
   say "creating pool $KGS_POOL in database $KGS_MONGODB_DB (3 base62 characters)"
   "$BIN/kgs-producer" init --length 3 --partitions 2 >"$OUT/init.log" 2>&1 \
     || die "kgs-producer init failed: $(tail -3 "$OUT/init.log")"
-  KGS_HTTP_ADDR="$producer_addr" KGS_HTTP_LISTEN="$producer_addr" \
+  KGS_HTTP_ADDR="$producer_addr" \
     "$BIN/kgs-producer" run --batch-size 1000 --low-watermark 2 --high-watermark 4 \
     >"$OUT/producer.log" 2>&1 &
   pids+=($!)

@@ -111,6 +111,39 @@ async fn check_everything(
             problems.push(format!("rule {}: {e:#}", rule.name));
         }
     }
+    // The rules mean what they say on this pipeline: one producer leads, no
+    // bad message was sent, and a 1,296-key pool burning ~40 keys/s runs out
+    // in well under a week. (Alerts with `for:` are not waited for; the
+    // conditions are evaluated directly.)
+    for (name, should_fire) in [
+        ("KgsNoActiveProducer", false),
+        ("KgsBadMessages", false),
+        ("KgsPoolNearlyExhausted", true),
+    ] {
+        let Some(rule) = rules.iter().find(|r| r.name == name) else {
+            problems.push(format!("rule {name} is missing"));
+            continue;
+        };
+        let fired = wait_for(&format!("{name} condition"), WAIT, || async {
+            let series = prometheus.query(&rule.query).await?;
+            Ok(((series > 0) == should_fire).then_some(true))
+        })
+        .await
+        .unwrap_or(false);
+        if !fired {
+            let state = if should_fire { "hold" } else { "stay empty" };
+            problems.push(format!("rule {name}: condition did not {state}"));
+        }
+    }
+    let one_leader =
+        "count(kgs_producer_lease_leader) == 2 and sum(kgs_producer_lease_leader) == 1";
+    if let Err(e) = wait_for("one leader among the two producers", WAIT, || async {
+        Ok((prometheus.query(one_leader).await? == 1).then_some(()))
+    })
+    .await
+    {
+        problems.push(format!("{e:#}"));
+    }
 
     // 2. Every panel target parses and returns data while the pipeline runs
     //    (rates need two scrapes, so retry until a deadline).
@@ -290,12 +323,12 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     names
 }
 
-/// A pool, its producer and two example app servers, each process on its
-/// own loopback port.
+/// A pool, two producers (one leads, one stands by) and two example app
+/// servers, each process on its own loopback port.
 struct Stack {
     db_name: String,
-    producer: Child,
-    producer_addr: String,
+    producers: Vec<String>,
+    producer_children: Vec<Child>,
     apps: Vec<String>,
     app_children: Vec<Child>,
 }
@@ -344,26 +377,30 @@ impl Stack {
             "kgs-producer init: {}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let producer_addr = free_addr()?;
-        let producer = producer(&[
-            "run",
-            "--batch-size",
-            "20",
-            "--low-watermark",
-            "1",
-            "--high-watermark",
-            "3",
-            "--poll-interval",
-            "100ms",
-        ])
-        // `KGS_HTTP_ADDR` as in the README; `KGS_HTTP_LISTEN` is its former
-        // name, still set for producer builds from before the rename.
-        .env("KGS_HTTP_ADDR", &producer_addr)
-        .env("KGS_HTTP_LISTEN", &producer_addr)
-        .stdout(Stdio::null())
-        .stderr(log("producer")?)
-        .spawn()
-        .context("spawning kgs-producer run")?;
+        let mut producers = Vec::new();
+        let mut producer_children = Vec::new();
+        for i in 0..2 {
+            let addr = free_addr()?;
+            let child = producer(&[
+                "run",
+                "--batch-size",
+                "20",
+                "--low-watermark",
+                "1",
+                "--high-watermark",
+                "3",
+                "--poll-interval",
+                "100ms",
+            ])
+            .env("KGS_HTTP_ADDR", &addr)
+            .env("KGS_INSTANCE_ID", format!("producer{i}"))
+            .stdout(Stdio::null())
+            .stderr(log(&format!("producer{i}"))?)
+            .spawn()
+            .context("spawning kgs-producer run")?;
+            producers.push(addr);
+            producer_children.push(child);
+        }
 
         let mut apps = Vec::new();
         let mut app_children = Vec::new();
@@ -393,12 +430,12 @@ impl Stack {
         }
         let stack = Self {
             db_name,
-            producer,
-            producer_addr,
+            producers,
+            producer_children,
             apps,
             app_children,
         };
-        for addr in stack.apps.iter().chain([&stack.producer_addr]) {
+        for addr in stack.apps.iter().chain(&stack.producers) {
             wait_for(&format!("{addr}/healthz"), WAIT, || async {
                 Ok(http_get(addr, "/healthz")
                     .await
@@ -413,7 +450,11 @@ impl Stack {
     /// SIGTERM to every process (app servers first, so their keys go back),
     /// then drops the pool's database.
     async fn stop(mut self) {
-        for child in self.app_children.iter_mut().chain([&mut self.producer]) {
+        for child in self
+            .app_children
+            .iter_mut()
+            .chain(&mut self.producer_children)
+        {
             if let Some(pid) = child.id() {
                 let _ = std::process::Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
@@ -476,7 +517,7 @@ impl Prometheus {
              \x20 - job_name: kgs-producer\n    static_configs:\n      - targets: [{}]\n\
              \x20 - job_name: kgs-app-server\n    static_configs:\n      - targets: [{}]\n",
             rules.display(),
-            quoted(&[&stack.producer_addr]),
+            quoted(&stack.producers.iter().collect::<Vec<_>>()),
             quoted(&stack.apps.iter().collect::<Vec<_>>()),
         );
         let config_file = dir.join("prometheus.yml");
@@ -517,10 +558,14 @@ impl Prometheus {
                 .filter(|(s, _)| *s == 200))
         })
         .await?;
-        wait_for("all 3 scrape targets up", WAIT, || async {
+        let expected = stack.producers.len() + stack.apps.len();
+        wait_for("every scrape target up", WAIT, || async {
             let v = prometheus.api("/api/v1/targets?state=active").await?;
             let targets = v["activeTargets"].as_array().cloned().unwrap_or_default();
-            Ok((targets.len() == 3 && targets.iter().all(|t| t["health"] == "up")).then_some(()))
+            Ok(
+                (targets.len() == expected && targets.iter().all(|t| t["health"] == "up"))
+                    .then_some(()),
+            )
         })
         .await?;
         Ok(prometheus)
