@@ -25,7 +25,7 @@ pub struct Config {
     pub group: Option<String>,
     /// Keys per batch (one Kafka message).
     pub batch_size: usize,
-    /// A partition whose backlog falls below this many batches is refilled...
+    /// A partition whose backlog is at or below this many batches is refilled...
     pub low_watermark: u64,
     /// ...up to this many batches; never more.
     pub high_watermark: u64,
