@@ -2,13 +2,15 @@
 """Writes the Grafana dashboards of kgs (grafana/dashboards/*.json).
 
 Dashboards as code: edit the panel list here and re-run
-`python3 grafana/generate.py`. The observability test evaluates every
-`expr` of every dashboard against a real Prometheus scraping the running
+`python3 grafana/generate.py` (`--check` only compares: the observability
+test runs it, so the JSON cannot drift from this file). That test evaluates
+every `expr` of every dashboard against a real Prometheus scraping the running
 producer and app servers, so a metric renamed in code without the dashboard
 fails `make test`.
 """
 import json
 import pathlib
+import sys
 
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 OUT = pathlib.Path(__file__).resolve().parent / "dashboards"
@@ -122,6 +124,17 @@ errors = dashboard("kgs-errors", "kgs / errors and bad messages", [
           [("sum by (event) (increase(kgs_consumer_rebalances_total[5m]))", "{{event}}")]),
 ], "Everything that went wrong, by kind.")
 
+# `--check`: write nothing, fail if a committed dashboard differs from this
+# file's output (the observability test runs it, so the JSON cannot drift).
+check = "--check" in sys.argv[1:]
+stale = []
 for name, d in [("pool", pool), ("producer", producer), ("app-servers", apps), ("errors", errors)]:
-    (OUT / f"kgs-{name}.json").write_text(json.dumps(d, indent=2) + "\n")
-    print(f"wrote grafana/dashboards/kgs-{name}.json")
+    path, text = OUT / f"kgs-{name}.json", json.dumps(d, indent=2) + "\n"
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            stale.append(str(path.relative_to(OUT.parent.parent)))
+    else:
+        path.write_text(text)
+        print(f"wrote grafana/dashboards/kgs-{name}.json")
+if stale:
+    sys.exit(f"generate.py: out of date: {', '.join(stale)}; run python3 grafana/generate.py")

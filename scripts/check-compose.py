@@ -22,6 +22,7 @@ thing:
 
 Binaries: $CARGO_TARGET_DIR (default target)/debug/{kgs-producer,examples/app-server}.
 """
+import json
 import os
 import pathlib
 import re
@@ -222,11 +223,18 @@ def main():
                         problem(f"{graf}: dashboard provider path {path} is not mounted")
                     elif not list(gm[path].glob("*.json")):
                         problem(f"{graf}: no dashboards in {gm[path]}")
+            uids = set()
             for f in (prov / "datasources").glob("*.yaml"):
                 for d in yaml.safe_load(f.read_text()).get("datasources", []):
+                    uids.add(d.get("uid"))
                     url = urllib.parse.urlparse(d["url"])
                     if url.hostname != prom or url.port != 9090:
                         problem(f"datasource {d['name']} points at {d['url']}, not {prom}:9090")
+            # Every panel and target of every dashboard uses a provisioned datasource.
+            for f in sorted((ROOT / "grafana/dashboards").glob("*.json")):
+                for uid in set(re.findall(r'"uid":\s*"([^"]+)"', f.read_text())) - {json_uid(f)}:
+                    if uid not in uids:
+                        problem(f"{f.name}: datasource uid {uid} is not provisioned ({sorted(uids)})")
         home = services[graf].get("environment", {}).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
         if home:
             folder, file = home.rsplit("/", 1)
@@ -242,6 +250,11 @@ def main():
         sys.exit(1)
     print(f"check-compose: {COMPOSE.relative_to(ROOT)} agrees with the code "
           f"({len(kgs_services)} kgs services, {len(services)} services)")
+
+
+def json_uid(path):
+    """The dashboard's own uid (not a datasource reference)."""
+    return json.loads(path.read_text()).get("uid")
 
 
 def check_prometheus_config(host_cfg, mounts):

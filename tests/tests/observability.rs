@@ -37,6 +37,17 @@ async fn dashboards_and_alert_rules_evaluate_against_a_real_prometheus() -> Resu
         .context("repo root")?
         .to_path_buf();
     let rules_file = repo.join("grafana/prometheus/kgs-alerts.yml");
+    // The JSON under test is what grafana/generate.py (the source) writes.
+    let generated = std::process::Command::new("python3")
+        .arg(repo.join("grafana/generate.py"))
+        .arg("--check")
+        .output()
+        .context("running python3 grafana/generate.py --check")?;
+    ensure!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
     let panels = dashboard_targets(&repo.join("grafana/dashboards"))?;
     ensure!(!panels.is_empty(), "no dashboard targets found");
 
