@@ -85,7 +85,9 @@ producer = dashboard("kgs-producer", "kgs / producer", [
           [("histogram_quantile(0.5, sum by (le) (rate(kgs_producer_publish_seconds_bucket[5m])))", "p50"),
            ("histogram_quantile(0.99, sum by (le) (rate(kgs_producer_publish_seconds_bucket[5m])))", "p99")], unit="s"),
     panel(6, "Backlog per partition (batches)",
-          [("max by (pool, partition) (kgs_producer_backlog_batches)", "{{pool}} p{{partition}}")]),
+          [("max by (pool, partition) (kgs_producer_backlog_batches"
+            " and on (instance) (kgs_producer_lease_leader == 1))", "{{pool}} p{{partition}}")],
+          desc="As the leader sees it; a producer that stepped down keeps stale values."),
     panel(7, "Batches moved, recovered; keys returned by app servers",
           [("sum by (pool) (increase(kgs_producer_batches_moved_total[5m]))", "moved {{pool}}"),
            ("sum by (pool) (increase(kgs_producer_batches_recovered_total[5m]))", "recovered {{pool}}"),
