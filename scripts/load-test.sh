@@ -15,7 +15,8 @@
 #
 # Results (Artillery's JSON report, the served keys, logs, summary.md) go to
 # $KGS_CACHE_DIR/load-test/<timestamp>/. KGS_LOAD_PROFILE=debug uses the
-# debug binaries (default release, as `make run`).
+# debug binaries (default release, as `make run`). Each run's pool stays in
+# database $KGS_MONGODB_DB (default kgs-load) of the local server.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
