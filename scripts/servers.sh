@@ -110,6 +110,9 @@ kafka_up() {
   kafka_install
   if pid_alive "$KAFKA_HOME/kafka.pid"; then
     log "kafka: already running (pid $(cat "$KAFKA_HOME/kafka.pid"))"
+    # Started earlier: its "started" log line may be long gone (or the log
+    # replaced), so an open listener is the readiness signal.
+    rm -f "$KAFKA_HOME/log.mark"
   else
     port_open "$KAFKA_PORT" && die "kafka: port $KAFKA_PORT is taken by another process"
     kafka_configure
@@ -126,11 +129,19 @@ kafka_up() {
   kafka_wait
 }
 
+# Ready = the listener is open and, after a fresh start (log.mark present),
+# this start's "Kafka Server started" line is in the log: the port opens
+# before the broker has joined its own KRaft quorum.
+kafka_started() {
+  [[ -f "$KAFKA_HOME/log.mark" ]] || return 0
+  local mark
+  mark="$(cat "$KAFKA_HOME/log.mark")"
+  tail -n +"$((mark + 1))" "$KAFKA_HOME/logs/server.log" 2>/dev/null | grep -q "Kafka Server started"
+}
+
 kafka_wait() {
-  local mark deadline=$((SECONDS + READY_TIMEOUT))
-  mark="$(cat "$KAFKA_HOME/log.mark" 2>/dev/null || echo 0)"
-  until port_open "$KAFKA_PORT" \
-    && tail -n +"$((mark + 1))" "$KAFKA_HOME/logs/server.log" 2>/dev/null | grep -q "Kafka Server started"; do
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until port_open "$KAFKA_PORT" && kafka_started; do
     pid_alive "$KAFKA_HOME/kafka.pid" \
       || die "kafka: broker exited during start-up, see $KAFKA_HOME/logs/server.log and stdout.log"
     ((SECONDS < deadline)) \
