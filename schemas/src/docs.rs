@@ -1,8 +1,8 @@
 //! The MongoDB documents of kgs and the names of their collections.
 //!
 //! One database (default `kgs`) holds every pool. Shared collections:
-//! `pools` ([`PoolDoc`]), `leases` ([`LeaseDoc`]), `batches` ([`BatchRecord`])
-//! and `claims` ([`ClaimDoc`]). Each pool has its own key collections,
+//! `pools` ([`PoolDoc`]), `leases` ([`LeaseDoc`]), `batches` ([`BatchRecord`]),
+//! `claims` ([`ClaimDoc`]) and `recycles` ([`RecycleDoc`]). Each pool has its own key collections,
 //! `keys.<pool>` ([`KeyDoc`]) and `used_keys.<pool>` ([`UsedKeyDoc`]), so that
 //! `keys ∪ used_keys` of a pool is exactly its generated set and the
 //! collections' statistics are the pool's.
@@ -24,6 +24,8 @@ pub const LEASES: &str = "leases";
 pub const BATCHES: &str = "batches";
 /// Collection of [`ClaimDoc`]s.
 pub const CLAIMS: &str = "claims";
+/// Collection of [`RecycleDoc`]s.
+pub const RECYCLES: &str = "recycles";
 
 /// The collection of a pool's unused keys.
 pub fn keys_collection(pool: &str) -> String {
@@ -262,6 +264,69 @@ pub struct ClaimDoc {
     pub claimed_at: DateTime<Utc>,
 }
 
+/// State of a [`RecycleDoc`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecycleState {
+    /// Validated and recorded; the producer leader has not finished it yet.
+    Requested,
+    /// The key left `used_keys` and is back in `keys`.
+    Done,
+    /// The leader's re-check refused it (`reason` says why); nothing changed.
+    Refused,
+}
+
+/// A request to put a handed-out key back into its pool. Collection
+/// [`RECYCLES`], `_id` = [`recycle_id`] (`<pool>:<key>:<batch>`): a key
+/// handed out in one batch can be recycled once, so a second request is a
+/// duplicate-key error; once handed out again (another batch) it can be
+/// recycled again.
+///
+/// Anyone may insert a request after checking it (the consumer library, the
+/// `kgs-producer recycle` command); only the producer leader, the single
+/// writer of `keys.<pool>`, performs it: delete `{_id: key, batch}` from
+/// `used_keys`, insert the key into `keys` with its old `n`, set `done`.
+/// Each step is idempotent and the `requested` document is the durable
+/// record that lets the next leader finish a crashed one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecycleDoc {
+    /// `<pool>:<key>:<batch>`.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Pool name.
+    pub pool: String,
+    /// The key.
+    pub key: String,
+    /// The batch that handed the key out (its `used_keys` document names it).
+    pub batch: String,
+    /// The key's `n` (from its `used_keys` document): it goes back into
+    /// `keys` with it, so a recycled key is among the next handed out.
+    pub n: u64,
+    /// Current state.
+    pub state: RecycleState,
+    /// Why the leader refused it (with [`RecycleState::Refused`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who asked: a consumer instance id or `kgs-producer@<host>`.
+    pub requested_by: String,
+    /// When it was asked.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub requested_at: DateTime<Utc>,
+    /// When it was done or refused.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "bson::serde_helpers::chrono_datetime_as_bson_datetime_optional"
+    )]
+    pub done_at: Option<DateTime<Utc>>,
+}
+
+/// The `_id` of the [`RecycleDoc`] of `key`, handed out in `batch`, in `pool`.
+pub fn recycle_id(pool: &str, key: &str, batch: &str) -> String {
+    format!("{pool}:{key}:{batch}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +362,29 @@ mod tests {
         ));
         assert!(matches!(doc.get("epoch"), Some(bson::Bson::Int64(3))));
         assert_eq!(bson::from_document::<LeaseDoc>(doc).unwrap(), lease);
+    }
+
+    #[test]
+    fn recycle_doc_round_trips_with_and_without_done_at() {
+        let mut r = RecycleDoc {
+            id: recycle_id("p", "aZ3", "b1"),
+            pool: "p".into(),
+            key: "aZ3".into(),
+            batch: "b1".into(),
+            n: 7,
+            state: RecycleState::Requested,
+            reason: None,
+            requested_by: "app-1".into(),
+            requested_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+            done_at: None,
+        };
+        let doc = bson::to_document(&r).unwrap();
+        assert!(!doc.contains_key("done_at"));
+        assert_eq!(bson::from_document::<RecycleDoc>(doc).unwrap(), r);
+        r.state = RecycleState::Done;
+        r.done_at = Some(r.requested_at);
+        let doc = bson::to_document(&r).unwrap();
+        assert!(matches!(doc.get("done_at"), Some(bson::Bson::DateTime(_))));
+        assert_eq!(bson::from_document::<RecycleDoc>(doc).unwrap(), r);
     }
 }

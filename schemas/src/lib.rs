@@ -10,11 +10,13 @@
 //! - [`format`]: alphabet + length of a pool's keys, validation, index↔key.
 //! - [`batch`]: the key-batch message and its strict decoder.
 //! - [`docs`]: the MongoDB documents and collection names.
+//! - [`recycle`]: the checks a request to recycle a key must pass.
 #![deny(missing_docs)]
 
 pub mod batch;
 pub mod docs;
 pub mod format;
+pub mod recycle;
 
 pub use batch::{BatchCheck, DecodeError, KeyBatch, SCHEMA_VERSION};
 pub use format::{FormatError, KeyFormat, BASE62};

@@ -8,7 +8,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use kgs_schemas::docs::{
     BatchRecord, BatchState, ClaimDoc, ClaimState, GenerationRange, KeyDoc, LeaseDoc, PoolDoc,
-    PoolSecret, UsedKeyDoc, UsedReason,
+    PoolSecret, RecycleDoc, RecycleState, UsedKeyDoc, UsedReason,
 };
 use kgs_schemas::format::KeyFormatSpec;
 use kgs_schemas::{KeyBatch, BASE62};
@@ -155,6 +155,24 @@ fn mongo_documents_match_the_schema() {
         return_keys: vec!["x8K".into()],
         claimed_at: now(),
     };
+    let recycle = RecycleDoc {
+        id: "p3:x8K:p3-1-42".into(),
+        pool: "p3".into(),
+        key: "x8K".into(),
+        batch: "p3-1-42".into(),
+        n: 8,
+        state: RecycleState::Done,
+        reason: None,
+        requested_by: "app-1".into(),
+        requested_at: now(),
+        done_at: Some(now()),
+    };
+    let refused = RecycleDoc {
+        state: RecycleState::Refused,
+        reason: Some("used_keys changed since the request".into()),
+        done_at: None,
+        ..recycle.clone()
+    };
     let cases = [
         ("pool", relaxed(&pool)),
         ("key_doc", relaxed(&key)),
@@ -163,6 +181,8 @@ fn mongo_documents_match_the_schema() {
         ("batch_record", relaxed(&record)),
         ("lease", relaxed(&lease)),
         ("claim", relaxed(&claim)),
+        ("recycle", relaxed(&recycle)),
+        ("recycle", relaxed(&refused)),
     ];
     for (def, good) in cases {
         let v = mongo_validator(def);
