@@ -69,6 +69,8 @@ pool = dashboard("kgs-pool", "kgs / pool health", [
     panel(5, "Keys generated vs key space",
           [("max by (pool) (kgs_producer_keys_generated)", "generated {{pool}}"),
            ("max by (pool) (kgs_producer_key_space)", "space {{pool}}")]),
+    panel(6, "Pool exhausted (every key used)", [("max by (pool) (kgs_producer_pool_exhausted)", "{{pool}}")],
+          desc="1 once the leader finds nothing left to publish: app servers will run dry."),
 ], "Is there enough key space left, and how fast is it burning?")
 
 producer = dashboard("kgs-producer", "kgs / producer", [

@@ -51,13 +51,26 @@ pub enum Error {
         /// The client error.
         source: KafkaError,
     },
-    /// A newer producer took the lease: this one must stop writing.
-    #[error("lease of pool {0:?} lost to another producer")]
+    /// The lease is not (or no longer certainly) held: a newer producer took
+    /// it, or its renewal did not come back in time (slow or unreachable
+    /// database). Either way this process must stop writing.
+    #[error("lease of pool {0:?} not held: taken by another producer, or not renewed in time (slow or unreachable database)")]
     LeaseLost(String),
     /// Kafka fenced this producer's transactional id (a newer producer with
     /// the same `transactional.id` started).
     #[error("fenced by a newer producer: {0}")]
     Fenced(String),
+    /// The pool's topic is gone or has another partition count than the pool.
+    #[error("topic {topic} {detail}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What is wrong and what to do.
+        detail: String,
+    },
+    /// Some keys given to `recycle` were refused (each is reported on its own line).
+    #[error("{0}")]
+    Refused(String),
     /// A stored document contradicts the protocol (e.g. a returned key that
     /// was not in its batch); an operator must look.
     #[error("inconsistent data: {0}")]
@@ -67,7 +80,7 @@ pub enum Error {
 impl Error {
     /// Every value [`Error::kind`] returns, so the `errors_total{kind}`
     /// series exist (at 0) before the first error and dashboards show them.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 12] = [
         "config",
         "unreachable",
         "conflict",
@@ -77,7 +90,9 @@ impl Error {
         "kafka",
         "lease_lost",
         "fenced",
+        "topic",
         "corrupt",
+        "refused",
     ];
 
     /// A short, fixed label for the `errors_total{kind}` metric.
@@ -92,7 +107,9 @@ impl Error {
             Self::Kafka { .. } => "kafka",
             Self::LeaseLost(_) => "lease_lost",
             Self::Fenced(_) => "fenced",
+            Self::Topic { .. } => "topic",
             Self::Corrupt(_) => "corrupt",
+            Self::Refused(_) => "refused",
         }
     }
 

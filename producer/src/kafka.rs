@@ -97,6 +97,40 @@ impl PoolKafka {
             .map_err(Error::kafka("fetch watermarks"))
     }
 
+    /// Checks that the pool's topic still exists with the partition count the
+    /// pool was created with. A deleted topic (auto-creation would bring it
+    /// back empty, or not at all) or a changed partition count (batches on
+    /// new partitions would miss the backlog, and the offsets recorded for
+    /// recovery would no longer mean the same) stops publishing with
+    /// [`Error::Topic`] until an operator repairs it.
+    pub async fn check_topic(&self) -> Result<()> {
+        let reader = self.reader.clone();
+        let topic = self.topic.clone();
+        let metadata = blocking(move || reader.fetch_metadata(Some(&topic), CALL_TIMEOUT))
+            .await
+            .map_err(Error::kafka("fetch topic metadata"))?;
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32);
+        match found {
+            Some(n) if n == self.partitions => Ok(()),
+            Some(n) => Err(Error::Topic {
+                topic: self.topic.clone(),
+                detail: format!(
+                    "has {n} partitions, the pool was created with {}; restore the partition count or create a new pool",
+                    self.partitions
+                ),
+            }),
+            None => Err(Error::Topic {
+                topic: self.topic.clone(),
+                detail: "does not exist (deleted?); recreate it with `kgs-producer init` and the pool's settings".into(),
+            }),
+        }
+    }
+
     /// The backlog of every partition.
     pub async fn backlog(&self) -> Result<Vec<PartitionBacklog>> {
         backlog(&self.reader, &self.topic, self.partitions).await

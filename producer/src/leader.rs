@@ -137,12 +137,25 @@ async fn lead(
     let mut filling: HashSet<i32> = HashSet::new();
     let mut last_recovery: Option<Instant> = None;
     let mut last_gauges: Option<Instant> = None;
+    let mut last_topic_check: Option<Instant> = None;
+    let mut topic_ok = false;
+    let mut exhausted = false;
     let mut errors_in_a_row = 0u32;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
         let step = async {
+            if last_topic_check.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
+                last_topic_check = Some(Instant::now());
+                topic_ok = false;
+                kafka.check_topic().await?;
+                topic_ok = true;
+            }
+            if !topic_ok {
+                // Broken topic: idle until the next check.
+                return Ok(false);
+            }
             let mut backlog = kafka.backlog().await?;
             exact_backlog(store, pool, &mut backlog).await?;
             let smallest = backlog
@@ -185,7 +198,14 @@ async fn lead(
             if filling.is_empty() || smallest_batches >= config.high_watermark {
                 return Ok::<bool, Error>(false);
             }
-            mover.next_batch(config.batch_size, smallest).await
+            let moved = mover.next_batch(config.batch_size, smallest).await?;
+            if !moved {
+                pool_empty(store, pool, metrics, &mut exhausted).await?;
+            } else if exhausted {
+                exhausted = false;
+                metrics.pool_exhausted.set(0);
+            }
+            Ok(moved)
         };
         match step.await {
             Ok(true) => {
@@ -194,6 +214,12 @@ async fn lead(
             }
             Ok(false) => errors_in_a_row = 0,
             Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
+            Err(e @ Error::Topic { .. }) => {
+                // Not transient: said (at ERROR) once per check interval;
+                // nothing is published meanwhile, and the lease is kept so
+                // no other producer publishes either.
+                metrics.error(&e, "topic check");
+            }
             Err(e) => {
                 metrics.error(&e, "batch step");
                 // Whatever was half done is finished by the next recovery pass.
@@ -228,6 +254,27 @@ async fn exact_backlog(store: &Store, pool: &str, backlog: &mut [PartitionBacklo
             .await
             .map_err(Error::store("count backlog"))?;
         b.batches = n;
+    }
+    Ok(())
+}
+
+/// `keys` is empty while partitions want batches. If the whole key space is
+/// generated, the pool is exhausted: said once at ERROR (an operator must
+/// add a pool or recycle keys) and shown by `kgs_producer_pool_exhausted`;
+/// app servers answer "no keys" once their buffers run dry.
+async fn pool_empty(
+    store: &Store,
+    pool: &str,
+    metrics: &Metrics,
+    exhausted: &mut bool,
+) -> Result<()> {
+    let doc = store.pool(pool).await?;
+    if doc.cursor >= doc.space && doc.generating.is_none() {
+        if !*exhausted {
+            tracing::error!(pool, space = doc.space, "pool exhausted: every key of the key space has been handed out or reserved; create a pool with longer keys or recycle keys");
+            metrics.pool_exhausted.set(1);
+        }
+        *exhausted = true;
     }
     Ok(())
 }

@@ -116,10 +116,25 @@ async fn initial_generation(config: &Config, store: &Store, pool: &str) -> Resul
     let mut guard = keeper.guard();
     // A crashed init or producer holds the lease until it expires: wait that long.
     let wait = config.lease_duration + config.lease_duration / 2;
-    let leading = tokio::time::timeout(wait, guard.wait_leader())
-        .await
-        .is_ok();
-    let result = if leading {
+    // A renewal that comes back late (a slow database) lapses the lease
+    // locally; generation is crash-safe step by step, so take the lease
+    // again and carry on, a bounded number of times.
+    const MAX_LAPSES: u32 = 5;
+    let mut lapses = 0;
+    let result = loop {
+        let leading = tokio::time::timeout(wait, guard.wait_leader())
+            .await
+            .is_ok();
+        if !leading {
+            if guard.state() == LeaseState::Standby {
+                tracing::warn!(
+                    pool,
+                    "a producer leads this pool; it tops the pool up itself"
+                );
+            }
+            break Ok(0);
+        }
+        let doc = store.pool(pool).await?;
         let bar = generate::progress_bar(
             target.min(doc.space - doc.cursor.min(doc.space)),
             "generating",
@@ -135,15 +150,17 @@ async fn initial_generation(config: &Config, store: &Store, pool: &str) -> Resul
         )
         .await;
         bar.finish_and_clear();
-        r
-    } else {
-        if guard.state() == LeaseState::Standby {
-            tracing::warn!(
-                pool,
-                "a producer leads this pool; it tops the pool up itself"
-            );
+        match r {
+            Err(Error::LeaseLost(_)) if lapses < MAX_LAPSES => {
+                lapses += 1;
+                tracing::warn!(
+                    pool,
+                    lapses,
+                    "lease lapsed during generation (slow database?); taking it again"
+                );
+            }
+            other => break other,
         }
-        Ok(0)
     };
     keeper.stop().await;
     result

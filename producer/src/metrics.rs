@@ -38,6 +38,10 @@ pub struct Metrics {
     pub batches_moved: IntCounter,
     /// Keys returned by consumers and put back into `keys`.
     pub keys_returned: IntCounter,
+    /// Keys recycled (handed-out keys put back into `keys` on request).
+    pub keys_recycled: IntCounter,
+    /// Recycle requests the leader refused, by reason.
+    pub recycles_refused: IntCounterVec,
     /// Unfinished batches finished by recovery.
     pub batches_recovered: IntCounter,
     /// Time to move one batch (record, used_keys, delete, state).
@@ -46,6 +50,8 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     /// Batches waiting per partition (end offset − committed offset).
     pub backlog: IntGaugeVec,
+    /// 1 while the leader finds the whole key space used (nothing left to publish).
+    pub pool_exhausted: IntGauge,
     /// 1 while this process holds the pool's lease.
     pub leader: IntGauge,
     /// The lease epoch this process last held.
@@ -102,6 +108,20 @@ impl Metrics {
         for kind in crate::Error::KINDS {
             errors.with_label_values(&[kind]);
         }
+        let recycles_refused = IntCounterVec::new(
+            Opts::new(
+                "recycles_refused_total",
+                "Recycle requests refused by the leader, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid counter vec");
+        registry
+            .register(Box::new(recycles_refused.clone()))
+            .expect("unique metric");
+        for reason in kgs_schemas::recycle::Refusal::KINDS {
+            recycles_refused.with_label_values(&[reason]);
+        }
         Self {
             keys_in_pool: gauge("keys_in_pool", "Keys in keys.<pool>"),
             keys_used: gauge("keys_used", "Keys in used_keys.<pool>"),
@@ -112,10 +132,19 @@ impl Metrics {
             keys_published: counter("keys_published_total", "Keys in published batches"),
             batches_moved: counter("batches_moved_total", "Batches moved to used_keys"),
             keys_returned: counter("keys_returned_total", "Keys returned by consumers"),
+            keys_recycled: counter(
+                "keys_recycled_total",
+                "Handed-out keys recycled into keys.<pool>",
+            ),
+            recycles_refused,
             batches_recovered: counter("batches_recovered_total", "Unfinished batches recovered"),
             move_seconds: histogram("move_seconds", "Time to move one batch"),
             publish_seconds: histogram("publish_seconds", "Time to publish one batch"),
             backlog,
+            pool_exhausted: gauge(
+                "pool_exhausted",
+                "1 while every key of the space is used (nothing left to publish)",
+            ),
             leader: gauge("lease_leader", "1 while this process holds the lease"),
             lease_epoch: gauge("lease_epoch", "Lease epoch last held"),
             errors,
@@ -169,6 +198,12 @@ impl Metrics {
     /// An error happened in the run loop: log and count by kind.
     pub fn error(&self, err: &crate::Error, during: &'static str) {
         self.errors.with_label_values(&[err.kind()]).inc();
-        tracing::warn!(cause = %err, during, "step failed, will retry");
+        match err {
+            // Nothing heals these by retrying: an operator must act.
+            crate::Error::Topic { .. } | crate::Error::Corrupt(_) => {
+                tracing::error!(cause = %err, during, "operator action needed; publishing paused")
+            }
+            _ => tracing::warn!(cause = %err, during, "step failed, will retry"),
+        }
     }
 }

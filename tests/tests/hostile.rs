@@ -280,7 +280,8 @@ async fn an_exhausted_pool_is_a_prompt_503_and_a_metric() -> Result<()> {
         || async {
             let (_, text) = http_get(&producer_http, "/metrics").await?;
             Ok((metric(&text, "kgs_producer_keys_in_pool") == Some(0.0)
-                && metric(&text, "kgs_producer_space_used_ppm") == Some(1e6))
+                && metric(&text, "kgs_producer_space_used_ppm") == Some(1e6)
+                && metric(&text, "kgs_producer_pool_exhausted") == Some(1.0))
             .then_some(()))
         },
     )
@@ -349,6 +350,100 @@ async fn the_pool_secret_never_leaks() -> Result<()> {
     );
     let _ = std::fs::remove_file(&producer_log);
     let _ = std::fs::remove_file(&app_log);
+    s.drop_db().await;
+    Ok(())
+}
+
+/// The pool topic changed under a running producer: more partitions than the
+/// pool was created with, then the topic deleted. Each is reported as a
+/// `topic` error: the `errors_total{kind="topic"}` metric and an ERROR line
+/// naming the topic and what is wrong.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_or_deleted_topic_is_detected() -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+
+    let s = Setup::new();
+    s.init(&["--length", "1", "--partitions", "1"]).await?;
+    let topic = format!("kgs.{}", s.pool);
+    let producer_http = free_addr()?;
+    let log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
+    let mut producer = s.producer(&["run", "--batch-size", "5", "--poll-interval", "100ms"])?;
+    producer
+        .env("KGS_HTTP_ADDR", &producer_http)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let mut producer: Child = producer.spawn()?;
+
+    let topic_errors = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("kgs_producer_errors_total") && l.contains("kind=\"topic\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Leading and publishing with the topic as created: no topic error.
+    wait_for(
+        "the producer to publish",
+        Duration::from_secs(60),
+        || async {
+            let Ok((_, text)) = http_get(&producer_http, "/metrics").await else {
+                return Ok(None);
+            };
+            let published = text
+                .lines()
+                .find(|l| l.starts_with("kgs_producer_batches_published_total"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            Ok((published > 0.0).then_some(text))
+        },
+    )
+    .await
+    .map(|text| assert_eq!(topic_errors(&text), 0.0))?;
+
+    let admin: AdminClient<DefaultClientContext> = kgs_tests::kafka_config().create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin
+        .create_partitions([&NewPartitions::new(&topic, 2)], &opts)
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("create partitions of {t}: {e}"))?;
+    }
+    wait_for(
+        "a topic error for the new partition count",
+        Duration::from_secs(60),
+        || async {
+            let (_, text) = http_get(&producer_http, "/metrics").await?;
+            Ok((topic_errors(&text) > 0.0).then_some(()))
+        },
+    )
+    .await?;
+
+    for r in admin.delete_topics(&[&topic], &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
+    }
+    wait_for(
+        "the deleted topic in the producer's log",
+        Duration::from_secs(60),
+        || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            Ok(text.contains("does not exist").then_some(text))
+        },
+    )
+    .await
+    .map(|text| {
+        let line = text
+            .lines()
+            .find(|l| l.contains("does not exist"))
+            .unwrap_or_default();
+        assert!(line.contains("ERROR") && line.contains(&topic), "{line}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("2 partitions") && l.contains("ERROR")),
+            "no ERROR line about the partition count"
+        );
+    })?;
+    producer.start_kill()?;
+    let _ = producer.wait().await;
     s.drop_db().await;
     Ok(())
 }
