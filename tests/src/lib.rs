@@ -97,7 +97,10 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf> {
         .parent()
         .and_then(|deps| deps.parent())
         .context("test executable has no target/<profile> folder")?;
-    for candidate in [profile_dir.join(name), profile_dir.join("examples").join(name)] {
+    for candidate in [
+        profile_dir.join(name),
+        profile_dir.join("examples").join(name),
+    ] {
         if candidate.is_file() {
             return Ok(candidate);
         }
