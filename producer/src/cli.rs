@@ -69,6 +69,10 @@ pub enum CommandArgs {
     Stats(StatsArgs),
     /// Take keys out of circulation (e.g. `api`, `www`, `admin`).
     Reserve(ReserveArgs),
+    /// Put handed-out keys the application no longer uses back into the
+    /// pool (the leading producer moves them); one line per key, exit 1 if
+    /// any was refused.
+    Recycle(RecycleArgs),
 }
 
 /// `init`.
@@ -142,6 +146,16 @@ pub struct ReserveArgs {
     pub keys: Vec<String>,
 }
 
+/// `recycle`.
+#[derive(Debug, Args)]
+pub struct RecycleArgs {
+    /// Pool name.
+    #[arg(long, env = "KGS_POOL")]
+    pub pool: String,
+    /// Keys to recycle; none or `-` reads whitespace-separated keys from stdin.
+    pub keys: Vec<String>,
+}
+
 /// A resolved command.
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -158,6 +172,13 @@ pub enum Command {
         pool: Option<String>,
         /// As JSON.
         json: bool,
+    },
+    /// Recycle handed-out keys.
+    Recycle {
+        /// Pool name.
+        pool: String,
+        /// The keys (empty or `-`: read from stdin).
+        keys: Vec<String>,
     },
     /// Reserve keys.
     Reserve {
@@ -204,6 +225,10 @@ impl Cli {
             CommandArgs::Stats(a) => Command::Stats {
                 pool: a.pool,
                 json: a.json,
+            },
+            CommandArgs::Recycle(a) => Command::Recycle {
+                pool: a.pool,
+                keys: a.keys,
             },
             CommandArgs::Reserve(a) => Command::Reserve {
                 pool: a.pool,

@@ -26,6 +26,10 @@ pub const ALL: &[&str] = &[
     // Return of a consumer's unused keys.
     "return_after_delete",
     "return_after_insert",
+    // Recycling of a handed-out key.
+    "recycle_after_delete",
+    "recycle_after_insert",
+    "recycle_after_done",
 ];
 
 fn armed() -> Option<&'static str> {

@@ -1,6 +1,6 @@
 //! `kgs-producer run`: wait for the pool's lease, then, while leading, keep
 //! every partition's backlog between the watermarks, top the pool up, put
-//! returned keys back, and finish any unfinished batch first.
+//! returned and recycled keys back, and finish any unfinished batch first.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -168,6 +168,7 @@ async fn lead(
                 last_recovery = Some(Instant::now());
             }
             mover.process_returns().await?;
+            mover.process_recycles().await?;
             top_up(
                 store,
                 pool,

@@ -11,6 +11,7 @@
 //! - [`mover`]: the batch move/publish protocol, its recovery, returned keys.
 //! - [`kafka`]: transactional publishing, backlog, search for a batch.
 //! - [`leader`]: the `run` loop; [`http`] and [`metrics`]: observability.
+//! - [`recycle`]: requests to recycle handed-out keys, and their execution.
 //! - [`stats`]: the `stats` command; [`store`]: MongoDB access.
 //! - [`failpoint`]: test-only fault injection (`KGS_FAILPOINT`).
 
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod mover;
 pub mod permutation;
 pub mod pool;
+pub mod recycle;
 pub mod stats;
 pub mod store;
 
@@ -86,6 +88,7 @@ pub async fn run(
             }
             Ok(())
         }
+        Command::Recycle { pool, keys } => recycle_command(&config, &pool, keys).await,
         Command::Reserve { pool, keys } => {
             let store = Store::connect(&config).await?;
             for key in keys {
@@ -95,6 +98,44 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// `recycle`: one line per key (`<key>: accepted` or `<key>: refused
+/// (<kind>): <reason>`); an error (non-zero exit) if any was refused. With no
+/// keys, or `-`, reads whitespace-separated keys from stdin.
+async fn recycle_command(config: &Config, pool: &str, keys: Vec<String>) -> Result<()> {
+    let keys = if keys.is_empty() || keys == ["-"] {
+        let mut input = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
+            .map_err(|e| Error::Config(format!("reading keys from stdin: {e}")))?;
+        input.split_whitespace().map(str::to_owned).collect()
+    } else {
+        keys
+    };
+    let store = Store::connect(config).await?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
+    let requester = recycle::Requester::new(&store, pool, format!("kgs-producer@{host}")).await?;
+    let mut refused = 0;
+    for key in &keys {
+        match requester.request(key).await? {
+            recycle::RecycleOutcome::Accepted(_) => println!("{key}: accepted"),
+            recycle::RecycleOutcome::BadKey(e) => {
+                refused += 1;
+                println!("{key}: refused (bad_key): {e}");
+            }
+            recycle::RecycleOutcome::Refused(r) => {
+                refused += 1;
+                println!("{key}: refused ({}): {r}", r.kind());
+            }
+        }
+    }
+    if refused > 0 {
+        return Err(Error::Refused(format!(
+            "{refused} of {} keys refused",
+            keys.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Generates a new pool's first keys under the pool's lease (so it never

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
-use kgs_schemas::docs::{self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, PoolDoc, UsedKeyDoc};
+use kgs_schemas::docs::{
+    self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, PoolDoc, RecycleDoc, UsedKeyDoc,
+};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
@@ -32,6 +34,8 @@ pub struct Store {
     pub batches: Collection<BatchRecord>,
     /// `claims`.
     pub claims: Collection<ClaimDoc>,
+    /// `recycles`.
+    pub recycles: Collection<RecycleDoc>,
 }
 
 /// The two key collections of one pool.
@@ -88,6 +92,7 @@ impl Store {
             leases: db.collection(docs::LEASES),
             batches: db.collection(docs::BATCHES),
             claims: db.collection(docs::CLAIMS),
+            recycles: db.collection(docs::RECYCLES),
             db,
         })
     }
@@ -122,6 +127,7 @@ impl Store {
             docs::LEASES.to_owned(),
             docs::BATCHES.to_owned(),
             docs::CLAIMS.to_owned(),
+            docs::RECYCLES.to_owned(),
             docs::keys_collection(pool),
             docs::used_keys_collection(pool),
         ] {
@@ -164,6 +170,15 @@ impl Store {
             )
             .await
             .map_err(Error::store("create index claims.pool_state"))?;
+        // The leader looks for the pool's `requested` recycles every pass.
+        self.recycles
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "pool": 1, "state": 1 })
+                    .build(),
+            )
+            .await
+            .map_err(Error::store("create index recycles.pool_state"))?;
         Ok(())
     }
 }
