@@ -2,6 +2,16 @@
 //!
 //! - `GET /keys`: one key as plain text; `503 no keys` if none arrives
 //!   within `--key-wait` (default 100 ms).
+//! - `DELETE /keys/{key}`: recycle a key the application no longer uses
+//!   (`KeyConsumer::recycle_wait`): `200 recycled` once the producer put it
+//!   back within `--recycle-wait-ms`, else `202 accepted` (it still will);
+//!   `400` a key not of the pool's format, `404` a key never handed out (or
+//!   already recycled), `409` a key that cannot be recycled now; each with a
+//!   one-line reason.
+//! - `GET /keys/config`: the `collStats` figures (count, size, avgObjSize,
+//!   storageSize, totalIndexSize) of the pool's `keys` and `used_keys`, as JSON.
+//! - `GET /keys/count`: keys left in `keys.<pool>` (a JSON number, from the
+//!   collection's metadata count).
 //! - `GET /metrics`: Prometheus text format (the consumer's metrics).
 //! - `GET /healthz`: `ok`.
 //! - SIGTERM or Ctrl-C: stop serving, then shut the consumer down, which
@@ -16,13 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 use clap::Parser;
-use kgs_consumer::{Error, KeyConsumer};
+use kgs_consumer::{Error, KeyConsumer, RecycleOutcome};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tracing::{error, info};
 
@@ -64,6 +74,10 @@ struct Config {
     /// How long `GET /keys` waits for a batch when the buffer is empty.
     #[arg(long, env = "KGS_KEY_WAIT_MS", default_value_t = 100)]
     key_wait_ms: u64,
+    /// How long `DELETE /keys/{key}` waits for the producer to put the key
+    /// back before answering `202 accepted` instead of `200 recycled`.
+    #[arg(long, env = "KGS_RECYCLE_WAIT_MS", default_value_t = 1_000)]
+    recycle_wait_ms: u64,
 }
 
 #[derive(Clone)]
@@ -71,6 +85,7 @@ struct AppState {
     keys: Arc<KeyConsumer>,
     registry: Registry,
     key_wait: Duration,
+    recycle_wait: Duration,
 }
 
 #[tokio::main]
@@ -128,9 +143,21 @@ async fn run(
         keys: Arc::clone(&keys),
         registry,
         key_wait: Duration::from_millis(config.key_wait_ms),
+        recycle_wait: Duration::from_millis(config.recycle_wait_ms),
     };
     let app = Router::new()
         .route("/keys", get(next_key))
+        .route("/keys/{key}", delete(recycle))
+        // The static routes win over `{key}`: keys spelled like them are
+        // recycled through these routes' DELETE.
+        .route(
+            "/keys/config",
+            get(pool_config).delete(|s| recycle_key(s, "config".to_owned())),
+        )
+        .route(
+            "/keys/count",
+            get(keys_count).delete(|s| recycle_key(s, "count".to_owned())),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
@@ -171,6 +198,57 @@ async fn next_key(State(state): State<AppState>) -> Response {
             error!(cause = %e, "next_key failed");
             (StatusCode::INTERNAL_SERVER_ERROR, "error\n").into_response()
         }
+    }
+}
+
+async fn recycle(state: State<AppState>, Path(key): Path<String>) -> Response {
+    recycle_key(state, key).await
+}
+
+async fn recycle_key(State(state): State<AppState>, key: String) -> Response {
+    let line = |status: StatusCode, text: String| (status, format!("{text}\n")).into_response();
+    match state.keys.recycle_wait(&key, state.recycle_wait).await {
+        Ok(RecycleOutcome::Done { .. }) => line(StatusCode::OK, "recycled".to_owned()),
+        Ok(RecycleOutcome::Accepted { .. }) => line(StatusCode::ACCEPTED, "accepted".to_owned()),
+        Err(e @ Error::BadKey { .. }) => line(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(Error::NotRecyclable { refusal, .. }) if refusal.is_not_found() => {
+            line(StatusCode::NOT_FOUND, refusal.to_string())
+        }
+        Err(Error::NotRecyclable { refusal, .. }) => {
+            line(StatusCode::CONFLICT, refusal.to_string())
+        }
+        Err(e) => {
+            error!(cause = %e, key, "recycle failed");
+            line(StatusCode::INTERNAL_SERVER_ERROR, "error".to_owned())
+        }
+    }
+}
+
+async fn pool_config(State(state): State<AppState>) -> Response {
+    match state.keys.pool_stats().await {
+        Ok(stats) => json(&stats),
+        Err(e) => {
+            error!(cause = %e, "pool stats failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "error\n").into_response()
+        }
+    }
+}
+
+async fn keys_count(State(state): State<AppState>) -> Response {
+    match state.keys.keys_left().await {
+        Ok(n) => json(&n),
+        Err(e) => {
+            error!(cause = %e, "counting keys failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "error\n").into_response()
+        }
+    }
+}
+
+/// A JSON body (axum's `json` feature is not enabled; serde_json is there).
+fn json(value: &impl serde::Serialize) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 

@@ -208,6 +208,19 @@ pub struct Leftover {
     pub unhanded: Vec<String>,
 }
 
+/// Where a key of a batch stands in the buffer ([`KeyBuffer::key_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferedKey {
+    /// The batch is not in the buffer (not pushed yet, drained and retired,
+    /// or closed), or the key is not one of its keys.
+    Untracked,
+    /// The key was handed out (its segment's cursor passed it); it can
+    /// never be handed out again from this buffer.
+    HandedOut,
+    /// The key is still waiting in the buffer.
+    Waiting,
+}
+
 /// Why a batch cannot be pushed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
@@ -377,6 +390,36 @@ impl KeyBuffer {
         drained
     }
 
+    /// Whether `key` of batch `batch_id` was handed out from this buffer.
+    /// Exact: a key is handed out iff its segment's cursor passed it, and a
+    /// cursor only grows, so [`BufferedKey::HandedOut`] stays true. Scans the
+    /// batch's keys under the batch-list lock (for rare calls such as
+    /// recycling, not for the hot path).
+    pub fn key_state(&self, batch_id: &str, key: &str) -> BufferedKey {
+        let batches = self.batches.lock().expect("buffer lock poisoned");
+        let Some(b) = batches.iter().find(|b| b.batch.id == batch_id) else {
+            return BufferedKey::Untracked;
+        };
+        let Some(index) = b
+            .segments
+            .iter()
+            .flat_map(|s| s.start..s.start + s.len)
+            .find(|&i| b.batch.key(i).as_str() == key)
+        else {
+            return BufferedKey::Untracked;
+        };
+        let segment = b
+            .segments
+            .iter()
+            .find(|s| (s.start..s.start + s.len).contains(&index))
+            .expect("the index came from a segment");
+        if index - segment.start < segment.handed_out() {
+            BufferedKey::HandedOut
+        } else {
+            BufferedKey::Waiting
+        }
+    }
+
     /// Whether [`KeyBuffer::close`] has been called.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -445,6 +488,26 @@ mod tests {
 
     fn keys(prefix: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i:05}")).collect()
+    }
+
+    /// A key is `Waiting` until taken, then `HandedOut`; unknown batches and
+    /// keys, and batches gone after close, are `Untracked`.
+    #[test]
+    fn key_state_follows_the_cursor() {
+        let b = KeyBuffer::new(1);
+        let ks = keys("k", 3);
+        b.push("b1", &ks).unwrap();
+        assert_eq!(b.key_state("b1", &ks[0]), BufferedKey::Waiting);
+        assert_eq!(b.key_state("b2", &ks[0]), BufferedKey::Untracked);
+        assert_eq!(b.key_state("b1", "zzz"), BufferedKey::Untracked);
+        let first = b.next_key().unwrap().to_string();
+        assert_eq!(b.key_state("b1", &first), BufferedKey::HandedOut);
+        let waiting: Vec<_> = ks.iter().filter(|k| **k != first).collect();
+        for k in &waiting {
+            assert_eq!(b.key_state("b1", k), BufferedKey::Waiting);
+        }
+        b.close();
+        assert_eq!(b.key_state("b1", &first), BufferedKey::Untracked);
     }
 
     /// Every pushed key comes out exactly once, then the buffer reports empty.

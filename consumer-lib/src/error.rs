@@ -2,6 +2,7 @@
 //! caller can branch on what happened. (Bad messages on the topic are not
 //! errors of any call: they are skipped, logged and counted; see `metrics`.)
 
+use kgs_schemas::recycle::Refusal;
 use kgs_schemas::FormatError;
 use rdkafka::error::KafkaError;
 
@@ -73,6 +74,34 @@ pub enum Error {
     Return {
         /// The batch id.
         batch: String,
+        /// The MongoDB error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// A key given to [`crate::KeyConsumer::recycle`] is not a key of the
+    /// pool (wrong length or a character outside its alphabet).
+    #[error("bad key {key:?}: {source}")]
+    BadKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        #[source]
+        source: FormatError,
+    },
+    /// A key cannot be recycled; nothing was changed. `refusal` says why
+    /// ([`Refusal::is_not_found`]: not a handed-out key at all).
+    #[error("key {key:?} cannot be recycled: {refusal}")]
+    NotRecyclable {
+        /// The key.
+        key: String,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// Reading or writing MongoDB for a recycle request or pool statistics failed.
+    #[error("MongoDB {op}")]
+    Store {
+        /// What was being done.
+        op: &'static str,
         /// The MongoDB error.
         #[source]
         source: mongodb::error::Error,

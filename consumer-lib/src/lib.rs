@@ -63,6 +63,8 @@
 //! - [`config`]: the builder, defaults and the rdkafka configuration.
 //! - `intake`: the consume loop (claim, commit, buffer, backpressure, shutdown).
 //! - [`buffer`]: the lock-free key buffer; [`key`]: the inline [`Key`].
+//! - [`recycle`]: [`KeyConsumer::recycle`], putting a handed-out key back;
+//!   [`stats`]: [`KeyConsumer::pool_stats`] and [`KeyConsumer::keys_left`].
 //! - `store`: claim records in MongoDB; [`metrics`]: metric names and events.
 //! - [`error`]: the [`Error`] type.
 #![deny(missing_docs)]
@@ -73,6 +75,8 @@ pub mod error;
 mod intake;
 pub mod key;
 pub mod metrics;
+pub mod recycle;
+pub mod stats;
 mod store;
 
 use std::sync::{Arc, Mutex};
@@ -88,6 +92,8 @@ pub use config::KeyConsumerBuilder;
 pub use error::{Error, Result};
 pub use intake::ShutdownReport;
 pub use key::Key;
+pub use recycle::RecycleOutcome;
+pub use stats::{CollStats, PoolStats};
 
 use intake::{Context, Intake, Shared};
 use store::Store;
@@ -104,6 +110,10 @@ pub struct KeyConsumer {
     pool: String,
     group: String,
     instance: String,
+    /// For recycle requests and pool statistics.
+    store: Store,
+    /// The pool's key format, to reject bad keys given to `recycle`.
+    format: KeyFormat,
 }
 
 impl KeyConsumer {
@@ -153,13 +163,13 @@ impl KeyConsumer {
         });
         let intake = Intake {
             consumer: Arc::new(consumer),
-            store,
+            store: store.clone(),
             shared: Arc::clone(&shared),
             topic: pool_doc.topic,
             pool: pool.clone(),
             group: group.clone(),
             instance: instance.clone(),
-            format,
+            format: format.clone(),
             low_watermark: config.low_watermark,
             high_watermark: config.high_watermark,
             shutdown_timeout: config.shutdown_timeout,
@@ -175,6 +185,8 @@ impl KeyConsumer {
             pool,
             group,
             instance,
+            store,
+            format,
         })
     }
 

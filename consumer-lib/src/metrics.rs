@@ -37,6 +37,9 @@ pub const COMMIT_FAILURES_TOTAL: &str = "kgs_consumer_commit_failures_total";
 pub const CLAIM_ERRORS_TOTAL: &str = "kgs_consumer_claim_errors_total";
 /// Counter, label `event` (`assign`, `revoke`, `error`): rebalance events.
 pub const REBALANCES_TOTAL: &str = "kgs_consumer_rebalances_total";
+/// Counter, label `outcome` (`accepted`, `bad_key`, `error`, or a refusal
+/// kind from [`kgs_schemas::recycle::Refusal::KINDS`]): recycle requests.
+pub const RECYCLE_REQUESTS_TOTAL: &str = "kgs_consumer_recycle_requests_total";
 /// Gauge: partitions of the pool topic currently assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "kgs_consumer_assigned_partitions";
 /// Gauge: 1 while the assigned partitions are paused (buffer above the high watermark).
@@ -58,6 +61,7 @@ pub(crate) struct Metrics {
     pub commit_failures: IntCounter,
     pub claim_errors: IntCounter,
     pub rebalances: IntCounterVec,
+    pub recycle_requests: IntCounterVec,
     pub paused: IntGauge,
     pub assigned_partitions: IntGauge,
 }
@@ -110,6 +114,13 @@ impl Metrics {
                     &["event"],
                 )?,
             )?,
+            recycle_requests: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(RECYCLE_REQUESTS_TOTAL, "Recycle requests, by outcome."),
+                    &["outcome"],
+                )?,
+            )?,
             paused: reg(
                 registry,
                 IntGauge::new(PAUSED, "1 while the assigned partitions are paused.")?,
@@ -126,6 +137,12 @@ impl Metrics {
         }
         for event in ["assign", "revoke", "error"] {
             m.rebalances.with_label_values(&[event]);
+        }
+        for outcome in ["accepted", "bad_key", "error"]
+            .into_iter()
+            .chain(kgs_schemas::recycle::Refusal::KINDS)
+        {
+            m.recycle_requests.with_label_values(&[outcome]);
         }
         Ok(m)
     }
@@ -205,6 +222,13 @@ pub(crate) fn backpressure(m: &Metrics, paused: bool, depth: usize) {
 pub(crate) fn keys_returned(m: &Metrics, batch: &str, keys: usize) {
     m.keys_returned.inc_by(keys as u64);
     info!(batch, keys, "claim set to returning");
+}
+
+/// A recycle request ended (`outcome`: `accepted`, `bad_key`, `error` or a
+/// refusal kind).
+pub(crate) fn recycle_request(m: &Metrics, key: &str, outcome: &'static str) {
+    m.recycle_requests.with_label_values(&[outcome]).inc();
+    info!(key, outcome, "recycle request");
 }
 
 /// Formats an error with its causes, `a: b: c`.

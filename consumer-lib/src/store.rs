@@ -1,12 +1,17 @@
-//! The consumer's MongoDB side: reading the pool document and writing claim
-//! records (`claims`, `_id` = batch id).
+//! The consumer's MongoDB side: reading the pool document, writing claim
+//! records (`claims`, `_id` = batch id), recycle requests (`recycles`) and
+//! the pool's collection statistics.
 //!
 //! Every query and update names the exact `_id`, so MongoDB serves it from
 //! the primary-key index. Claim writes use `w: majority, j: true`: a claim
 //! must survive a primary failover before the batch's offset is committed.
 
 use bson::doc;
-use kgs_schemas::docs::{ClaimDoc, ClaimState, PoolDoc, CLAIMS, POOLS};
+use bson::Document;
+use kgs_schemas::docs::{
+    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, RecycleDoc, UsedKeyDoc, CLAIMS, POOLS,
+    RECYCLES,
+};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, CollectionOptions, WriteConcern};
 use mongodb::{Collection, Database};
@@ -32,8 +37,10 @@ pub(crate) enum ClaimOutcome {
 /// Handles on the collections the consumer uses.
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
+    db: Database,
     pools: Collection<PoolDoc>,
     claims: Collection<ClaimDoc>,
+    recycles: Collection<RecycleDoc>,
 }
 
 impl Store {
@@ -43,9 +50,17 @@ impl Store {
             .journal(true)
             .build();
         Self {
+            db: db.clone(),
             pools: db.collection(POOLS),
             claims: db.collection_with_options(
                 CLAIMS,
+                CollectionOptions::builder()
+                    .write_concern(durable.clone())
+                    .build(),
+            ),
+            // A request is acknowledged to the app only once it is durable.
+            recycles: db.collection_with_options(
+                RECYCLES,
                 CollectionOptions::builder().write_concern(durable).build(),
             ),
         }
@@ -137,6 +152,77 @@ impl Store {
                 source,
             })?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// The `used_keys.<pool>` document of `key`, by `_id`.
+    pub async fn used_key(&self, pool: &str, key: &str) -> Result<Option<UsedKeyDoc>> {
+        self.db
+            .collection::<UsedKeyDoc>(&used_keys_collection(pool))
+            .find_one(doc! { "_id": key })
+            .await
+            .map_err(|source| Error::Store {
+                op: "reading used_keys",
+                source,
+            })
+    }
+
+    /// The claim of `batch`, by `_id`.
+    pub async fn claim_of(&self, batch: &str) -> Result<Option<ClaimDoc>> {
+        self.claims
+            .find_one(doc! { "_id": batch })
+            .await
+            .map_err(|source| Error::Store {
+                op: "reading a claim",
+                source,
+            })
+    }
+
+    /// Records a recycle request; `false` if one with this `_id` exists.
+    pub async fn request_recycle(&self, request: &RecycleDoc) -> Result<bool> {
+        match self.recycles.insert_one(request).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(source) => Err(Error::Store {
+                op: "recording a recycle request",
+                source,
+            }),
+        }
+    }
+
+    /// A recycle request, by `_id`.
+    pub async fn recycle(&self, id: &str) -> Result<Option<RecycleDoc>> {
+        self.recycles
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(|source| Error::Store {
+                op: "reading a recycle request",
+                source,
+            })
+    }
+
+    /// The `collStats` reply of a collection.
+    pub async fn coll_stats(&self, collection: &str) -> Result<Document> {
+        self.db
+            .run_command(doc! { "collStats": collection })
+            .await
+            .map_err(|source| Error::Store {
+                op: "collStats",
+                source,
+            })
+    }
+
+    /// The document count of a collection from its metadata (no scan).
+    pub async fn estimated_count(&self, collection: &str) -> Result<u64> {
+        self.db
+            .collection::<Document>(collection)
+            .estimated_document_count()
+            .await
+            .map_err(|source| Error::Store {
+                op: "counting documents",
+                source,
+            })
     }
 }
 

@@ -1,0 +1,131 @@
+//! Recycling a key the application no longer uses (e.g. the id of a deleted
+//! short URL): [`KeyConsumer::recycle`] checks it and records a request; the
+//! producer leader, the only writer of `keys.<pool>`, moves the key from
+//! `used_keys.<pool>` back to `keys.<pool>`, where it waits to be handed out
+//! again, once.
+//!
+//! The checks are [`kgs_schemas::recycle`]'s, with one addition only an
+//! instance can make: a key of a batch this instance still holds open is
+//! recyclable only if this instance's buffer handed it out
+//! ([`crate::KeyBuffer::key_state`]). A batch open in another instance is
+//! refused, since that instance may still hand the key out.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use kgs_schemas::docs::{recycle_id, RecycleDoc, RecycleState};
+use kgs_schemas::recycle::{check_claim, check_used, ClaimVerdict, Refusal};
+
+use crate::buffer::BufferedKey;
+use crate::error::{Error, Result};
+use crate::{metrics, KeyConsumer};
+
+/// How often [`KeyConsumer::recycle_wait`] looks at the request.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What became of an accepted recycle request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecycleOutcome {
+    /// Recorded durably; the producer leader will put the key back.
+    Accepted {
+        /// The request's `_id` in `recycles` (`<pool>:<key>:<batch>`).
+        id: String,
+    },
+    /// The key is back in `keys.<pool>`.
+    Done {
+        /// The request's `_id`.
+        id: String,
+    },
+}
+
+impl KeyConsumer {
+    /// Asks for `key` (handed out earlier by any instance of the pool) to go
+    /// back into the pool. Returns once the request is durable:
+    /// [`RecycleOutcome::Accepted`]. Errors, each changing nothing:
+    /// [`Error::BadKey`] (not a key of the pool), [`Error::NotRecyclable`]
+    /// (not handed out, reserved, still in a buffer, already recycled, …),
+    /// [`Error::Store`]. Every read is by exact `_id`.
+    pub async fn recycle(&self, key: &str) -> Result<RecycleOutcome> {
+        let m = &self.shared.metrics;
+        let result = self.request_recycle(key).await;
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(Error::BadKey { .. }) => "bad_key",
+            Err(Error::NotRecyclable { refusal, .. }) => refusal.kind(),
+            Err(_) => "error",
+        };
+        metrics::recycle_request(m, key, outcome);
+        result
+    }
+
+    /// [`KeyConsumer::recycle`], then waits up to `timeout` for the producer
+    /// to finish it: [`RecycleOutcome::Done`], or `Accepted` if it has not
+    /// yet (it still will). A request the producer refuses on its own
+    /// re-check is [`Error::NotRecyclable`] ([`Refusal::Changed`]).
+    pub async fn recycle_wait(&self, key: &str, timeout: Duration) -> Result<RecycleOutcome> {
+        let RecycleOutcome::Accepted { id } = self.recycle(key).await? else {
+            unreachable!("recycle only accepts");
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.store.recycle(&id).await?.map(|r| r.state) {
+                Some(RecycleState::Done) => return Ok(RecycleOutcome::Done { id }),
+                Some(RecycleState::Refused) => {
+                    return Err(Error::NotRecyclable {
+                        key: key.to_owned(),
+                        refusal: Refusal::Changed,
+                    })
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() + POLL > deadline {
+                return Ok(RecycleOutcome::Accepted { id });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn request_recycle(&self, key: &str) -> Result<RecycleOutcome> {
+        let refused = |refusal: Refusal| Error::NotRecyclable {
+            key: key.to_owned(),
+            refusal,
+        };
+        self.format.check(key).map_err(|source| Error::BadKey {
+            key: key.to_owned(),
+            source,
+        })?;
+        let used = self.store.used_key(&self.pool, key).await?;
+        let (batch, n) = check_used(used.as_ref()).map_err(refused)?;
+        let claim = self.store.claim_of(batch).await?;
+        match check_claim(claim.as_ref(), key, batch, Some(&self.instance)).map_err(refused)? {
+            ClaimVerdict::HandedOut => {}
+            ClaimVerdict::AskBuffer => match self.shared.buffer.key_state(batch, key) {
+                BufferedKey::HandedOut => {}
+                // Untracked: not pushed yet (claim written, commit pending),
+                // or retired a moment before its claim becomes `drained`;
+                // either way the claim says open, so refuse (a retry works).
+                BufferedKey::Waiting | BufferedKey::Untracked => {
+                    return Err(refused(Refusal::InBuffer {
+                        batch: batch.to_owned(),
+                    }))
+                }
+            },
+        }
+        let request = RecycleDoc {
+            id: recycle_id(&self.pool, key, batch),
+            pool: self.pool.clone(),
+            key: key.to_owned(),
+            batch: batch.to_owned(),
+            n,
+            state: RecycleState::Requested,
+            reason: None,
+            requested_by: self.instance.clone(),
+            requested_at: Utc::now(),
+            done_at: None,
+        };
+        if !self.store.request_recycle(&request).await? {
+            return Err(refused(Refusal::AlreadyRecycled));
+        }
+        Ok(RecycleOutcome::Accepted { id: request.id })
+    }
+}
