@@ -8,4 +8,5 @@ mod consumer;
 mod hostile;
 mod observability;
 mod producer;
+mod recycle;
 mod smoke;

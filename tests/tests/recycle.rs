@@ -1,0 +1,662 @@
+//! Tests of key recycling against the real servers: a recycled key is handed
+//! out again exactly once across app-server instances, every refusal
+//! changes nothing, a crash at each recycle failpoint is finished by the
+//! next leader, and the app server's `DELETE /keys/{key}`, `GET
+//! /keys/config` and `GET /keys/count`.
+//!
+//! Pools are tiny (2 decimal digits: 100 keys, all generated at `init`), so
+//! `keys ∪ used_keys` can be compared with the whole key space. Needs the
+//! built `kgs-producer` and `app-server` (`cargo build --workspace --bins
+//! --examples`).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bson::{doc, Document};
+use futures::TryStreamExt;
+use kgs_consumer::{Error as ConsumerError, KeyConsumer, RecycleOutcome};
+use kgs_schemas::KeyFormat;
+use kgs_tests::{kafka_brokers, mongo_client, mongodb_uri, unique, wait_for, workspace_binary};
+use prometheus::Registry;
+
+const WAIT: Duration = Duration::from_secs(90);
+const ALPHABET: &str = "0123456789";
+
+/// One 100-key pool in its own database, with its own consumer group.
+struct Pool {
+    db: String,
+    name: String,
+    group: String,
+    partitions: u32,
+}
+
+impl Pool {
+    fn new(partitions: u32) -> Self {
+        Self {
+            db: unique("kgs-recycle"),
+            name: unique("p"),
+            group: unique("g"),
+            partitions,
+        }
+    }
+
+    /// Every key of the space.
+    fn space(&self) -> HashSet<String> {
+        let f = KeyFormat::new(ALPHABET, 2).expect("format");
+        (0..f.space()).map(|i| f.key_at(i).expect("key")).collect()
+    }
+
+    fn producer(&self, args: &[&str], failpoint: Option<&str>) -> Result<tokio::process::Command> {
+        let mut c = tokio::process::Command::new(workspace_binary("kgs-producer")?);
+        c.args(args)
+            .env("KGS_KAFKA_BROKERS", kafka_brokers())
+            .env("KGS_MONGODB_URI", mongodb_uri())
+            .env("KGS_MONGODB_DB", &self.db)
+            .env("KGS_POOL", &self.name)
+            .env("KGS_GROUP", &self.group)
+            .env("KGS_LEASE_DURATION", "3s")
+            .env("KGS_CONNECT_TIMEOUT", "10s")
+            .env_remove("KGS_FAILPOINT")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(f) = failpoint {
+            c.env("KGS_FAILPOINT", f);
+        }
+        Ok(c)
+    }
+
+    /// `init`: the whole space of 100 keys is generated.
+    async fn init(&self) -> Result<()> {
+        let parts = self.partitions.to_string();
+        let out = self
+            .producer(
+                &[
+                    "init",
+                    "--length",
+                    "2",
+                    "--alphabet",
+                    ALPHABET,
+                    "--partitions",
+                    &parts,
+                ],
+                None,
+            )?
+            .output()
+            .await?;
+        ensure!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Spawns `run` (batches of 10, at most `high` per partition waiting).
+    fn run(&self, high: u32, failpoint: Option<&str>) -> Result<tokio::process::Child> {
+        let high = high.to_string();
+        let log = std::env::temp_dir().join(format!("{}-{}.log", self.name, unique("run")));
+        let child = self
+            .producer(
+                &[
+                    "run",
+                    "--batch-size",
+                    "10",
+                    "--low-watermark",
+                    "1",
+                    "--high-watermark",
+                    &high,
+                    "--poll-interval",
+                    "100ms",
+                ],
+                failpoint,
+            )?
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .context("spawning kgs-producer run")?;
+        Ok(child)
+    }
+
+    /// `kgs-producer recycle KEY...` (or from stdin): (success, stdout).
+    async fn recycle_cli(&self, keys: &[&str], stdin: Option<&str>) -> Result<(bool, String)> {
+        let mut args = vec!["recycle"];
+        args.extend_from_slice(keys);
+        let mut c = self.producer(&args, None)?;
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if stdin.is_some() {
+            c.stdin(std::process::Stdio::piped());
+        }
+        let mut child = c.spawn()?;
+        if let Some(input) = stdin {
+            use tokio::io::AsyncWriteExt;
+            let mut pipe = child.stdin.take().context("stdin")?;
+            pipe.write_all(input.as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+
+    async fn database(&self) -> Result<mongodb::Database> {
+        Ok(mongo_client().await?.database(&self.db))
+    }
+
+    async fn docs(&self, coll: &str, filter: Document) -> Result<Vec<Document>> {
+        Ok(self
+            .database()
+            .await?
+            .collection::<Document>(coll)
+            .find(filter)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    async fn ids(&self, coll: &str) -> Result<HashSet<String>> {
+        Ok(self
+            .docs(coll, doc! {})
+            .await?
+            .iter()
+            .map(|d| d.get_str("_id").expect("_id").to_owned())
+            .collect())
+    }
+
+    /// `keys ∪ used_keys` is exactly the space, no key in both.
+    async fn check_invariant(&self) -> Result<()> {
+        let keys = self.ids(&format!("keys.{}", self.name)).await?;
+        let used = self.ids(&format!("used_keys.{}", self.name)).await?;
+        let both: Vec<_> = keys.intersection(&used).collect();
+        ensure!(both.is_empty(), "keys in both collections: {both:?}");
+        let union: HashSet<String> = keys.union(&used).cloned().collect();
+        ensure!(
+            union == self.space(),
+            "keys ∪ used_keys is not the generated set: {} + {}",
+            keys.len(),
+            used.len()
+        );
+        Ok(())
+    }
+
+    /// The state of the recycle request of `key` (the only one for it).
+    async fn recycle_state(&self, key: &str) -> Result<Option<String>> {
+        let r = self.docs("recycles", doc! { "key": key }).await?;
+        Ok(r.last()
+            .map(|d| d.get_str("state").unwrap_or("").to_owned()))
+    }
+
+    fn consumer(&self, instance: &str) -> kgs_consumer::KeyConsumerBuilder {
+        KeyConsumer::builder()
+            .brokers(kafka_brokers())
+            .mongodb_uri(mongodb_uri())
+            .database(&self.db)
+            .pool(&self.name)
+            .group(&self.group)
+            .instance_id(instance)
+            .registry(Registry::new())
+            .watermarks(5, 10)
+            .kafka_option("session.timeout.ms", "6000")
+            .kafka_option("heartbeat.interval.ms", "500")
+    }
+}
+
+/// Sends SIGTERM to a child and waits for it.
+async fn terminate(mut child: tokio::process::Child) -> Result<std::process::ExitStatus> {
+    let pid = child.id().context("pid")?;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    Ok(tokio::time::timeout(WAIT, child.wait())
+        .await
+        .context("did not exit after SIGTERM")??)
+}
+
+/// One HTTP/1.0 request: (status, body).
+async fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// An example app server process.
+struct AppServer {
+    /// Killed when dropped (`kill_on_drop`).
+    _child: tokio::process::Child,
+    addr: String,
+}
+
+impl AppServer {
+    async fn start(pool: &Pool, instance: &str) -> Result<Self> {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let child = tokio::process::Command::new(workspace_binary("app-server")?)
+            .env("KGS_KAFKA_BROKERS", kafka_brokers())
+            .env("KGS_MONGODB_URI", mongodb_uri())
+            .env("KGS_MONGODB_DB", &pool.db)
+            .env("KGS_POOL", &pool.name)
+            .env("KGS_GROUP", &pool.group)
+            .env("KGS_INSTANCE_ID", instance)
+            .env("KGS_HTTP_ADDR", &addr)
+            .env("KGS_LOW_WATERMARK", "5")
+            .env("KGS_HIGH_WATERMARK", "10")
+            .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("KGS_KEY_WAIT_MS", "20")
+            .env("KGS_RECYCLE_WAIT_MS", "3000")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning app-server")?;
+        let server = Self {
+            _child: child,
+            addr,
+        };
+        wait_for("app-server /healthz", WAIT, || async {
+            Ok(http(&server.addr, "GET", "/healthz")
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200))
+        })
+        .await?;
+        Ok(server)
+    }
+
+    async fn key(&self) -> Result<Option<String>> {
+        match http(&self.addr, "GET", "/keys").await? {
+            (200, key) => Ok(Some(key)),
+            (503, _) => Ok(None),
+            (status, body) => bail!("GET /keys: {status} {body}"),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(u16, String)> {
+        http(&self.addr, "DELETE", &format!("/keys/{key}")).await
+    }
+}
+
+/// Takes keys from every server, round robin, until `done` says stop or
+/// `timeout` passes; returns every key with how often it came.
+async fn collect(
+    servers: &[&AppServer],
+    timeout: Duration,
+    mut done: impl FnMut(&HashMap<String, usize>) -> bool,
+) -> Result<HashMap<String, usize>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while !done(&seen) {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "collecting keys timed out with {} keys",
+            seen.len()
+        );
+        let mut any = false;
+        for s in servers {
+            if let Some(k) = s.key().await? {
+                *seen.entry(k).or_default() += 1;
+                any = true;
+            }
+        }
+        if !any {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(seen)
+}
+
+/// A key recycled through one app server (handed out by another) comes back
+/// exactly once, from either instance, and no other key comes twice; it can
+/// be recycled again after that second hand-out. Along the way the HTTP
+/// codes: 404 for a never-used key, 400 for a bad key, 404/409 for a repeat;
+/// `/keys/config` and `/keys/count` report the collections' figures.
+#[tokio::test(flavor = "multi_thread")]
+async fn recycled_key_is_handed_out_again_exactly_once_across_instances() -> Result<()> {
+    let pool = Pool::new(2);
+    pool.init().await?;
+    let a = AppServer::start(&pool, "a").await?;
+    let b = AppServer::start(&pool, "b").await?;
+
+    // Before any batch: every key is in `keys`, never handed out.
+    let (status, body) = a.delete("42").await?;
+    assert_eq!(status, 404, "never-used key: {body}");
+    assert!(body.contains("not in used_keys") && body.lines().count() == 1);
+    for bad in ["123", "4x", "a"] {
+        let (status, body) = b.delete(bad).await?;
+        assert_eq!(status, 400, "bad key {bad}: {body}");
+        assert_eq!(body.lines().count(), 1, "one-line reason: {body:?}");
+    }
+    let (status, count) = http(&a.addr, "GET", "/keys/count").await?;
+    assert_eq!((status, count.trim()), (200, "100"));
+
+    let run = pool.run(2, None)?;
+    let first = collect(&[&a, &b], Duration::from_secs(180), |s| s.len() == 100).await?;
+    assert!(first.values().all(|n| *n == 1), "a key came twice");
+    let (status, count) = http(&b.addr, "GET", "/keys/count").await?;
+    assert_eq!((status, count.trim()), (200, "0"), "pool exhausted");
+    let (status, config) = http(&a.addr, "GET", "/keys/config").await?;
+    assert_eq!(status, 200, "{config}");
+    let config: serde_json::Value = serde_json::from_str(&config)?;
+    assert_eq!(config["keys"]["count"], 0, "{config}");
+    assert_eq!(config["used_keys"]["count"], 100, "{config}");
+    assert_eq!(
+        config["used_keys"]["ns"],
+        format!("used_keys.{}", pool.name)
+    );
+    for field in ["size", "avgObjSize", "storageSize", "totalIndexSize"] {
+        assert!(config["used_keys"][field].is_i64(), "{field}: {config}");
+    }
+
+    // A key handed out by a, whose claim is open (or drained) in a, recycled
+    // through b: 409 while a's batch is open, then accepted.
+    let claims = pool.docs("claims", doc! { "instance": "a" }).await?;
+    let batch = claims.first().context("a claimed nothing")?;
+    let record = pool
+        .docs("batches", doc! { "_id": batch.get_str("_id")? })
+        .await?;
+    let key = record[0].get_array("keys")?[0]
+        .as_str()
+        .context("key")?
+        .to_owned();
+    let (status, body) = wait_for("recycle accepted", WAIT, || async {
+        let (status, body) = b.delete(&key).await?;
+        ensure!(
+            status != 409 || body.contains("still open in instance a"),
+            "{status} {body}"
+        );
+        Ok((status != 409).then_some((status, body)))
+    })
+    .await?;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let (status, body) = b.delete(&key).await?;
+    assert!(
+        status == 404 || (status == 409 && body.contains("already recycled")),
+        "repeat: {status} {body}"
+    );
+
+    // It comes back exactly once, and nothing else does.
+    let again = collect(&[&a, &b], WAIT, |s| s.contains_key(&key)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let more = collect(&[&a, &b], Duration::from_secs(5), |_| true).await?;
+    assert_eq!(again.len() + more.len(), 1, "{again:?} {more:?}");
+    assert_eq!(again[&key], 1);
+
+    // Handed out again (another batch): recyclable again.
+    let (status, body) = wait_for("second recycle accepted", WAIT, || async {
+        let (status, body) = a.delete(&key).await?;
+        Ok((status != 409).then_some((status, body)))
+    })
+    .await?;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    wait_for("both recycles done", WAIT, || async {
+        let done = pool
+            .docs("recycles", doc! { "key": &key, "state": "done" })
+            .await?;
+        Ok((done.len() == 2).then_some(()))
+    })
+    .await?;
+    assert!(terminate(run).await?.success());
+    pool.check_invariant().await?;
+    drop((a, b));
+    Ok(())
+}
+
+/// Every refusal (bad format, never used, reserved, unclaimed batch, still in
+/// the own buffer, open in another instance, recycled twice) is reported as
+/// such and changes nothing; the one accepted request is then done by the
+/// leader and `keys ∪ used_keys` stays the generated set.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_refusal_changes_nothing() -> Result<()> {
+    let pool = Pool::new(1);
+    pool.init().await?;
+    // Reserve one generated key (never handed out).
+    let keys_before = pool.ids(&format!("keys.{}", pool.name)).await?;
+    let reserved = keys_before.iter().next().context("keys")?.clone();
+    let out = pool
+        .producer(&["reserve", &reserved], None)?
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let run = pool.run(2, None)?;
+    let registry = Registry::new();
+    let a = pool
+        .consumer("a")
+        .registry(registry.clone())
+        .build()
+        .await?;
+    let mut taken = Vec::new();
+    while taken.len() < 3 {
+        match a.next_key_wait(Duration::from_secs(1)).await {
+            Ok(k) => taken.push(k.to_string()),
+            Err(ConsumerError::Empty) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // a stops fetching at 10 buffered keys; the producer keeps 2 batches
+    // waiting behind it, unclaimed.
+    wait_for("an unclaimed published batch", WAIT, || async {
+        let published = pool
+            .docs("batches", doc! { "pool": &pool.name, "state": "published" })
+            .await?;
+        let claimed = pool.ids("claims").await?;
+        Ok(published
+            .into_iter()
+            .find(|b| !claimed.contains(b.get_str("_id").unwrap_or("")))
+            .map(|_| ()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let claimed = pool.ids("claims").await?;
+    let unclaimed = pool
+        .docs("batches", doc! { "pool": &pool.name, "state": "published" })
+        .await?
+        .into_iter()
+        .find(|b| !claimed.contains(b.get_str("_id").unwrap_or("")))
+        .context("unclaimed batch")?;
+    let unclaimed_key = unclaimed.get_array("keys")?[0]
+        .as_str()
+        .context("key")?
+        .to_owned();
+    // A key of a's open batch that a has not handed out.
+    let own_claim = pool.docs("claims", doc! { "instance": "a" }).await?;
+    let own_batch = pool
+        .docs("batches", doc! { "_id": own_claim[0].get_str("_id")? })
+        .await?;
+    let buffered_key = own_batch[0]
+        .get_array("keys")?
+        .iter()
+        .filter_map(|k| k.as_str())
+        .find(|k| !taken.iter().any(|t| t == k))
+        .context("a buffered key")?
+        .to_owned();
+    let never_used = pool
+        .ids(&format!("keys.{}", pool.name))
+        .await?
+        .into_iter()
+        .next()
+        .context("a key left in keys")?;
+
+    let used_before = pool
+        .docs(&format!("used_keys.{}", pool.name), doc! {})
+        .await?;
+    let refusal = |r: kgs_consumer::Result<RecycleOutcome>| match r {
+        Err(ConsumerError::NotRecyclable { refusal, .. }) => refusal.kind().to_owned(),
+        Err(ConsumerError::BadKey { .. }) => "bad_key".to_owned(),
+        other => format!("not refused: {other:?}"),
+    };
+    assert_eq!(refusal(a.recycle("123").await), "bad_key", "wrong length");
+    assert_eq!(refusal(a.recycle("1z").await), "bad_key", "wrong alphabet");
+    assert_eq!(refusal(a.recycle(&never_used).await), "not_used");
+    assert_eq!(refusal(a.recycle(&reserved).await), "reserved");
+    assert_eq!(refusal(a.recycle(&unclaimed_key).await), "unclaimed");
+    assert_eq!(refusal(a.recycle(&buffered_key).await), "in_buffer");
+    // The command line sees no buffer: a's open batch is open elsewhere;
+    // one line per key, exit 1, from stdin too.
+    let (ok, out) = pool
+        .recycle_cli(&[], Some(&format!("{} {}\n", taken[1], reserved)))
+        .await?;
+    assert!(!ok, "exit status must say some were refused");
+    assert!(
+        out.contains(&format!("{}: refused (open_elsewhere): batch", taken[1])),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{reserved}: refused (reserved)")),
+        "{out}"
+    );
+    // a handed taken[0] out: accepted once, then "already recycled".
+    assert!(matches!(
+        a.recycle(&taken[0]).await?,
+        RecycleOutcome::Accepted { .. }
+    ));
+    assert_eq!(refusal(a.recycle(&taken[0]).await), "already_recycled");
+    // Counted by outcome in the app's registry.
+    assert_eq!(outcome_count(&registry, "accepted"), 1.0);
+    assert_eq!(outcome_count(&registry, "already_recycled"), 1.0);
+    assert_eq!(outcome_count(&registry, "bad_key"), 2.0);
+    assert_eq!(outcome_count(&registry, "open_elsewhere"), 0.0);
+    // The refusals changed nothing: the used documents of the refused keys
+    // are as they were, and the never-used key is still in `keys`.
+    let used_now = pool
+        .docs(&format!("used_keys.{}", pool.name), doc! {})
+        .await?;
+    let of = |docs: &[Document], k: &str| {
+        docs.iter()
+            .find(|d| d.get_str("_id").ok() == Some(k))
+            .cloned()
+    };
+    for k in [&reserved, &unclaimed_key, &buffered_key, &taken[1]] {
+        let before = of(&used_before, k);
+        assert!(before.is_some(), "{k} was not used");
+        assert_eq!(before, of(&used_now, k), "{k} changed");
+    }
+    assert!(of(&used_now, &never_used).is_none());
+    wait_for("the recycle done", WAIT, || async {
+        Ok((pool.recycle_state(&taken[0]).await?.as_deref() == Some("done")).then_some(()))
+    })
+    .await?;
+    a.abandon().await;
+    assert!(terminate(run).await?.success());
+    pool.check_invariant().await?;
+    Ok(())
+}
+
+/// The value of `kgs_consumer_recycle_requests_total{outcome}`.
+fn outcome_count(registry: &Registry, outcome: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == kgs_consumer::metrics::RECYCLE_REQUESTS_TOTAL)
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "outcome" && l.value() == outcome)
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+/// A crash of the leader at a recycle failpoint, then a restart: the request
+/// ends `done`, the key is in `keys` with its old `n` and not in
+/// `used_keys`, and `keys ∪ used_keys` is the generated set, none in both.
+async fn recycle_crash(failpoint: &str) -> Result<()> {
+    let pool = Pool::new(1);
+    pool.init().await?;
+    let run = pool.run(2, None)?;
+    wait_for("2 published batches", WAIT, || async {
+        let b = pool
+            .docs("batches", doc! { "pool": &pool.name, "state": "published" })
+            .await?;
+        Ok((b.len() >= 2).then_some(b))
+    })
+    .await?;
+    assert!(terminate(run).await?.success());
+    let batch = pool
+        .docs("batches", doc! { "pool": &pool.name, "state": "published" })
+        .await?
+        .remove(0);
+    let id = batch.get_str("_id")?.to_owned();
+    let key = batch.get_array("keys")?[3]
+        .as_str()
+        .context("key")?
+        .to_owned();
+    let n = batch.get_array("ns")?[3].as_i64().context("n")?;
+    // As a consumer that handed the whole batch out would leave it.
+    pool.database()
+        .await?
+        .collection::<Document>("claims")
+        .insert_one(doc! {
+            "_id": &id, "pool": &pool.name, "group": &pool.group, "instance": "test",
+            "partition": 0, "offset": 0_i64, "keys": 10_i64, "state": "drained",
+            "return_keys": [], "claimed_at": bson::DateTime::now(),
+        })
+        .await?;
+    let (ok, out) = pool.recycle_cli(&[&key], None).await?;
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), format!("{key}: accepted"));
+
+    let mut crashed = pool.run(2, Some(failpoint))?;
+    let status = tokio::time::timeout(WAIT, crashed.wait()).await??;
+    assert!(!status.success(), "{failpoint} did not fire");
+    let run = pool.run(2, None)?;
+    wait_for("recycle done", WAIT, || async {
+        Ok((pool.recycle_state(&key).await?.as_deref() == Some("done")).then_some(()))
+    })
+    .await?;
+    assert!(terminate(run).await?.success());
+    pool.check_invariant().await?;
+    // Unless a new batch took it again, it is back with its old n.
+    let back = pool
+        .docs(&format!("keys.{}", pool.name), doc! { "_id": &key })
+        .await?;
+    let used = pool
+        .docs(&format!("used_keys.{}", pool.name), doc! { "_id": &key })
+        .await?;
+    match (back.first(), used.first()) {
+        (Some(d), None) => assert_eq!(d.get_i64("n")?, n, "{key} lost its n"),
+        (None, Some(u)) => assert_ne!(u.get_str("batch")?, id, "still in the old batch"),
+        other => bail!("{key} in both or neither: {other:?}"),
+    }
+    let r = pool.docs("recycles", doc! { "key": &key }).await?;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].get_datetime("done_at").is_ok());
+    Ok(())
+}
+
+macro_rules! crash_tests {
+    ($($name:ident => $point:literal),* $(,)?) => {$(
+        /// Crash at this recycle failpoint, restart: the recycle is finished,
+        /// nothing lost, nothing in both collections.
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $name() -> Result<()> {
+            recycle_crash($point).await
+        }
+    )*};
+}
+
+crash_tests! {
+    crash_recycle_after_delete => "recycle_after_delete",
+    crash_recycle_after_insert => "recycle_after_insert",
+    crash_recycle_after_done => "recycle_after_done",
+}
