@@ -94,6 +94,9 @@ producer = dashboard("kgs-producer", "kgs / producer", [
           [("sum by (pool) (increase(kgs_producer_batches_moved_total[5m]))", "moved {{pool}}"),
            ("sum by (pool) (increase(kgs_producer_batches_recovered_total[5m]))", "recovered {{pool}}"),
            ("sum by (pool) (increase(kgs_producer_keys_returned_total[5m]))", "keys returned {{pool}}")]),
+    panel(8, "Keys recycled, and recycle requests refused by reason",
+          [("sum by (pool) (increase(kgs_producer_keys_recycled_total[5m]))", "recycled {{pool}}"),
+           ("sum by (reason) (increase(kgs_producer_recycles_refused_total[5m]))", "refused: {{reason}}")]),
 ], "The active producer: leadership, publishing, latency, per-partition backlog.")
 
 apps = dashboard("kgs-app-servers", "kgs / app servers", [
@@ -114,6 +117,8 @@ apps = dashboard("kgs-app-servers", "kgs / app servers", [
     panel(6, "Keys returned at shutdown", [("sum by (instance) (kgs_consumer_keys_returned_total)", "{{instance}}")]),
     panel(7, "Assigned partitions and paused state",
           [("kgs_consumer_assigned_partitions", "assigned {{instance}}"), ("kgs_consumer_paused", "paused {{instance}}")]),
+    panel(8, "Recycle requests, by outcome",
+          [("sum by (outcome) (increase(kgs_consumer_recycle_requests_total[5m]))", "{{outcome}}")]),
 ], "Every app server embedding kgs-consumer: buffer depth, hand-out rate, waits, claim latency.")
 
 errors = dashboard("kgs-errors", "kgs / errors and bad messages", [

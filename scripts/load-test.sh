@@ -94,7 +94,7 @@ if [[ -z "$TARGET" ]]; then
     >"$OUT/producer.log" 2>&1 &
   pids+=($!)
   # Buffer up to 6,000 keys: the whole run is served from memory.
-  KGS_HTTP_ADDR="$app_addr" KGS_LOW_WATERMARK=2000 KGS_HIGH_WATERMARK=6000 RUST_LOG=warn \
+  KGS_HTTP_ADDR="$app_addr" KGS_BUFFER_LOW_WATERMARK=2000 KGS_BUFFER_HIGH_WATERMARK=6000 RUST_LOG=warn \
     "$BIN/examples/app-server" >"$OUT/app-server.log" 2>&1 &
   pids+=($!)
   say "producer on $producer_addr, app server on $app_addr (logs in $OUT)"

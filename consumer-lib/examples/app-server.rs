@@ -62,10 +62,10 @@ struct Config {
     #[arg(long, env = "KGS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
     /// Resume fetching at or below this many buffered keys.
-    #[arg(long, env = "KGS_LOW_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_LOW_WATERMARK)]
+    #[arg(long, env = "KGS_BUFFER_LOW_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_LOW_WATERMARK)]
     low_watermark: usize,
     /// Pause fetching at this many buffered keys.
-    #[arg(long, env = "KGS_HIGH_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_HIGH_WATERMARK)]
+    #[arg(long, env = "KGS_BUFFER_HIGH_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_HIGH_WATERMARK)]
     high_watermark: usize,
     /// Kafka session timeout: how soon the group notices a dead instance
     /// and gives its partitions to the others (librdkafka's default).
