@@ -110,3 +110,39 @@ pub fn workspace_binary(name: &str) -> Result<std::path::PathBuf> {
         profile_dir.display()
     )
 }
+
+/// A free loopback `host:port`: bound, then released for a child process.
+pub fn free_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// One HTTP/1.0 request to a kgs process (no body): `(status, body)`.
+/// Bounded by 10 s, so a hung server fails the test with a clear message.
+pub async fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut response))
+        .await
+        .with_context(|| format!("{method} {addr}{path} timed out"))??;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `GET path`: `(status, body)`.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    http(addr, "GET", path).await
+}

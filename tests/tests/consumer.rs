@@ -22,7 +22,8 @@ use kgs_schemas::docs::{
 use kgs_schemas::format::KeyFormatSpec;
 use kgs_schemas::{KeyBatch, KeyFormat};
 use kgs_tests::{
-    create_topic, kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for,
+    create_topic, http_get, kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique,
+    wait_for,
 };
 use prometheus::Registry;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -699,26 +700,6 @@ async fn members_join_and_leave_without_duplicates() -> Result<()> {
     Ok(())
 }
 
-/// One HTTP/1.0 GET to the app server: (status, body).
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).await?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status line")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// The example app server serves keys over `GET /keys` (503 `no keys` when
 /// empty), exposes `/metrics` and `/healthz`, and on SIGTERM exits cleanly
 /// after recording its unserved keys for return.
@@ -730,10 +711,7 @@ async fn app_server_serves_keys_and_returns_them_on_sigterm() -> Result<()> {
     for _ in 0..2 {
         published.extend(pool.publish(10, Some(0)).await?.keys);
     }
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.to_string()
-    };
+    let addr = kgs_tests::free_addr()?;
     let mut child = tokio::process::Command::new(binary)
         .env("KGS_KAFKA_BROKERS", kafka_brokers())
         .env("KGS_MONGODB_URI", mongodb_uri())
@@ -834,10 +812,7 @@ impl AppServer {
     /// Spawns `app-server` for `pool` in `group` and waits for `/healthz`.
     async fn start(pool: &Pool, group: &str, instance: &str) -> Result<Self> {
         let binary = kgs_tests::workspace_binary("app-server")?;
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.to_string()
-        };
+        let addr = kgs_tests::free_addr()?;
         let child = tokio::process::Command::new(binary)
             .env("KGS_KAFKA_BROKERS", kafka_brokers())
             .env("KGS_MONGODB_URI", mongodb_uri())

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use bson::doc;
 use kgs_schemas::docs::{PoolDoc, POOLS};
-use kgs_tests::{kafka_brokers, mongo_client, mongodb_uri, unique, wait_for, workspace_binary};
+use kgs_tests::{
+    free_addr, http_get, kafka_brokers, mongo_client, mongodb_uri, unique, wait_for,
+    workspace_binary,
+};
 use tokio::process::{Child, Command};
 
 /// How long a start-up failure may take: the binaries retry servers that are
@@ -115,32 +118,6 @@ fn one_line_failure(out: &Output, prefix: &str, needle: &str) {
         "{:?} should start with {prefix:?} and mention {needle:?}",
         lines[0]
     );
-}
-
-/// A free loopback address.
-fn free_addr() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
-}
-
-/// One HTTP/1.0 GET: (status, body).
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).await?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status line")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Sends SIGTERM (a graceful stop, so the logs include shutdown).

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use kgs_tests::{kafka_brokers, mongo_client, mongodb_uri, unique, wait_for};
+use kgs_tests::{free_addr, http_get, kafka_brokers, mongo_client, mongodb_uri, unique, wait_for};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -641,12 +641,6 @@ impl Prometheus {
     }
 }
 
-/// A free loopback `host:port` (bound, then released for the child).
-fn free_addr() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
-}
-
 /// Percent-encodes a query parameter value (RFC 3986 unreserved kept).
 fn url_encode(s: &str) -> String {
     s.bytes()
@@ -657,28 +651,6 @@ fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// One HTTP/1.0 GET: (status, body).
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut response))
-        .await
-        .with_context(|| format!("GET {addr}{path} timed out"))??;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status line")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Metric names are found at word starts only, `_bucket` kept.

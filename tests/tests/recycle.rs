@@ -17,7 +17,9 @@ use bson::{doc, Document};
 use futures::TryStreamExt;
 use kgs_consumer::{Error as ConsumerError, KeyConsumer, RecycleOutcome};
 use kgs_schemas::KeyFormat;
-use kgs_tests::{kafka_brokers, mongo_client, mongodb_uri, unique, wait_for, workspace_binary};
+use kgs_tests::{
+    http, kafka_brokers, mongo_client, mongodb_uri, unique, wait_for, workspace_binary,
+};
 use prometheus::Registry;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -223,26 +225,6 @@ async fn terminate(mut child: tokio::process::Child) -> Result<std::process::Exi
         .context("did not exit after SIGTERM")??)
 }
 
-/// One HTTP/1.0 request: (status, body).
-async fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).await?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status line")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// An example app server process.
 struct AppServer {
     /// Killed when dropped (`kill_on_drop`).
@@ -252,10 +234,7 @@ struct AppServer {
 
 impl AppServer {
     async fn start(pool: &Pool, instance: &str) -> Result<Self> {
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.to_string()
-        };
+        let addr = kgs_tests::free_addr()?;
         let child = tokio::process::Command::new(workspace_binary("app-server")?)
             .env("KGS_KAFKA_BROKERS", kafka_brokers())
             .env("KGS_MONGODB_URI", mongodb_uri())
