@@ -146,3 +146,66 @@ pub async fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String)>
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     http(addr, "GET", path).await
 }
+
+/// Every committed batch of `topic` (read_committed), from the beginning to
+/// the end of each of its `partitions`: `(partition, offset, batch)`. Fails
+/// after `timeout`, or on a message that is not a key batch.
+pub async fn read_topic_batches(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<Vec<(i32, i64, kgs_schemas::KeyBatch)>> {
+    use std::collections::HashSet;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let brokers = brokers.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique("reader"))
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut open = HashSet::new();
+        for p in 0..partitions {
+            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(30))?;
+            if high > 0 {
+                tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+                open.insert(p);
+            }
+        }
+        let mut out = Vec::new();
+        if open.is_empty() {
+            return Ok(out);
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + timeout;
+        while !open.is_empty() {
+            if std::time::Instant::now() >= deadline {
+                bail!("reading {topic} timed out after {timeout:?}");
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Some(Err(e)) => bail!("reading {topic}: {e}"),
+                Some(Ok(m)) => {
+                    let batch = serde_json::from_slice(m.payload().unwrap_or_default())
+                        .with_context(|| format!("batch at {}/{}", m.partition(), m.offset()))?;
+                    out.push((m.partition(), m.offset(), batch));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}

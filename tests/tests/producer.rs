@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use bson::{doc, Document};
 use futures::TryStreamExt;
 use kgs_schemas::{KeyBatch, KeyFormat};
@@ -19,8 +19,6 @@ use kgs_tests::{
     kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for, workspace_binary,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 /// Lease of the spawned producers: short, so a restart after a crash takes over quickly.
@@ -145,7 +143,13 @@ impl Pool {
 
     /// Every committed batch in the topic, with partition and offset.
     async fn topic_batches(&self) -> Result<Vec<(i32, i64, KeyBatch)>> {
-        read_topic(self.topic(), self.partitions).await
+        kgs_tests::read_topic_batches(
+            &kafka_brokers(),
+            &self.topic(),
+            self.partitions,
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     /// Proves the protocol's invariants for a pool whose whole space of
@@ -245,52 +249,6 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
-}
-
-/// Reads every committed message of `topic` (read_committed) up to the end.
-async fn read_topic(topic: String, partitions: i32) -> Result<Vec<(i32, i64, KeyBatch)>> {
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = kafka_config()
-            .set("group.id", unique("reader"))
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        let mut open = HashSet::new();
-        for p in 0..partitions {
-            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-            if high > 0 {
-                tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-                open.insert(p);
-            }
-        }
-        let mut out = Vec::new();
-        if open.is_empty() {
-            return Ok(out);
-        }
-        consumer.assign(&tpl)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !open.is_empty() {
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "reading {topic} timed out"
-            );
-            match consumer.poll(Duration::from_millis(500)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    open.remove(&p);
-                }
-                Some(Err(e)) => bail!("reading {topic}: {e}"),
-                Some(Ok(m)) => {
-                    let batch: KeyBatch = serde_json::from_slice(m.payload().unwrap_or_default())?;
-                    out.push((m.partition(), m.offset(), batch));
-                }
-            }
-        }
-        Ok(out)
-    })
-    .await?
 }
 
 /// Commits the end of every partition for `group`, as a consumer that read everything.

@@ -4,15 +4,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use bson::{doc, Document};
 use futures::TryStreamExt;
 use kgs_schemas::docs::{ClaimDoc, ClaimState, PoolDoc, CLAIMS, POOLS};
 use kgs_schemas::KeyBatch;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::cluster::Tuning;
 
@@ -159,7 +155,16 @@ pub async fn check(
     verdict("3. keys ∪ used_keys == generated set, none in both", bad);
 
     // (5) no batch twice in the topic.
-    let batches = read_topic(brokers, &doc.topic, doc.partitions as i32).await?;
+    let batches: Vec<KeyBatch> = kgs_tests::read_topic_batches(
+        brokers,
+        &doc.topic,
+        doc.partitions as i32,
+        Duration::from_secs(120),
+    )
+    .await?
+    .into_iter()
+    .map(|(_, _, b)| b)
+    .collect();
     fig.batches = batches.len();
     let mut seen = HashSet::new();
     let twice: Vec<String> = batches
@@ -254,56 +259,4 @@ async fn ids(db: &mongodb::Database, coll: &str) -> Result<HashSet<String>> {
         .iter()
         .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
         .collect())
-}
-
-/// Every committed batch of `topic` (read_committed), to the end.
-async fn read_topic(brokers: &str, topic: &str, partitions: i32) -> Result<Vec<KeyBatch>> {
-    let brokers = brokers.to_owned();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set(
-                "group.id",
-                format!("chaos-check-{:08x}", rand::random::<u32>()),
-            )
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        let mut open = HashSet::new();
-        for p in 0..partitions {
-            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(30))?;
-            if high > 0 {
-                tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-                open.insert(p);
-            }
-        }
-        let mut out = Vec::new();
-        if open.is_empty() {
-            return Ok(out);
-        }
-        consumer.assign(&tpl)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while !open.is_empty() {
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "reading {topic} timed out"
-            );
-            match consumer.poll(Duration::from_millis(500)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    open.remove(&p);
-                }
-                Some(Err(e)) => anyhow::bail!("reading {topic}: {e}"),
-                Some(Ok(m)) => out.push(
-                    serde_json::from_slice(m.payload().unwrap_or_default())
-                        .with_context(|| format!("batch at {}/{}", m.partition(), m.offset()))?,
-                ),
-            }
-        }
-        Ok(out)
-    })
-    .await?
 }
