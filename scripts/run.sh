@@ -42,6 +42,14 @@ for _ in $(seq 1 120); do
   curl -fsS "http://$HTTP_APP/healthz" >/dev/null 2>&1 && break
   sleep 0.5
 done
+# The first batch needs the producer to lead and move it, and the app server
+# to claim it: seconds on a fresh pool (SecantusDB is slow at picking from a
+# large `keys` collection).
+echo "run: waiting for the first batch to reach the app server..."
+for _ in $(seq 1 240); do
+  [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$HTTP_APP/keys")" == 200 ]] && break
+  sleep 0.5
+done
 echo "run: GET http://$HTTP_APP/keys, ten times:"
 for _ in $(seq 1 10); do
   curl -sS --max-time 10 "http://$HTTP_APP/keys"; echo
