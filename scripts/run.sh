@@ -25,11 +25,15 @@ echo "run: creating pool $POOL (3 base62 characters: 238,328 keys; a re-run reus
 
 pids=()
 cleanup() {
+  ((${#pids[@]})) || return 0
   echo "run: stopping (SIGTERM: the app server returns its unused keys)"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait
+  pids=()
 }
-trap cleanup EXIT INT TERM
+# Ctrl-C / SIGTERM is the normal way to end `make run`: stop gracefully, exit 0.
+trap cleanup EXIT
+trap 'cleanup; exit 0' INT TERM
 
 "$BIN/kgs-producer" run --pool "$POOL" --http-addr "$HTTP_PRODUCER" >"$LOGS/producer.log" 2>&1 &
 pids+=($!)
