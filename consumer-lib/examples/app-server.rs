@@ -78,6 +78,18 @@ struct Config {
     /// back before answering `202 accepted` instead of `200 recycled`.
     #[arg(long, env = "KGS_RECYCLE_WAIT_MS", default_value_t = 1_000)]
     recycle_wait_ms: u64,
+    /// Extra librdkafka setting `name=value` (TLS, SASL, ...); repeatable;
+    /// the environment variable takes a comma list. Settings the guarantees
+    /// rely on are refused.
+    #[arg(long = "kafka-option", env = "KGS_KAFKA_OPTIONS", value_delimiter = ',', value_parser = name_value)]
+    kafka_options: Vec<(String, String)>,
+}
+
+fn name_value(pair: &str) -> Result<(String, String), String> {
+    match pair.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected name=value, got {pair:?}")),
+    }
 }
 
 #[derive(Clone)]
@@ -127,6 +139,9 @@ async fn run(
                 .clamp(100, 3_000)
                 .to_string(),
         );
+    for (name, value) in &config.kafka_options {
+        builder = builder.kafka_option(name, value);
+    }
     if let Some(group) = &config.group {
         builder = builder.group(group);
     }

@@ -54,6 +54,16 @@ pub struct GlobalArgs {
     /// Keys per crash-safe generation step [default: 10000].
     #[arg(long, global = true, env = "KGS_GENERATE_CHUNK")]
     pub generate_chunk: Option<u64>,
+    /// Extra librdkafka setting `name=value` for every Kafka client (TLS,
+    /// SASL, ...); repeatable; the environment variable takes a comma list.
+    #[arg(
+        long = "kafka-option",
+        global = true,
+        env = "KGS_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        value_parser = crate::config::KafkaOptions::parse_pair
+    )]
+    pub kafka_options: Vec<(String, String)>,
 }
 
 /// The subcommands.
@@ -203,6 +213,7 @@ impl Cli {
         set(&mut c.lease_duration, g.lease_duration);
         set(&mut c.connect_timeout, g.connect_timeout);
         set(&mut c.generate_chunk, g.generate_chunk);
+        c.kafka_options.0.extend(g.kafka_options);
         c.target_size = g.target_size.or(c.target_size);
         let command = match self.command {
             CommandArgs::Init(a) => Command::Init(Box::new(PoolSpec {

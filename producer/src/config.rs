@@ -2,6 +2,8 @@
 //! every field overridable by a flag or a `KGS_*` environment variable (see
 //! `cli.rs`), and the one place that turns it into client configs.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -49,6 +51,47 @@ pub struct Config {
     pub http_addr: Option<SocketAddr>,
     /// This instance's id in the lease (default `<host>-<pid>-<random>`).
     pub instance_id: Option<String>,
+    /// Extra librdkafka settings for every Kafka client, e.g. TLS and SASL:
+    /// `security.protocol`, `ssl.ca.location`, `sasl.mechanism`,
+    /// `sasl.username`, `sasl.password`. Settings kgs's guarantees depend on
+    /// are refused (see [`PROTECTED_KAFKA_SETTINGS`]).
+    pub kafka_options: KafkaOptions,
+}
+
+/// librdkafka settings that `kafka_options` may not override: transactions,
+/// idempotence and read_committed reads are what make publishing exactly once.
+pub const PROTECTED_KAFKA_SETTINGS: [&str; 9] = [
+    "bootstrap.servers",
+    "transactional.id",
+    "enable.idempotence",
+    "acks",
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "enable.partition.eof",
+];
+
+/// Extra librdkafka settings. `Debug` shows the names only: values may be
+/// secrets (`sasl.password`, `ssl.key.password`).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaOptions(pub BTreeMap<String, String>);
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl KafkaOptions {
+    /// Parses `name=value` pairs (flags, `KGS_KAFKA_OPTIONS` split on `,`).
+    pub fn parse_pair(pair: &str) -> std::result::Result<(String, String), String> {
+        match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+            _ => Err(format!("expected name=value, got {pair:?}")),
+        }
+    }
 }
 
 /// The local test broker, as started by `scripts/servers.sh`.
@@ -89,6 +132,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(30),
             http_addr: None,
             instance_id: None,
+            kafka_options: KafkaOptions::default(),
         }
     }
 }
@@ -139,6 +183,16 @@ impl Config {
         if self.kafka_brokers.trim().is_empty() {
             return bad("kafka_brokers is empty".to_owned());
         }
+        if let Some(name) = self
+            .kafka_options
+            .0
+            .keys()
+            .find(|k| PROTECTED_KAFKA_SETTINGS.contains(&k.as_str()))
+        {
+            return bad(format!(
+                "kafka option {name} is set by kgs itself (its exactly-once publishing depends on it) and cannot be overridden"
+            ));
+        }
         Ok(())
     }
 
@@ -150,9 +204,13 @@ impl Config {
     /// Base Kafka settings shared by every client.
     pub fn kafka(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.kafka_brokers)
-            // Fail fast enough that a dead broker is reported at start.
-            .set("socket.timeout.ms", "10000");
+        // Fail fast enough that a dead broker is reported at start (an
+        // explicit `socket.timeout.ms` in kafka_options wins).
+        c.set("socket.timeout.ms", "10000");
+        for (name, value) in &self.kafka_options.0 {
+            c.set(name, value);
+        }
+        c.set("bootstrap.servers", &self.kafka_brokers);
         c
     }
 
@@ -189,6 +247,43 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_options_reach_every_client_but_never_the_protected_settings() {
+        let mut c: Config = toml::from_str(
+            r#"
+            [kafka_options]
+            "security.protocol" = "SASL_SSL"
+            "sasl.password" = "hunter2"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let producer = c.kafka_producer("p");
+        assert_eq!(producer.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(producer.get("transactional.id"), Some("kgs-producer.p"));
+        assert_eq!(c.kafka_reader("g").get("sasl.password"), Some("hunter2"));
+        // Values may be secrets: Debug shows names only.
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("sasl.password") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+
+        for protected in PROTECTED_KAFKA_SETTINGS {
+            c.kafka_options
+                .0
+                .insert(protected.to_owned(), "x".to_owned());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(protected), "{err}");
+            c.kafka_options.0.remove(protected);
+        }
+        assert_eq!(
+            KafkaOptions::parse_pair("ssl.ca.location=/etc/ca.pem"),
+            Ok(("ssl.ca.location".to_owned(), "/etc/ca.pem".to_owned()))
+        );
+        assert!(KafkaOptions::parse_pair("no-equals").is_err());
+    }
 
     /// A TOML file overrides defaults, and an unknown key is rejected.
     #[test]
