@@ -1,10 +1,12 @@
 //! The pool lease: at most one producer moves and publishes a pool's keys.
 //!
-//! The lease is one [`LeaseDoc`] per pool, taken and renewed with conditional
-//! `update_one`s by exact `_id`, so the database arbitrates races: a renewal
-//! matches only `{holder: me, epoch: mine}`, a takeover only an expired lease
-//! (and bumps the epoch), and the very first lease is an insert that loses to
-//! a concurrent insert with E11000. Every batch carries the epoch, and every
+//! The lease is one [`LeaseDoc`] per pool, renewed with a conditional
+//! `update_one` by exact `_id` (`{holder: me, epoch: mine}`). A takeover of an
+//! expired lease first inserts a [`LeaseEpochDoc`] for the next epoch, whose
+//! unique `_id` lets exactly one taker win, then moves the lease to that
+//! epoch; the very first lease is an insert that loses to a concurrent insert
+//! with E11000. Only inserts decide races, because a conditional update is
+//! not an atomic compare-and-set on every MongoDB-wire server. Every batch carries the epoch, and every
 //! protocol step first checks [`LeaseGuard::check`], which fails once the
 //! local validity (the last renewal's start + duration − a safety margin) has
 //! passed, so a paused process stops before a successor may start.
@@ -16,13 +18,17 @@ use std::time::Duration;
 
 use bson::doc;
 use chrono::Utc;
-use kgs_schemas::docs::LeaseDoc;
+use kgs_schemas::docs::{LeaseDoc, LeaseEpochDoc};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::store::{is_duplicate, Store};
+
+/// How many abandoned epoch claims (a taker that died between claiming an
+/// epoch and moving the lease to it) one takeover skips before giving up.
+const MAX_ABANDONED_EPOCHS: u64 = 8;
 
 /// What this process knows about its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,24 +82,64 @@ impl Lease {
                 .map_err(Error::store("renew lease"))?;
             return Ok((r.matched_count == 1).then_some(epoch));
         }
-        // Take over an expired (or released) lease: the epoch goes up, which
-        // fences the previous holder's conditional writes.
-        let r = leases
-            .update_one(
-                doc! { "_id": &self.pool, "expires_at": { "$lt": bson::DateTime::from_chrono(now) } },
-                doc! {
-                    "$set": { "holder": &self.holder, "expires_at": expires_at },
-                    "$inc": { "epoch": 1_i64 },
-                },
-            )
+        let current = leases
+            .find_one(doc! { "_id": &self.pool })
             .await
-            .map_err(Error::store("take lease"))?;
-        if r.matched_count == 1 {
-            let doc = leases
-                .find_one(doc! { "_id": &self.pool })
+            .map_err(Error::store("read lease"))?;
+        if let Some(current) = current {
+            if current.expires_at >= now {
+                return Ok(None); // held by someone else
+            }
+            // Take over an expired (or released) lease. The next epoch is
+            // claimed by inserting its document first: a unique `_id` lets
+            // exactly one taker win on any MongoDB-wire server, whereas a
+            // conditional `update_one` is an atomic compare-and-set on
+            // MongoDB but not on every compatible server (FerretDB v1 let
+            // two takers both "match" and both get the same epoch).
+            let mut epoch = current.epoch + 1;
+            loop {
+                let claim = LeaseEpochDoc {
+                    id: format!("{}:{epoch}", self.pool),
+                    pool: self.pool.clone(),
+                    epoch,
+                    holder: self.holder.clone(),
+                    taken_at: now,
+                };
+                match self.store.lease_epochs.insert_one(&claim).await {
+                    Ok(_) => break,
+                    Err(e) if is_duplicate(&e) => {}
+                    Err(e) => return Err(Error::store("claim lease epoch")(e)),
+                }
+                // Another taker has this epoch. If it claimed it more than a
+                // lease ago and the lease never moved to it, it died between
+                // its two writes: skip past its epoch (a bounded number of
+                // times); otherwise it is taking over now and wins.
+                let other = self
+                    .store
+                    .lease_epochs
+                    .find_one(doc! { "_id": &claim.id })
+                    .await
+                    .map_err(Error::store("read lease epoch"))?;
+                let abandoned = other.is_some_and(|o| o.taken_at + self.duration < now);
+                if !abandoned || epoch >= current.epoch + MAX_ABANDONED_EPOCHS {
+                    return Ok(None);
+                }
+                epoch += 1;
+            }
+            // Only the owner of `epoch` moves the lease from `epoch - 1`;
+            // the higher epoch fences the previous holder's conditional writes.
+            let r = leases
+                .update_one(
+                    doc! { "_id": &self.pool, "epoch": current.epoch as i64 },
+                    doc! { "$set": {
+                        "holder": &self.holder,
+                        "epoch": epoch as i64,
+                        "expires_at": expires_at,
+                    } },
+                )
                 .await
-                .map_err(Error::store("read lease"))?;
-            return Ok(doc.filter(|d| d.holder == self.holder).map(|d| d.epoch));
+                .map_err(Error::store("take lease"))?;
+            return Ok((r.matched_count == 1).then_some(epoch));
         }
         let first = LeaseDoc {
             pool: self.pool.clone(),

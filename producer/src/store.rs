@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use kgs_schemas::docs::{
-    self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, PoolDoc, RecycleDoc, UsedKeyDoc,
+    self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, LeaseEpochDoc, PoolDoc, RecycleDoc, UsedKeyDoc,
 };
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
@@ -30,6 +30,8 @@ pub struct Store {
     pub pools: Collection<PoolDoc>,
     /// `leases`.
     pub leases: Collection<LeaseDoc>,
+    /// `lease_epochs`.
+    pub lease_epochs: Collection<LeaseEpochDoc>,
     /// `batches`.
     pub batches: Collection<BatchRecord>,
     /// `claims`.
@@ -90,6 +92,7 @@ impl Store {
         Ok(Self {
             pools: db.collection(docs::POOLS),
             leases: db.collection(docs::LEASES),
+            lease_epochs: db.collection(docs::LEASE_EPOCHS),
             batches: db.collection(docs::BATCHES),
             claims: db.collection(docs::CLAIMS),
             recycles: db.collection(docs::RECYCLES),
@@ -125,6 +128,7 @@ impl Store {
         for name in [
             docs::POOLS.to_owned(),
             docs::LEASES.to_owned(),
+            docs::LEASE_EPOCHS.to_owned(),
             docs::BATCHES.to_owned(),
             docs::CLAIMS.to_owned(),
             docs::RECYCLES.to_owned(),

@@ -20,6 +20,8 @@ use crate::format::KeyFormatSpec;
 pub const POOLS: &str = "pools";
 /// Collection of [`LeaseDoc`]s.
 pub const LEASES: &str = "leases";
+/// Collection of [`LeaseEpochDoc`]s.
+pub const LEASE_EPOCHS: &str = "lease_epochs";
 /// Collection of [`BatchRecord`]s.
 pub const BATCHES: &str = "batches";
 /// Collection of [`ClaimDoc`]s.
@@ -213,6 +215,29 @@ pub struct LeaseDoc {
     /// The lease is free after this time unless renewed.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub expires_at: DateTime<Utc>,
+}
+
+/// The claim of one lease epoch of a pool. Collection [`LEASE_EPOCHS`],
+/// `_id` = `"<pool>:<epoch>"`.
+///
+/// A takeover first inserts the next epoch's claim: the unique `_id` makes
+/// exactly one taker win even on servers whose conditional `update_one` is
+/// not an atomic compare-and-set (two takers must never both get an epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseEpochDoc {
+    /// `"<pool>:<epoch>"`.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Pool name.
+    pub pool: String,
+    /// The epoch.
+    pub epoch: u64,
+    /// The producer instance that took it.
+    pub holder: String,
+    /// When it was taken.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub taken_at: DateTime<Utc>,
 }
 
 /// State of a consumer's claim on a batch.

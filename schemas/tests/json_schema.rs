@@ -7,8 +7,8 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use kgs_schemas::docs::{
-    BatchRecord, BatchState, ClaimDoc, ClaimState, GenerationRange, KeyDoc, LeaseDoc, PoolDoc,
-    PoolSecret, RecycleDoc, RecycleState, UsedKeyDoc, UsedReason,
+    BatchRecord, BatchState, ClaimDoc, ClaimState, GenerationRange, KeyDoc, LeaseDoc,
+    LeaseEpochDoc, PoolDoc, PoolSecret, RecycleDoc, RecycleState, UsedKeyDoc, UsedReason,
 };
 use kgs_schemas::format::KeyFormatSpec;
 use kgs_schemas::{KeyBatch, BASE62};
@@ -143,6 +143,13 @@ fn mongo_documents_match_the_schema() {
         epoch: 1,
         expires_at: now(),
     };
+    let lease_epoch = LeaseEpochDoc {
+        id: "p3:2".into(),
+        pool: "p3".into(),
+        epoch: 2,
+        holder: "producer-b".into(),
+        taken_at: now(),
+    };
     let claim = ClaimDoc {
         batch_id: "p3-1-42".into(),
         pool: "p3".into(),
@@ -180,6 +187,7 @@ fn mongo_documents_match_the_schema() {
         ("used_key_doc", relaxed(&reserved)),
         ("batch_record", relaxed(&record)),
         ("lease", relaxed(&lease)),
+        ("lease_epoch", relaxed(&lease_epoch)),
         ("claim", relaxed(&claim)),
         ("recycle", relaxed(&recycle)),
         ("recycle", relaxed(&refused)),

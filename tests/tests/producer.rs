@@ -751,3 +751,48 @@ async fn http_endpoints_and_stats_json() -> Result<()> {
     assert!(terminate(run).await?.success());
     Ok(())
 }
+
+/// Eight producers racing to take over an expired lease, five times: every
+/// time exactly one gets the next epoch. The race is decided by inserting the
+/// epoch's claim (a unique `_id`), not by a conditional update, which is not
+/// an atomic compare-and-set on every MongoDB-wire server (on FerretDB v1
+/// two takers once both got the same epoch).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_takeovers_give_one_leader_per_epoch() -> Result<()> {
+    use kgs_producer::lease::Lease;
+    use kgs_producer::store::Store;
+
+    let config = kgs_producer::Config {
+        kafka_brokers: kafka_brokers(),
+        mongodb_uri: mongodb_uri(),
+        mongodb_db: unique("kgs"),
+        ..Default::default()
+    };
+    let store = Store::connect(&config).await?;
+    let lease = |holder: String| Lease::new(store.clone(), "p", &holder, Duration::from_secs(5));
+    let first = lease("first".into());
+    let mut epoch = first.acquire(None).await?.context("first lease")?;
+    first.release(epoch).await?;
+    for round in 0..5 {
+        let takers: Vec<Lease> = (0..8).map(|i| lease(format!("r{round}-t{i}"))).collect();
+        let results = futures::future::join_all(takers.iter().map(|t| t.acquire(None))).await;
+        let mut winners = Vec::new();
+        for (taker, result) in takers.iter().zip(results) {
+            if let Some(e) = result? {
+                winners.push((taker, e));
+            }
+        }
+        ensure!(
+            winners.len() == 1,
+            "round {round}: {} takers won",
+            winners.len()
+        );
+        let (winner, won) = winners[0];
+        ensure!(won == epoch + 1, "round {round}: epoch {won} after {epoch}");
+        epoch = won;
+        winner.release(epoch).await?;
+    }
+    let client = mongo_client().await?;
+    client.database(&config.mongodb_db).drop().await?;
+    Ok(())
+}
