@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bson::{doc, Document};
 use futures::TryStreamExt;
 use kgs_schemas::docs::{self, LeaseDoc, PoolDoc};
+pub use kgs_schemas::stats::CollStats;
 use rdkafka::consumer::BaseConsumer;
 use serde::Serialize;
 
@@ -14,24 +15,6 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{backlog, PartitionBacklog};
 use crate::store::Store;
-
-/// collStats of one collection.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CollStats {
-    /// Collection name.
-    pub ns: String,
-    /// Documents.
-    pub count: i64,
-    /// Uncompressed data size in bytes.
-    pub size: i64,
-    /// Average document size in bytes.
-    pub avg_obj_size: i64,
-    /// Storage size in bytes.
-    pub storage_size: i64,
-    /// Size of all indexes in bytes.
-    pub total_index_size: i64,
-}
 
 /// Everything `stats` reports about a pool.
 #[derive(Debug, Clone, Serialize)]
@@ -134,22 +117,7 @@ async fn coll_stats(store: &Store, name: &str) -> Result<CollStats> {
         .run_command(doc! { "collStats": name })
         .await
         .map_err(Error::store("collStats"))?;
-    let num = |k: &str| -> i64 {
-        match reply.get(k) {
-            Some(bson::Bson::Int32(v)) => i64::from(*v),
-            Some(bson::Bson::Int64(v)) => *v,
-            Some(bson::Bson::Double(v)) => *v as i64,
-            _ => 0,
-        }
-    };
-    Ok(CollStats {
-        ns: name.to_owned(),
-        count: num("count"),
-        size: num("size"),
-        avg_obj_size: num("avgObjSize"),
-        storage_size: num("storageSize"),
-        total_index_size: num("totalIndexSize"),
-    })
+    Ok(CollStats::from_reply(name.to_owned(), &reply))
 }
 
 /// The human-readable form of `stats`.

@@ -10,6 +10,7 @@
 //! - [`format`]: alphabet + length of a pool's keys, validation, index↔key.
 //! - [`batch`]: the key-batch message and its strict decoder.
 //! - [`docs`]: the MongoDB documents and collection names.
+//! - [`stats`]: the `collStats` figures reported for a pool's collections.
 //! - [`recycle`]: the checks a request to recycle a key must pass.
 #![deny(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod batch;
 pub mod docs;
 pub mod format;
 pub mod recycle;
+pub mod stats;
 
 pub use batch::{BatchCheck, DecodeError, KeyBatch, SCHEMA_VERSION};
 pub use format::{FormatError, KeyFormat, BASE62};
