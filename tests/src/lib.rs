@@ -209,3 +209,36 @@ pub async fn read_topic_batches(
     })
     .await?
 }
+
+/// Every document of collection `coll` in database `db` matching `filter`.
+pub async fn find_docs(
+    db: &str,
+    coll: &str,
+    filter: bson::Document,
+) -> Result<Vec<bson::Document>> {
+    use futures::TryStreamExt;
+    let docs = mongo_client()
+        .await?
+        .database(db)
+        .collection::<bson::Document>(coll)
+        .find(filter)
+        .await
+        .with_context(|| format!("find in {db}.{coll}"))?
+        .try_collect()
+        .await
+        .with_context(|| format!("read {db}.{coll}"))?;
+    Ok(docs)
+}
+
+/// Every `_id` (all strings in kgs's key collections) of `coll` in `db`.
+pub async fn string_ids(db: &str, coll: &str) -> Result<Vec<String>> {
+    find_docs(db, coll, bson::doc! {})
+        .await?
+        .iter()
+        .map(|d| {
+            d.get_str("_id")
+                .map(str::to_owned)
+                .with_context(|| format!("{db}.{coll}: _id is not a string"))
+        })
+        .collect()
+}

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bson::{doc, Document};
-use futures::TryStreamExt;
 use kgs_schemas::{KeyBatch, KeyFormat};
 use kgs_tests::{
     kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for, workspace_binary,
@@ -115,30 +114,11 @@ impl Pool {
 
     /// Every `_id` of a collection.
     async fn ids(&self, coll: &str) -> Result<Vec<String>> {
-        let docs: Vec<Document> = self
-            .db()
-            .await?
-            .collection::<Document>(coll)
-            .find(doc! {})
-            .projection(doc! { "_id": 1 })
-            .await?
-            .try_collect()
-            .await?;
-        Ok(docs
-            .iter()
-            .map(|d| d.get_str("_id").unwrap().to_owned())
-            .collect())
+        kgs_tests::string_ids(&self.db, coll).await
     }
 
     async fn docs(&self, coll: &str, filter: Document) -> Result<Vec<Document>> {
-        Ok(self
-            .db()
-            .await?
-            .collection::<Document>(coll)
-            .find(filter)
-            .await?
-            .try_collect()
-            .await?)
+        kgs_tests::find_docs(&self.db, coll, filter).await
     }
 
     /// Every committed batch in the topic, with partition and offset.

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use bson::{doc, Document};
-use futures::TryStreamExt;
 use kgs_consumer::{Error as ConsumerError, KeyConsumer, RecycleOutcome};
 use kgs_schemas::KeyFormat;
 use kgs_tests::{
@@ -148,22 +147,13 @@ impl Pool {
     }
 
     async fn docs(&self, coll: &str, filter: Document) -> Result<Vec<Document>> {
-        Ok(self
-            .database()
-            .await?
-            .collection::<Document>(coll)
-            .find(filter)
-            .await?
-            .try_collect()
-            .await?)
+        kgs_tests::find_docs(&self.db, coll, filter).await
     }
 
     async fn ids(&self, coll: &str) -> Result<HashSet<String>> {
-        Ok(self
-            .docs(coll, doc! {})
+        Ok(kgs_tests::string_ids(&self.db, coll)
             .await?
-            .iter()
-            .map(|d| d.get_str("_id").expect("_id").to_owned())
+            .into_iter()
             .collect())
     }
 
