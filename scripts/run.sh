@@ -14,14 +14,20 @@ HTTP_PRODUCER="${KGS_PRODUCER_ADDR:-127.0.0.1:9100}"
 LOGS="$ROOT/.cache/run"
 mkdir -p "$LOGS"
 
+started=$SECONDS
+# Build tools and server runtimes: installed as root, else named in one line.
+scripts/prereqs.sh run
 [[ -n "${KGS_MONGODB_URI:-}" ]] || scripts/servers.sh up mongo
 [[ -n "${KGS_KAFKA_BROKERS:-}" ]] || scripts/servers.sh up kafka
 
 cargo build --release --bin kgs-producer --example app-server
 BIN="$ROOT/target/release"
 
-echo "run: creating pool $POOL (3 base62 characters: 238,328 keys; a re-run reuses it)"
-"$BIN/kgs-producer" init --pool "$POOL" --length 3 --partitions 4
+built=$SECONDS
+echo "run: built after $((built - started))s; creating pool $POOL (3 base62 characters: 238,328 keys; a re-run reuses it)"
+# Only the first 10,000 keys before the producer starts: it generates the
+# rest while it publishes, so the first key is seconds away, not a minute.
+"$BIN/kgs-producer" init --pool "$POOL" --length 3 --partitions 4 --initial-keys 10000
 
 pids=()
 cleanup() {
@@ -39,8 +45,6 @@ trap 'cleanup; exit 0' INT TERM
 pids+=($!)
 KGS_POOL="$POOL" KGS_HTTP_ADDR="$HTTP_APP" "$BIN/examples/app-server" >"$LOGS/app-server.log" 2>&1 &
 pids+=($!)
-echo "run: producer (logs $LOGS/producer.log, metrics http://$HTTP_PRODUCER/metrics)"
-echo "run: app server (logs $LOGS/app-server.log) on http://$HTTP_APP"
 
 for _ in $(seq 1 120); do
   curl -fsS "http://$HTTP_APP/healthz" >/dev/null 2>&1 && break
@@ -50,13 +54,29 @@ done
 # to claim it: seconds on a fresh pool (SecantusDB is slow at picking from a
 # large `keys` collection).
 echo "run: waiting for the first batch to reach the app server..."
+first=""
 for _ in $(seq 1 240); do
-  [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$HTTP_APP/keys")" == 200 ]] && break
-  sleep 0.5
+  if first="$(curl -fsS --max-time 5 "http://$HTTP_APP/keys" 2>/dev/null)"; then break; fi
+  first=""
+  sleep 0.25
 done
-echo "run: GET http://$HTTP_APP/keys, ten times:"
-for _ in $(seq 1 10); do
+if [[ -z "$first" ]]; then
+  echo "run: error: no key after 60s; see $LOGS/producer.log and $LOGS/app-server.log" >&2
+  exit 1
+fi
+echo "run: first key $first, $((SECONDS - built))s after the build ($((SECONDS - started))s in all); nine more:"
+for _ in $(seq 1 9); do
   curl -sS --max-time 10 "http://$HTTP_APP/keys"; echo
 done
-echo "run: keys keep flowing; try: curl http://$HTTP_APP/keys   (Ctrl-C to stop)"
+cat <<EOF
+
+run: kgs is running (pool $POOL). Where things are:
+  keys          curl http://$HTTP_APP/keys          (one key per request)
+  pool stats    curl http://$HTTP_APP/keys/count    and  $BIN/kgs-producer stats --pool $POOL
+  metrics       http://$HTTP_APP/metrics (app server)   http://$HTTP_PRODUCER/metrics (producer)
+  logs          $LOGS/producer.log   $LOGS/app-server.log
+  servers       scripts/servers.sh status | logs | down   (Kafka :9092, MongoDB-wire :27017)
+  next          make test (the suite), README.md (configuration, operations)
+  stop          Ctrl-C (the app server returns its unused keys; servers keep running)
+EOF
 wait

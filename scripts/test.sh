@@ -15,13 +15,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-need() {
-  command -v "$1" >/dev/null || { echo "test: error: $1 not found ($2)" >&2; exit 1; }
-}
-need cargo "install Rust with rustup"
-need cmake "rdkafka builds librdkafka with cmake: apt-get install cmake"
-[[ -e /usr/include/curl/curl.h || -e /usr/include/x86_64-linux-gnu/curl/curl.h ]] \
-  || { echo "test: error: curl headers missing: apt-get install libcurl4-openssl-dev (or run .ci/run)" >&2; exit 1; }
+# Build tools, server runtimes, Prometheus: installed as root, else named.
+scripts/prereqs.sh test
 
 started=()
 case "${KGS_MONGO_IMPL:=secantus}" in

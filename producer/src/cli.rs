@@ -100,6 +100,11 @@ pub struct InitArgs {
     /// Partitions of the pool's topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: u32,
+    /// Keys to generate before `init` returns; a running producer generates
+    /// the rest up to the target size while it publishes (so the first keys
+    /// can be handed out within seconds) [default: the target size].
+    #[arg(long, env = "KGS_INITIAL_KEYS")]
+    pub initial_keys: Option<u64>,
 }
 
 /// `run`.
@@ -170,7 +175,12 @@ pub struct RecycleArgs {
 #[derive(Debug, Clone)]
 pub enum Command {
     /// Create a pool and generate its first keys.
-    Init(Box<PoolSpec>),
+    Init {
+        /// What to create.
+        spec: Box<PoolSpec>,
+        /// Keys to generate before returning (`None`: the target size).
+        initial_keys: Option<u64>,
+    },
     /// Run the producer of a pool.
     Run {
         /// Pool name.
@@ -216,12 +226,15 @@ impl Cli {
         c.kafka_options.0.extend(g.kafka_options);
         c.target_size = g.target_size.or(c.target_size);
         let command = match self.command {
-            CommandArgs::Init(a) => Command::Init(Box::new(PoolSpec {
-                format: KeyFormat::new(&a.alphabet, a.length)
-                    .map_err(|e| Error::Config(e.to_string()))?,
-                name: a.pool,
-                partitions: a.partitions,
-            })),
+            CommandArgs::Init(a) => Command::Init {
+                spec: Box::new(PoolSpec {
+                    format: KeyFormat::new(&a.alphabet, a.length)
+                        .map_err(|e| Error::Config(e.to_string()))?,
+                    name: a.pool,
+                    partitions: a.partitions,
+                }),
+                initial_keys: a.initial_keys,
+            },
             CommandArgs::Run(a) => {
                 c.group = a.group.or(c.group);
                 set(&mut c.batch_size, a.batch_size);

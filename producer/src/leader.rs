@@ -24,9 +24,6 @@ const RECOVERY_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the pool gauges (counts of keys) are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keys generated per loop iteration at most, so top-up never starves publishing.
-const TOP_UP_PER_ITERATION: u64 = 50_000;
-
 /// Runs the producer of `pool` until `shutdown` resolves: standby until the
 /// lease is free, leader after. Returns after releasing the lease.
 pub async fn run(
@@ -169,16 +166,6 @@ async fn lead(
             }
             mover.process_returns().await?;
             mover.process_recycles().await?;
-            top_up(
-                store,
-                pool,
-                target,
-                config.generate_chunk,
-                TOP_UP_PER_ITERATION,
-                guard,
-                None,
-            )
-            .await?;
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
                 refresh_gauges(store, pool, metrics).await?;
                 last_gauges = Some(Instant::now());
@@ -196,17 +183,29 @@ async fn lead(
                 }
             }
             let smallest_batches = backlog.iter().map(|b| b.batches).min().unwrap_or(0);
-            if filling.is_empty() || smallest_batches >= config.high_watermark {
-                return Ok::<bool, Error>(false);
-            }
-            let moved = mover.next_batch(config.batch_size, smallest).await?;
-            if !moved {
+            let wanted = !filling.is_empty() && smallest_batches < config.high_watermark;
+            let moved = wanted && mover.next_batch(config.batch_size, smallest).await?;
+            // One generation chunk per iteration, after the move: a pool
+            // being filled (a fresh `init --initial-keys`, or top-up after
+            // a burst) keeps publishing between chunks instead of making
+            // consumers wait for the whole target size.
+            let generated = top_up(
+                store,
+                pool,
+                target,
+                config.generate_chunk,
+                config.generate_chunk,
+                guard,
+                None,
+            )
+            .await?;
+            if wanted && !moved && generated == 0 {
                 pool_empty(store, pool, metrics, &mut exhausted).await?;
-            } else if exhausted {
+            } else if moved && exhausted {
                 exhausted = false;
                 metrics.pool_exhausted.set(0);
             }
-            Ok(moved)
+            Ok::<bool, Error>(moved || generated > 0)
         };
         match step.await {
             Ok(true) => {

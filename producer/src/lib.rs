@@ -50,10 +50,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     match command {
-        Command::Init(spec) => {
+        Command::Init { spec, initial_keys } => {
             let store = Store::connect(&config).await?;
             let outcome = pool::init(&config, &store, &spec).await?;
-            let generated = initial_generation(&config, &store, &spec.name).await?;
+            let generated = initial_generation(&config, &store, &spec.name, initial_keys).await?;
             let doc = store.pool(&spec.name).await?;
             println!(
                 "pool {}: {}; space {}, generated {} ({} now), topic {} ({} partitions)",
@@ -138,11 +138,18 @@ async fn recycle_command(config: &Config, pool: &str, keys: Vec<String>) -> Resu
     Ok(())
 }
 
-/// Generates a new pool's first keys under the pool's lease (so it never
-/// runs next to a leading producer, which tops the pool up itself).
-async fn initial_generation(config: &Config, store: &Store, pool: &str) -> Result<u64> {
+/// Generates a new pool's first keys (up to `initial_keys`, at most the
+/// target size) under the pool's lease, so it never runs next to a leading
+/// producer, which tops the pool up itself.
+async fn initial_generation(
+    config: &Config,
+    store: &Store,
+    pool: &str,
+    initial_keys: Option<u64>,
+) -> Result<u64> {
     let doc = store.pool(pool).await?;
     let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
+    let target = initial_keys.map_or(target, |n| n.min(target));
     let holder = format!(
         "init-{}-{:06x}",
         std::process::id(),
