@@ -131,6 +131,9 @@ errors = dashboard("kgs-errors", "kgs / errors and bad messages", [
            ("sum by (instance) (increase(kgs_consumer_claim_errors_total[5m]))", "claim {{instance}}")]),
     panel(4, "Rebalances, by event",
           [("sum by (event) (increase(kgs_consumer_rebalances_total[5m]))", "{{event}}")]),
+    panel(5, "Replays (already claimed batches read again) and claims set aside",
+          [("sum by (instance) (increase(kgs_consumer_replays_total[5m]))", "replays {{instance}}"),
+           ("sum by (pool) (increase(kgs_producer_claims_rejected_total[5m]))", "claims set aside {{pool}}")]),
 ], "Everything that went wrong, by kind.")
 
 # `--check`: write nothing, fail if a committed dashboard differs from this

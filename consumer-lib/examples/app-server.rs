@@ -52,7 +52,7 @@ struct Config {
     /// Pool to serve keys from.
     #[arg(long, env = "KGS_POOL")]
     pool: String,
-    /// Consumer group (default `kgs.<pool>`).
+    /// Consumer group (default the pool topic's name, `kgs.<pool>.<incarnation>`).
     #[arg(long, env = "KGS_GROUP")]
     group: Option<String>,
     /// Instance id recorded in claims (default `$HOSTNAME-<uuid>`).

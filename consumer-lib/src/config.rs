@@ -101,9 +101,10 @@ impl KeyConsumerBuilder {
         self
     }
 
-    /// Consumer group id. Default `kgs.<pool>`, the group whose committed
-    /// offsets the producer reads to size its backlog; instances sharing a
-    /// group share the pool's partitions, and so get disjoint keys.
+    /// Consumer group id. Default the pool topic's name
+    /// (`kgs.<pool>.<incarnation>`), the group whose committed offsets the
+    /// producer reads to size its backlog; instances sharing a group share
+    /// the pool's partitions, and so get disjoint keys.
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
         self

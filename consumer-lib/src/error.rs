@@ -51,6 +51,16 @@ pub enum Error {
     /// Registering the metrics in the app's registry failed (e.g. registered twice).
     #[error("registering metrics")]
     Metrics(#[source] prometheus::Error),
+    /// Reading a batch's record, to verify the batch before claiming it,
+    /// failed (retried: the batch is neither claimed nor skipped meanwhile).
+    #[error("reading the batch record of {batch:?}")]
+    Verify {
+        /// The batch id.
+        batch: String,
+        /// The MongoDB error.
+        #[source]
+        source: mongodb::error::Error,
+    },
     /// Recording a claim in MongoDB failed.
     #[error("claiming batch {batch:?}")]
     Claim {

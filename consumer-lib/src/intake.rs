@@ -4,13 +4,21 @@
 //! runs the shutdown that hands unused keys back.
 //!
 //! # Why this order is safe
-//! A key is handed out only from a batch whose claim is recorded (`_id` =
-//! batch id, so once only) *and* whose offset is committed. A crash or a
+//! Nothing read from Kafka is trusted: before a batch is claimed, its
+//! producer's durable record (`batches`, exact `_id`) must exist and match it
+//! (this pool incarnation, keys moved, the same keys, this partition; see
+//! [`KeyBatch::verify`]). Anyone able to write to the topic can therefore
+//! only make the consumer skip messages, never hand out a key that the
+//! producer did not move into `used_keys` for exactly this batch.
+//!
+//! A key is handed out only from a verified batch whose claim is recorded
+//! (`_id` = batch id, so once only) *and* whose offset is committed. A crash or a
 //! rebalance therefore cannot make a batch's keys reachable twice: its next
 //! reader starts after every committed batch, and a batch it does re-read
 //! (claimed but not committed) is refused by the claim's unique `_id`.
 //! Bad messages are committed past, so they never block a partition.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +49,10 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(20);
 const CLAIM_RETRY_FIRST: Duration = Duration::from_millis(100);
 const CLAIM_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How often claim endings that could not be written (the database was
+/// away) are tried again.
+const UNFINISHED_RETRY: Duration = Duration::from_secs(1);
+
 /// State shared by the [`crate::KeyConsumer`] handle and the loop.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -69,6 +81,11 @@ pub struct ShutdownReport {
 pub(crate) struct Context {
     metrics: Metrics,
     assignment_changed: AtomicBool,
+    /// Mirrors the loop's paused state, so partitions assigned while paused
+    /// are paused in the rebalance callback itself, before anything is
+    /// fetched from them (the buffer then never exceeds its high watermark
+    /// by more than the one batch that crossed it: the documented bound).
+    paused: AtomicBool,
 }
 
 impl Context {
@@ -76,6 +93,7 @@ impl Context {
         Self {
             metrics,
             assignment_changed: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
         }
     }
 }
@@ -83,10 +101,15 @@ impl Context {
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 metrics::rebalance(&self.metrics, "assign", &partitions(tpl));
+                if self.paused.load(Ordering::Acquire) {
+                    if let Err(e) = consumer.pause(tpl) {
+                        warn!(cause = %e, "could not pause newly assigned partitions; the loop retries");
+                    }
+                }
                 self.assignment_changed.store(true, Ordering::Release);
             }
             // Nothing to drop here: the loop handles one message at a time and
@@ -119,12 +142,22 @@ pub(crate) struct Intake {
     pub pool: String,
     pub group: String,
     pub instance: String,
+    /// This process's claim token ([`ClaimDoc::token`]).
+    pub token: String,
+    /// The pool's incarnation, which every verified batch record must carry.
+    pub incarnation: String,
     pub format: KeyFormat,
     pub low_watermark: usize,
     pub high_watermark: usize,
     pub shutdown_timeout: Duration,
     pub paused: bool,
     pub reported_handed_out: usize,
+    /// Claim endings not written yet (batch, keys to return; none = drained),
+    /// retried every [`UNFINISHED_RETRY`] and at shutdown: a failed write
+    /// must not leave a claim `open` for good (its keys could then never be
+    /// handed out again, nor recycled).
+    pub unfinished: Vec<(String, Vec<String>)>,
+    pub next_unfinished_retry: Instant,
 }
 
 /// Resolves once a stop is requested or the handle is gone. Safe to call
@@ -180,33 +213,46 @@ impl Intake {
             }
         };
         let started = std::time::Instant::now();
+        // Verified before anything is written, so a forged batch leaves no
+        // claim behind (a claim names a batch as this pool's).
+        let Some(proof) = self
+            .retry(stop, &batch.batch_id, || {
+                self.store.batch_proof(&batch.batch_id)
+            })
+            .await
+        else {
+            // Stopping: nothing written, not committed; the next reader verifies it.
+            return;
+        };
+        if let Err(e) = batch.verify(at.partition, proof.as_ref(), &self.incarnation) {
+            metrics::unverified(&self.shared.metrics, at, &batch.batch_id, &e);
+            self.commit_past(at).await;
+            return;
+        }
         let claim = ClaimDoc {
             batch_id: batch.batch_id.clone(),
             pool: self.pool.clone(),
             group: self.group.clone(),
             instance: self.instance.clone(),
+            token: self.token.clone(),
             partition: at.partition,
             offset: at.offset,
             keys: batch.keys.len() as u64,
             state: ClaimState::Open,
             return_keys: Vec::new(),
+            reason: None,
             claimed_at: Utc::now(),
         };
-        let mut backoff = CLAIM_RETRY_FIRST;
-        let outcome = loop {
-            match self.store.claim(&claim).await {
-                Ok(outcome) => break outcome,
-                Err(e) => {
-                    metrics::claim_failed(&self.shared.metrics, &batch.batch_id, &e);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        // Not committed: the batch's next reader gets it (and
-                        // sees our claim if the write did land).
-                        () = stopped(stop) => return,
-                    }
-                    backoff = (backoff * 2).min(CLAIM_RETRY_MAX);
-                }
-            }
+        let Some(outcome) = self
+            .retry(stop, &batch.batch_id, || self.store.claim(&claim))
+            .await
+        else {
+            // Stopping mid-retry. Not committed, but an earlier attempt may
+            // have landed (a write that failed on the way back): its next
+            // reader would skip a batch claimed by us, so hand the keys back.
+            // Conditional on our token: a no-op if no attempt landed.
+            self.give_back(&batch.batch_id, batch.keys).await;
+            return;
         };
         if let ClaimOutcome::AlreadyClaimed { holder } = outcome {
             metrics::replay(&self.shared.metrics, at, &batch.batch_id, &holder);
@@ -234,6 +280,34 @@ impl Intake {
         self.apply_backpressure();
     }
 
+    /// Runs `op` until it succeeds, backing off between attempts; `None` if
+    /// a stop was requested first.
+    async fn retry<T, F, Fut>(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        batch: &str,
+        mut op: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = crate::Result<T>>,
+    {
+        let mut backoff = CLAIM_RETRY_FIRST;
+        loop {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    metrics::claim_failed(&self.shared.metrics, batch, &e);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stopped(stop) => return None,
+                    }
+                    backoff = (backoff * 2).min(CLAIM_RETRY_MAX);
+                }
+            }
+        }
+    }
+
     /// Commits `at.offset + 1` synchronously (off the async threads).
     async fn commit(&self, at: Position, batch: &str) -> crate::Result<()> {
         let mut tpl = TopicPartitionList::new();
@@ -259,12 +333,16 @@ impl Intake {
     }
 
     /// Marks our claim `returning` with `keys`, none of which was handed out.
-    async fn give_back(&self, batch: &str, keys: Vec<String>) {
+    /// Marks our claim `returning` with `keys` (none handed out), or
+    /// `drained` with none; a failed write is queued and retried.
+    async fn give_back(&mut self, batch: &str, keys: Vec<String>) {
         let n = keys.len();
-        match self.store.finish(batch, &self.instance, keys).await {
-            Ok(()) => metrics::keys_returned(&self.shared.metrics, batch, n),
+        match self.store.finish(batch, &self.token, keys.clone()).await {
+            Ok(true) if n > 0 => metrics::keys_returned(&self.shared.metrics, batch, n),
+            Ok(_) => {}
             Err(e) => {
-                error!(batch, cause = %metrics::error_chain(&e), "could not record keys to return; the claim stays open")
+                warn!(batch, keys = n, cause = %metrics::error_chain(&e), "could not end the claim; retrying");
+                self.unfinished.push((batch.to_owned(), keys));
             }
         }
     }
@@ -273,8 +351,12 @@ impl Intake {
         let drained = self.shared.buffer.take_drained();
         self.report_handed_out();
         for batch in drained {
-            if let Err(e) = self.store.finish(&batch, &self.instance, Vec::new()).await {
-                warn!(batch = %batch, cause = %metrics::error_chain(&e), "could not mark claim drained");
+            self.give_back(&batch, Vec::new()).await;
+        }
+        if !self.unfinished.is_empty() && Instant::now() >= self.next_unfinished_retry {
+            self.next_unfinished_retry = Instant::now() + UNFINISHED_RETRY;
+            for (batch, keys) in std::mem::take(&mut self.unfinished) {
+                self.give_back(&batch, keys).await;
             }
         }
         self.apply_backpressure();
@@ -330,6 +412,10 @@ impl Intake {
         match result {
             Ok(()) => {
                 self.paused = pause;
+                self.consumer
+                    .context()
+                    .paused
+                    .store(pause, Ordering::Release);
                 metrics::backpressure(&self.shared.metrics, pause, depth);
             }
             Err(e) => warn!(pause, cause = %e, "pause/resume failed; retrying on the next tick"),
@@ -345,29 +431,33 @@ impl Intake {
         self.report_handed_out();
         let deadline = Instant::now() + self.shutdown_timeout;
         let mut report = ShutdownReport::default();
-        for left in leftovers {
-            let n = left.unhanded.len();
+        // Claim endings still queued from earlier failures come first.
+        let endings: Vec<(String, Vec<String>)> = std::mem::take(&mut self.unfinished)
+            .into_iter()
+            .chain(leftovers.into_iter().map(|l| (l.batch_id, l.unhanded)))
+            .collect();
+        for (batch_id, unhanded) in endings {
+            let n = unhanded.len();
             let mut done = false;
             while !done && Instant::now() < deadline {
-                let write =
-                    self.store
-                        .finish(&left.batch_id, &self.instance, left.unhanded.clone());
+                let write = self.store.finish(&batch_id, &self.token, unhanded.clone());
                 match tokio::time::timeout_at(deadline, write).await {
-                    Ok(Ok(())) => done = true,
+                    // `false`: an earlier attempt that reported an error had landed.
+                    Ok(Ok(_)) => done = true,
                     Ok(Err(e)) => {
-                        warn!(batch = %left.batch_id, cause = %metrics::error_chain(&e), "claim update failed, retrying");
+                        warn!(batch = %batch_id, cause = %metrics::error_chain(&e), "claim update failed, retrying");
                         tokio::time::sleep(CLAIM_RETRY_FIRST).await;
                     }
                     Err(_) => break,
                 }
             }
             if !done {
-                error!(batch = %left.batch_id, keys = n, "shutdown deadline passed; the claim stays open and its keys are lost");
-                report.failed.push(left.batch_id);
+                error!(batch = %batch_id, keys = n, "shutdown deadline passed; the claim stays open and its keys are lost");
+                report.failed.push(batch_id);
             } else if n == 0 {
                 report.batches_drained += 1;
             } else {
-                metrics::keys_returned(&self.shared.metrics, &left.batch_id, n);
+                metrics::keys_returned(&self.shared.metrics, &batch_id, n);
                 report.batches_returning += 1;
                 report.keys_returned += n;
             }

@@ -110,6 +110,8 @@ pub struct KeyConsumer {
     pool: String,
     group: String,
     instance: String,
+    /// This process's claim token (see [`kgs_schemas::docs::ClaimDoc::token`]).
+    token: String,
     /// For recycle requests and pool statistics.
     store: Store,
     /// The pool's key format, to reject bad keys given to `recycle`.
@@ -141,8 +143,11 @@ impl KeyConsumer {
         let group = config
             .group
             .clone()
-            .unwrap_or_else(|| format!("kgs.{pool}"));
+            .unwrap_or_else(|| pool_doc.default_group());
         let instance = config.instance.clone().unwrap_or_else(default_instance_id);
+        // New at every start: the claims of this process are the ones that
+        // carry it (the instance id may be shared or reused).
+        let token = uuid::Uuid::new_v4().simple().to_string();
         let consumer: StreamConsumer<Context> = config
             .kafka_config(&group, &instance)?
             .create_with_context(Context::new(metrics.clone()))
@@ -169,12 +174,16 @@ impl KeyConsumer {
             pool: pool.clone(),
             group: group.clone(),
             instance: instance.clone(),
+            token: token.clone(),
+            incarnation: pool_doc.incarnation.clone(),
             format: format.clone(),
             low_watermark: config.low_watermark,
             high_watermark: config.high_watermark,
             shutdown_timeout: config.shutdown_timeout,
             paused: false,
             reported_handed_out: 0,
+            unfinished: Vec::new(),
+            next_unfinished_retry: tokio::time::Instant::now(),
         };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(intake.run(stop_rx));
@@ -185,6 +194,7 @@ impl KeyConsumer {
             pool,
             group,
             instance,
+            token,
             store,
             format,
         })

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use kgs_schemas::DecodeError;
+use kgs_schemas::{DecodeError, Unverified};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{error, info, warn};
 
@@ -27,8 +27,13 @@ pub const EMPTY_TOTAL: &str = "kgs_consumer_empty_total";
 pub const WAITS_TOTAL: &str = "kgs_consumer_waits_total";
 /// Counter: `next_key_wait` calls that timed out empty.
 pub const WAIT_TIMEOUTS_TOTAL: &str = "kgs_consumer_wait_timeouts_total";
-/// Counter, label `kind`: skipped messages ([`DecodeError::kind`] or `replay`).
+/// Counter, label `kind`: skipped messages ([`DecodeError::kind`], or
+/// `unverified` for a well-formed batch that matches no batch record of
+/// this pool incarnation: something other than its producer wrote it).
 pub const BAD_MESSAGES_TOTAL: &str = "kgs_consumer_bad_messages_total";
+/// Counter: batches read again that are already claimed (a crash between
+/// claim and commit, a rebalance, a re-delivered copy): skipped, harmless.
+pub const REPLAYS_TOTAL: &str = "kgs_consumer_replays_total";
 /// Counter: keys handed back at shutdown (claims set to `returning`).
 pub const KEYS_RETURNED_TOTAL: &str = "kgs_consumer_keys_returned_total";
 /// Counter: offset commits that failed (their batch is not handed out).
@@ -57,6 +62,7 @@ pub(crate) struct Metrics {
     pub waits: IntCounter,
     pub wait_timeouts: IntCounter,
     pub bad_messages: IntCounterVec,
+    pub replays: IntCounter,
     pub keys_returned: IntCounter,
     pub commit_failures: IntCounter,
     pub claim_errors: IntCounter,
@@ -104,6 +110,10 @@ impl Metrics {
                     &["kind"],
                 )?,
             )?,
+            replays: counter(
+                REPLAYS_TOTAL,
+                "Already claimed batches read again (skipped).",
+            )?,
             keys_returned: counter(KEYS_RETURNED_TOTAL, "Keys handed back at shutdown.")?,
             commit_failures: counter(COMMIT_FAILURES_TOTAL, "Offset commits that failed.")?,
             claim_errors: counter(CLAIM_ERRORS_TOTAL, "Claim writes that failed (retried).")?,
@@ -132,7 +142,7 @@ impl Metrics {
         };
         // Start every labelled series at 0: `increase()` then sees the first
         // event, and dashboards have series before anything went wrong.
-        for kind in DecodeError::KINDS.into_iter().chain(["replay"]) {
+        for kind in DecodeError::KINDS.into_iter().chain(["unverified"]) {
             m.bad_messages.with_label_values(&[kind]);
         }
         for event in ["assign", "revoke", "error"] {
@@ -167,16 +177,32 @@ pub(crate) fn bad_message(m: &Metrics, at: Position, err: &DecodeError) {
     );
 }
 
-/// A batch that is already claimed came again; it is skipped.
-pub(crate) fn replay(m: &Metrics, at: Position, batch: &str, holder: &str) {
-    m.bad_messages.with_label_values(&["replay"]).inc();
+/// A well-formed batch failed verification against the producer's record:
+/// something else writes to the pool topic (or it is another installation's
+/// or incarnation's batch). Skipped, never claimed; an operator must look.
+pub(crate) fn unverified(m: &Metrics, at: Position, batch: &str, err: &Unverified) {
+    m.bad_messages.with_label_values(&["unverified"]).inc();
     error!(
-        kind = "replay",
+        kind = "unverified",
+        reason = err.reason(),
+        cause = %err,
+        batch = %batch.escape_debug(),
+        partition = at.partition,
+        offset = at.offset,
+        "skipping a batch not moved by this pool's producer"
+    );
+}
+
+/// A batch that is already claimed came again; it is skipped. Normal after
+/// a crash between claim and commit, or a rebalance.
+pub(crate) fn replay(m: &Metrics, at: Position, batch: &str, holder: &str) {
+    m.replays.inc();
+    info!(
         batch,
         holder,
         partition = at.partition,
         offset = at.offset,
-        "skipping a batch that was already claimed"
+        "skipping a batch that is already claimed"
     );
 }
 

@@ -4,11 +4,12 @@
 //! `used_keys.<pool>` back to `keys.<pool>`, where it waits to be handed out
 //! again, once.
 //!
-//! The checks are [`kgs_schemas::recycle`]'s, with one addition only an
-//! instance can make: a key of a batch this instance still holds open is
-//! recyclable only if this instance's buffer handed it out
-//! ([`crate::KeyBuffer::key_state`]). A batch open in another instance is
-//! refused, since that instance may still hand the key out.
+//! The checks are [`kgs_schemas::recycle`]'s, with one addition only a
+//! consumer process can make: a key of a batch this process still holds open
+//! (its claim carries this process's token) is recyclable only if this
+//! process's buffer handed it out ([`crate::KeyBuffer::key_state`]). A batch
+//! open in any other process — even one with the same instance id — is
+//! refused, since that process may still hand the key out.
 
 use std::time::Duration;
 
@@ -97,7 +98,7 @@ impl KeyConsumer {
         let used = self.store.used_key(&self.pool, key).await?;
         let (batch, n) = check_used(used.as_ref()).map_err(refused)?;
         let claim = self.store.claim_of(batch).await?;
-        match check_claim(claim.as_ref(), key, batch, Some(&self.instance)).map_err(refused)? {
+        match check_claim(claim.as_ref(), key, batch, Some(&self.token)).map_err(refused)? {
             ClaimVerdict::HandedOut => {}
             ClaimVerdict::AskBuffer => match self.shared.buffer.key_state(batch, key) {
                 BufferedKey::HandedOut => {}

@@ -1,6 +1,7 @@
-//! The consumer's MongoDB side: reading the pool document, writing claim
-//! records (`claims`, `_id` = batch id), recycle requests (`recycles`) and
-//! the pool's collection statistics.
+//! The consumer's MongoDB side: reading the pool document and the
+//! producer's batch records (to verify a batch before claiming it), writing
+//! claim records (`claims`, `_id` = batch id), recycle requests
+//! (`recycles`) and the pool's collection statistics.
 //!
 //! Every query and update names the exact `_id`, so MongoDB serves it from
 //! the primary-key index. Claim writes use `w: majority, j: true`: a claim
@@ -9,9 +10,10 @@
 use bson::doc;
 use bson::Document;
 use kgs_schemas::docs::{
-    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, RecycleDoc, UsedKeyDoc, CLAIMS, POOLS,
-    RECYCLES,
+    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, RecycleDoc, UsedKeyDoc, BATCHES, CLAIMS,
+    POOLS, RECYCLES,
 };
+use kgs_schemas::BatchProof;
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, CollectionOptions, WriteConcern};
 use mongodb::{Collection, Database};
@@ -39,6 +41,7 @@ pub(crate) enum ClaimOutcome {
 pub(crate) struct Store {
     db: Database,
     pools: Collection<PoolDoc>,
+    batches: Collection<BatchProof>,
     claims: Collection<ClaimDoc>,
     recycles: Collection<RecycleDoc>,
 }
@@ -52,6 +55,7 @@ impl Store {
         Self {
             db: db.clone(),
             pools: db.collection(POOLS),
+            batches: db.collection(BATCHES),
             claims: db.collection_with_options(
                 CLAIMS,
                 CollectionOptions::builder()
@@ -78,12 +82,28 @@ impl Store {
             .ok_or_else(|| Error::PoolNotFound(name.to_owned()))
     }
 
+    /// The producer's record of `batch` without its key lists (exact `_id`),
+    /// to verify a message against before claiming it.
+    pub async fn batch_proof(&self, batch: &str) -> Result<Option<BatchProof>> {
+        self.batches
+            .find_one(doc! { "_id": batch })
+            .projection(BatchProof::projection())
+            .await
+            .map_err(|source| Error::Verify {
+                batch: batch.to_owned(),
+                source,
+            })
+    }
+
     /// Records `claim` (state `open`). The `_id` is the batch id, so a batch
     /// is claimed once only. A duplicate-key error means it is claimed
-    /// already; if that claim is our own open one (a write retried across a
-    /// server restart, or a batch redelivered to us before its commit), it
-    /// is still ours: its keys were never handed out, since hand-out happens
-    /// only after the commit.
+    /// already; if that claim is this process's own open one (same token,
+    /// group, partition and offset: a write retried across a server
+    /// restart, or the batch redelivered to us before its commit), it is
+    /// still ours: its keys were never handed out, since hand-out happens
+    /// only after the commit. The instance id alone never makes a claim
+    /// ours: it is configurable, and another process (a restart, another
+    /// group) with the same id may have handed the keys out.
     pub async fn claim(&self, claim: &ClaimDoc) -> Result<ClaimOutcome> {
         let err = match self.claims.insert_one(claim).await {
             Ok(_) => return Ok(ClaimOutcome::Claimed),
@@ -105,7 +125,8 @@ impl Store {
             })?;
         match existing {
             Some(c)
-                if c.instance == claim.instance
+                if c.token == claim.token
+                    && c.group == claim.group
                     && c.state == ClaimState::Open
                     && c.partition == claim.partition
                     && c.offset == claim.offset =>
@@ -124,23 +145,21 @@ impl Store {
     /// Ends our open claim on a batch: `drained` if `return_keys` is empty,
     /// else `returning` with those keys for the producer to move back to
     /// `keys` (ClaimDoc has no other field to set: it denies unknown fields).
-    /// Conditional on the claim being ours and open, so a repeated
-    /// call changes nothing.
-    pub async fn finish(
-        &self,
-        batch: &str,
-        instance: &str,
-        return_keys: Vec<String>,
-    ) -> Result<()> {
+    /// Conditional on the claim being this process's (`token`) and open, so
+    /// a repeated call changes nothing and another process with the same
+    /// instance id cannot end it.
+    /// Returns whether this call changed the claim.
+    pub async fn finish(&self, batch: &str, token: &str, return_keys: Vec<String>) -> Result<bool> {
         let state = if return_keys.is_empty() {
             ClaimState::Drained
         } else {
             ClaimState::Returning
         };
         let state = bson::to_bson(&state).expect("claim state serializes");
-        self.claims
+        let r = self
+            .claims
             .update_one(
-                doc! { "_id": batch, "state": "open", "instance": instance },
+                doc! { "_id": batch, "state": "open", "token": token },
                 doc! { "$set": {
                     "state": state,
                     "return_keys": return_keys,
@@ -151,7 +170,7 @@ impl Store {
                 batch: batch.to_owned(),
                 source,
             })?;
-        Ok(())
+        Ok(r.modified_count == 1)
     }
 }
 
@@ -179,11 +198,15 @@ impl Store {
             })
     }
 
-    /// Records a recycle request; `false` if one with this `_id` exists.
+    /// Records a recycle request; `false` if another request with this
+    /// `_id` exists (a retried insert of this very request is `true`).
     pub async fn request_recycle(&self, request: &RecycleDoc) -> Result<bool> {
         match self.recycles.insert_one(request).await {
             Ok(_) => Ok(true),
-            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) if is_duplicate_key(&e) => Ok(self
+                .recycle(&request.id)
+                .await?
+                .is_some_and(|stored| request.is_same_request(&stored))),
             Err(source) => Err(Error::Store {
                 op: "recording a recycle request",
                 source,

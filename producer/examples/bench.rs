@@ -110,11 +110,13 @@ async fn main() -> Result<()> {
 
         // Producer: the full protocol, one Kafka transaction per batch.
         let metrics = Metrics::new(&name);
-        let kafka = PoolKafka::start(&config, &name, &pool::topic_of(&name), 1).await?;
+        let pool_doc = store.pool(&name).await?;
+        let kafka = PoolKafka::start(&config, &pool_doc).await?;
         let mover = Mover {
             store: &store,
             pk,
             pool: &name,
+            incarnation: &pool_doc.incarnation,
             guard: &guard,
             kafka: &kafka,
             metrics: &metrics,

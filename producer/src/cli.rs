@@ -113,7 +113,7 @@ pub struct RunArgs {
     /// Pool name.
     #[arg(long, env = "KGS_POOL")]
     pub pool: String,
-    /// Consumer group whose committed offsets define the backlog [default: kgs.<pool>].
+    /// Consumer group whose committed offsets define the backlog [default: kgs.<pool>.<incarnation>].
     #[arg(long, env = "KGS_GROUP")]
     pub group: Option<String>,
     /// Keys per batch [default: 1000].

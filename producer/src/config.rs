@@ -7,10 +7,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use kgs_schemas::docs::PoolDoc;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// Settings of every `kgs-producer` command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,7 +27,7 @@ pub struct Config {
     /// Database holding every pool.
     pub mongodb_db: String,
     /// Consumer group whose committed offsets define the backlog
-    /// (default `kgs.<pool>`, the consumer library's default).
+    /// (default `kgs.<pool>.<incarnation>`, the consumer library's default).
     pub group: Option<String>,
     /// Keys per batch (one Kafka message).
     pub batch_size: usize,
@@ -196,9 +200,38 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses a batch size whose worst-case message for `format` (every
+    /// key at its longest, JSON escapes included) would exceed what the
+    /// producer may send (`message.max.bytes`, librdkafka's default
+    /// 1,000,000 unless set in `kafka_options`) or consumers accept
+    /// ([`kgs_schemas::batch::MAX_MESSAGE_BYTES`]): every send of such a
+    /// batch would fail, and its record would stay `moved` for good.
+    pub fn check_batch_fits(&self, format: &kgs_schemas::KeyFormat) -> Result<()> {
+        let producer_limit = self
+            .kafka_options
+            .0
+            .get("message.max.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES);
+        let limit = producer_limit.min(kgs_schemas::batch::MAX_MESSAGE_BYTES);
+        let worst = kgs_schemas::batch::max_encoded_len(format, self.batch_size);
+        if worst > limit {
+            return Err(Error::Config(format!(
+                "batch_size {} is too large for keys of {} characters of this alphabet: a batch may encode to {worst} bytes, over the {limit}-byte message limit; use at most {} keys per batch",
+                self.batch_size,
+                format.length(),
+                (1..=self.batch_size)
+                    .rev()
+                    .find(|n| kgs_schemas::batch::max_encoded_len(format, *n) <= limit)
+                    .unwrap_or(0)
+            )));
+        }
+        Ok(())
+    }
+
     /// The consumer group of `pool`'s backlog.
-    pub fn group_of(&self, pool: &str) -> String {
-        self.group.clone().unwrap_or_else(|| format!("kgs.{pool}"))
+    pub fn group_of(&self, pool: &PoolDoc) -> String {
+        self.group.clone().unwrap_or_else(|| pool.default_group())
     }
 
     /// Base Kafka settings shared by every client.
@@ -214,18 +247,23 @@ impl Config {
         c
     }
 
-    /// The transactional producer of `pool`: one `transactional.id` per pool,
-    /// so a new leader's `init_transactions` fences the previous one.
-    pub fn kafka_producer(&self, pool: &str) -> ClientConfig {
+    /// The transactional producer of `pool`: one `transactional.id` per pool
+    /// incarnation, so a new leader's `init_transactions` fences the previous
+    /// one, and two installations with the same pool name on one Kafka
+    /// cluster (or a re-created pool) never fence each other.
+    pub fn kafka_producer(&self, pool: &PoolDoc) -> ClientConfig {
         let mut c = self.kafka();
-        c.set("transactional.id", format!("kgs-producer.{pool}"))
-            // Both implied by transactions; set explicitly for readers.
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // A transaction holds one batch; a minute is far more than needed,
-            // and bounds how long an orphan transaction blocks readers.
-            .set("transaction.timeout.ms", "60000")
-            .set("message.timeout.ms", "30000");
+        c.set(
+            "transactional.id",
+            format!("kgs-producer.{}.{}", pool.name, pool.incarnation),
+        )
+        // Both implied by transactions; set explicitly for readers.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // A transaction holds one batch; a minute is far more than needed,
+        // and bounds how long an orphan transaction blocks readers.
+        .set("transaction.timeout.ms", "60000")
+        .set("message.timeout.ms", "30000");
         c
     }
 
@@ -248,6 +286,40 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The worst case counts JSON escapes: 50,000 keys of 10 base62
+    /// characters fit, 50,000 keys of 12 characters of an alphabet with `"`
+    /// and `\` do not.
+    #[test]
+    fn batch_size_is_checked_against_the_message_limit() {
+        let mut c = Config {
+            batch_size: 50_000,
+            ..Config::default()
+        };
+        let base62 = kgs_schemas::KeyFormat::base62(10).unwrap();
+        c.check_batch_fits(&base62).unwrap();
+        let escaped = kgs_schemas::KeyFormat::new("\"\\ab", 12).unwrap();
+        let err = c.check_batch_fits(&escaped).unwrap_err().to_string();
+        assert!(err.contains("message limit"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        // The suggested size fits.
+        let n: usize = err
+            .rsplit("use at most ")
+            .next()
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        c.batch_size = n;
+        c.check_batch_fits(&escaped).unwrap();
+        c.batch_size = n + 1;
+        assert!(c.check_batch_fits(&escaped).is_err());
+        // A smaller producer limit is honoured.
+        c.batch_size = 50_000;
+        c.kafka_options
+            .0
+            .insert("message.max.bytes".into(), "100000".into());
+        assert!(c.check_batch_fits(&base62).is_err());
+    }
+
     #[test]
     fn kafka_options_reach_every_client_but_never_the_protected_settings() {
         let mut c: Config = toml::from_str(
@@ -259,9 +331,31 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        let producer = c.kafka_producer("p");
+        let pool = PoolDoc {
+            name: "p".into(),
+            incarnation: "0123456789abcdef".into(),
+            format: kgs_schemas::format::KeyFormatSpec {
+                alphabet: "ab".into(),
+                length: 1,
+            },
+            space: 2,
+            secret: kgs_schemas::docs::PoolSecret("00".into()),
+            cursor: 0,
+            generating: None,
+            reserved_ahead: Vec::new(),
+            topic: kgs_schemas::docs::topic_name("p", "0123456789abcdef"),
+            partitions: 1,
+            created_at: chrono::Utc::now(),
+        };
+        let producer = c.kafka_producer(&pool);
         assert_eq!(producer.get("security.protocol"), Some("SASL_SSL"));
-        assert_eq!(producer.get("transactional.id"), Some("kgs-producer.p"));
+        // Scoped by the incarnation: another installation's producer of a
+        // pool with the same name never fences this one.
+        assert_eq!(
+            producer.get("transactional.id"),
+            Some("kgs-producer.p.0123456789abcdef")
+        );
+        assert_eq!(c.group_of(&pool), "kgs.p.0123456789abcdef");
         assert_eq!(c.kafka_reader("g").get("sasl.password"), Some("hunter2"));
         // Values may be secrets: Debug shows names only.
         let shown = format!("{c:?}");

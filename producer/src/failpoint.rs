@@ -1,6 +1,10 @@
 //! Test-only fault injection: `KGS_FAILPOINT=<name>` aborts the process at the
 //! named step boundary, so the integration tests can prove that every crash
 //! window of generation and of the move/publish protocol is recoverable.
+//! `KGS_FAILPOINT=stop:<name>` instead stops the process there (SIGSTOP, the
+//! first time only), as a long GC pause or a stalled host would: the tests
+//! let another producer take over, then resume it with SIGCONT, so every
+//! write it had been about to make arrives late, from a stale leader.
 //!
 //! **Never set `KGS_FAILPOINT` in production**: the process dies on purpose.
 //! The names are listed in [`ALL`]; an unknown name simply never fires.
@@ -23,13 +27,28 @@ pub const ALL: &[&str] = &[
     "publish_after_send",
     "publish_after_commit",
     "publish_after_record",
-    // Return of a consumer's unused keys.
-    "return_after_delete",
-    "return_after_insert",
-    // Recycling of a handed-out key.
-    "recycle_after_delete",
-    "recycle_after_insert",
+    // Re-batch of handed-out keys (returned or recycled): record, then each
+    // key's used_keys document moved to it (then `move_after_moved` and the
+    // publish points as above).
+    "rebatch_after_record",
+    "rebatch_after_used",
+    // Return of a consumer's unused keys: re-batched, claim not yet marked.
+    "return_after_rebatch",
+    // Recycling of a handed-out key: re-batched, request not yet marked,
+    // then marked.
+    "recycle_after_rebatch",
     "recycle_after_done",
+    // Right after a lease check, right before the write it guards: with
+    // `stop:` these hold a leader between its check and its write, so the
+    // write arrives after a takeover (a check in the process never fences
+    // the write itself; the protocol must make it harmless).
+    "checked_insert_generated",
+    "checked_insert_used",
+    "checked_delete_keys",
+    "checked_rebatch_used",
+    "checked_mark_moved",
+    "checked_claim_returned",
+    "checked_recycle_done",
 ];
 
 fn armed() -> Option<&'static str> {
@@ -43,11 +62,32 @@ fn armed() -> Option<&'static str> {
         .as_deref()
 }
 
-/// Aborts the process if `KGS_FAILPOINT` names this point.
+/// Aborts (or stops) the process if `KGS_FAILPOINT` names this point.
 pub fn hit(name: &'static str) {
     debug_assert!(ALL.contains(&name), "unlisted failpoint {name}");
-    if armed() == Some(name) {
-        eprintln!("kgs-producer: KGS_FAILPOINT={name} reached, aborting (test fault injection)");
-        std::process::abort();
+    match armed() {
+        Some(armed) if armed == name => {
+            eprintln!(
+                "kgs-producer: KGS_FAILPOINT={name} reached, aborting (test fault injection)"
+            );
+            std::process::abort();
+        }
+        Some(armed) if armed.strip_prefix("stop:") == Some(name) => stop_once(name),
+        _ => {}
     }
+}
+
+/// Sends SIGSTOP to this process, once: it continues where it stopped when
+/// the test sends SIGCONT. (`kill` rather than a libc call: the crate
+/// forbids unsafe code.)
+fn stop_once(name: &'static str) {
+    static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STOPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    eprintln!("kgs-producer: KGS_FAILPOINT=stop:{name} reached, stopping (test fault injection)");
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &std::process::id().to_string()])
+        .status();
+    eprintln!("kgs-producer: resumed after stop:{name}");
 }

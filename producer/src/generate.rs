@@ -140,6 +140,7 @@ async fn finish_range(
             docs = not_used(pk, docs).await?;
         }
         guard.check()?;
+        failpoint::hit("checked_insert_generated");
         insert_ignoring_duplicates(&pk.keys, &docs, "insert generated keys").await?;
         if let Some(bar) = progress {
             bar.inc(to - from);

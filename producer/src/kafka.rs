@@ -12,7 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kgs_schemas::KeyBatch;
+use kgs_schemas::docs::{BatchRecord, PoolDoc};
+use kgs_schemas::{keys_digest, KeyBatch};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -63,7 +64,7 @@ pub struct PartitionBacklog {
 impl PoolKafka {
     /// Creates the clients and calls `init_transactions`, which fences any
     /// previous producer of the pool and aborts its open transaction.
-    pub async fn start(config: &Config, pool: &str, topic: &str, partitions: u32) -> Result<Self> {
+    pub async fn start(config: &Config, pool: &PoolDoc) -> Result<Self> {
         let producer: FutureProducer = config
             .kafka_producer(pool)
             .create()
@@ -82,9 +83,14 @@ impl PoolKafka {
             producer,
             reader,
             config: config.clone(),
-            topic: topic.to_owned(),
-            partitions: partitions as i32,
+            topic: pool.topic.clone(),
+            partitions: pool.partitions as i32,
         })
+    }
+
+    /// The topic's partition count.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
     }
 
     /// The end (last stable) offset of `partition`.
@@ -172,13 +178,17 @@ impl PoolKafka {
         }
     }
 
-    /// Looks for `batch_id` in `partition` from offset `from` to the current
-    /// end, reading only committed transactions. Returns its offset if found.
+    /// Looks for the batch of `record` in `partition` from offset `from` to
+    /// the current end, reading only committed transactions. Returns its
+    /// offset if found. A message counts only if it carries the batch's id
+    /// as its key *and* its payload is this batch (same id, pool and keys):
+    /// the Kafka key alone could be anyone's, and a forged message with it
+    /// must not make an unpublished batch count as published.
     pub async fn find_batch(
         &self,
         partition: i32,
         from: i64,
-        batch_id: &str,
+        record: &BatchRecord,
     ) -> Result<Option<i64>> {
         let end = self.end_offset(partition).await?;
         if from >= end {
@@ -191,7 +201,14 @@ impl PoolKafka {
             .create()
             .map_err(Error::kafka("create recovery reader"))?;
         let topic = self.topic.clone();
-        let id = batch_id.to_owned();
+        let id = record.id.clone();
+        let pool = record.pool.clone();
+        let digest = record.digest.clone();
+        let is_the_batch = move |payload: &[u8]| {
+            serde_json::from_slice::<KeyBatch>(payload)
+                .is_ok_and(|b| b.batch_id == id && b.pool == pool && keys_digest(&b.keys) == digest)
+        };
+        let id = record.id.clone();
         blocking(move || -> Result<Option<i64>> {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic, partition, Offset::Offset(from))
@@ -203,7 +220,15 @@ impl PoolKafka {
                     None => {}
                     Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
                     Some(Err(e)) => return Err(Error::kafka("read topic")(e)),
-                    Some(Ok(m)) if m.key() == Some(id.as_bytes()) => return Ok(Some(m.offset())),
+                    Some(Ok(m))
+                        if m.key() == Some(id.as_bytes())
+                            && m.payload().is_some_and(&is_the_batch) =>
+                    {
+                        return Ok(Some(m.offset()))
+                    }
+                    Some(Ok(m)) if m.key() == Some(id.as_bytes()) => {
+                        tracing::warn!(batch = %id, partition, offset = m.offset(), "a message with this batch's id but other content is in the topic (not from this producer); ignored");
+                    }
                     Some(Ok(_)) => {}
                 }
                 // Aborted records and transaction markers are skipped without

@@ -35,6 +35,9 @@ pub async fn run(
     config.validate()?;
     let store = Store::connect(&config).await?;
     let doc = store.pool(&pool).await?;
+    let format = kgs_schemas::KeyFormat::try_from(&doc.format)
+        .map_err(|e| Error::Corrupt(format!("pool {pool:?} has a bad format: {e}")))?;
+    config.check_batch_fits(&format)?;
     // Fail at start, in one line, if Kafka or the topic is missing.
     if crate::pool::topic_partition_count(&config, &doc.topic)
         .await?
@@ -121,11 +124,12 @@ async fn lead(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let pool = doc.name.as_str();
-    let kafka = PoolKafka::start(config, pool, &doc.topic, doc.partitions).await?;
+    let kafka = PoolKafka::start(config, doc).await?;
     let mover = Mover {
         store,
         pk: store.pool_keys(pool),
         pool,
+        incarnation: &doc.incarnation,
         guard,
         kafka: &kafka,
         metrics,
@@ -164,8 +168,8 @@ async fn lead(
                 mover.recover(smallest).await?;
                 last_recovery = Some(Instant::now());
             }
-            mover.process_returns().await?;
-            mover.process_recycles().await?;
+            mover.process_returns(config.batch_size, smallest).await?;
+            mover.process_recycles(config.batch_size, smallest).await?;
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
                 refresh_gauges(store, pool, metrics).await?;
                 last_gauges = Some(Instant::now());

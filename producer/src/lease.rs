@@ -11,13 +11,22 @@
 //! local validity (the last renewal's start + duration − a safety margin) has
 //! passed, so a paused process stops before a successor may start.
 //!
-//! Expiry is compared with the taker's clock: hosts running producers of one
-//! pool need clocks within the safety margin (a fifth of the lease).
+//! Every lease time is the database server's clock (`hello.localTime`): the
+//! holder writes `expires_at` = server time + duration, a taker compares it
+//! with the server time, so host clocks never matter. The local validity is
+//! measured with the monotonic clock from the start of the renewal, and is a
+//! fifth shorter than the lease: the holder stops before the server could
+//! call the lease expired, whatever the renewal's round trip took.
+//!
+//! A holder that sees the next epoch claimed steps down at once: the claim
+//! means a taker found the lease expired, and on servers without an atomic
+//! compare-and-set this is what keeps a racing renewal from undoing a
+//! takeover for good.
 
 use std::time::Duration;
 
 use bson::doc;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use kgs_schemas::docs::{LeaseDoc, LeaseEpochDoc};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -26,9 +35,10 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::store::{is_duplicate, Store};
 
-/// How many abandoned epoch claims (a taker that died between claiming an
-/// epoch and moving the lease to it) one takeover skips before giving up.
-const MAX_ABANDONED_EPOCHS: u64 = 8;
+/// The `_id` of the claim of `epoch` of `pool`.
+fn epoch_id(pool: &str, epoch: u64) -> String {
+    format!("{pool}:{epoch}")
+}
 
 /// What this process knows about its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +62,9 @@ pub struct Lease {
     store: Store,
     pool: String,
     holder: String,
+    /// New for every `Lease` (so per process): what renewal, release and a
+    /// retried epoch claim match, since instance ids are configurable.
+    token: String,
     duration: Duration,
 }
 
@@ -62,25 +75,62 @@ impl Lease {
             store,
             pool: pool.to_owned(),
             holder: holder.to_owned(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
             duration,
+        }
+    }
+
+    /// The database server's clock (`hello.localTime`). Every lease time is
+    /// the server's, so no two hosts' clocks are ever compared: a producer
+    /// whose host clock is off by any amount neither steals a live lease nor
+    /// keeps an expired one.
+    async fn server_now(&self) -> Result<DateTime<Utc>> {
+        let hello = self
+            .store
+            .db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(Error::store("read the server clock"))?;
+        match hello.get("localTime") {
+            Some(bson::Bson::DateTime(t)) => Ok(t.to_chrono()),
+            _ => Err(Error::Config(
+                "the MongoDB server's hello reply has no localTime; kgs needs the server clock for its lease".into(),
+            )),
         }
     }
 
     /// Renews the lease held at `epoch`, or takes it if it is free.
     /// Returns the epoch held, or `None` if another producer holds it.
     pub async fn acquire(&self, held: Option<u64>) -> Result<Option<u64>> {
-        let now = Utc::now();
+        let now = self.server_now().await?;
         let expires_at = bson::DateTime::from_chrono(now + self.duration);
         let leases = &self.store.leases;
         if let Some(epoch) = held {
             let r = leases
                 .update_one(
-                    doc! { "_id": &self.pool, "holder": &self.holder, "epoch": epoch as i64 },
+                    doc! { "_id": &self.pool, "token": &self.token, "epoch": epoch as i64 },
                     doc! { "$set": { "expires_at": expires_at } },
                 )
                 .await
                 .map_err(Error::store("renew lease"))?;
-            return Ok((r.matched_count == 1).then_some(epoch));
+            if r.matched_count == 0 {
+                return Ok(None);
+            }
+            // A claim of the next epoch means a taker found this lease
+            // expired and is taking over (on a server whose conditional
+            // update is no atomic compare-and-set, this renewal may even
+            // have written over its takeover): step down, so the pool never
+            // has two leaders for long and never stalls on a lease document
+            // that names an epoch older than the newest claim.
+            if let Some(next) = self.epoch_claim(epoch + 1).await? {
+                if next.token != self.token {
+                    tracing::warn!(pool = %self.pool, epoch, taker = %next.holder, "a newer epoch is claimed; stepping down");
+                    // Released, not left to expire: the taker goes on at once.
+                    self.release(epoch).await?;
+                    return Ok(None);
+                }
+            }
+            return Ok(Some(epoch));
         }
         let current = leases
             .find_one(doc! { "_id": &self.pool })
@@ -99,10 +149,11 @@ impl Lease {
             let mut epoch = current.epoch + 1;
             loop {
                 let claim = LeaseEpochDoc {
-                    id: format!("{}:{epoch}", self.pool),
+                    id: epoch_id(&self.pool, epoch),
                     pool: self.pool.clone(),
                     epoch,
                     holder: self.holder.clone(),
+                    token: self.token.clone(),
                     taken_at: now,
                 };
                 match self.store.lease_epochs.insert_one(&claim).await {
@@ -110,58 +161,93 @@ impl Lease {
                     Err(e) if is_duplicate(&e) => {}
                     Err(e) => return Err(Error::store("claim lease epoch")(e)),
                 }
-                // Another taker has this epoch. If it claimed it more than a
-                // lease ago and the lease never moved to it, it died between
-                // its two writes: skip past its epoch (a bounded number of
-                // times); otherwise it is taking over now and wins.
-                let other = self
-                    .store
-                    .lease_epochs
-                    .find_one(doc! { "_id": &claim.id })
-                    .await
-                    .map_err(Error::store("read lease epoch"))?;
-                let abandoned = other.is_some_and(|o| o.taken_at + self.duration < now);
-                if !abandoned || epoch >= current.epoch + MAX_ABANDONED_EPOCHS {
-                    return Ok(None);
+                let other = self.epoch_claim(epoch).await?;
+                match other {
+                    // Ours: an earlier attempt (or the driver's retry of
+                    // this insert) landed; carry on with it.
+                    Some(o) if o.token == self.token => break,
+                    // Claimed more than a lease ago and the lease never
+                    // moved to it: its taker died between its two writes.
+                    // Skip past it; there is no cap, so any number of
+                    // abandoned claims never blocks a takeover.
+                    Some(o) if o.taken_at + self.duration < now => epoch += 1,
+                    // Another taker is taking over now and wins.
+                    _ => return Ok(None),
                 }
-                epoch += 1;
             }
-            // Only the owner of `epoch` moves the lease from `epoch - 1`;
-            // the higher epoch fences the previous holder's conditional writes.
+            // Only the owner of `epoch` moves the lease to it, and only if
+            // the lease is still the expired one read above (a renewal that
+            // landed meanwhile changed `expires_at`: on MongoDB the filter
+            // then matches nothing and the live holder keeps its lease; it
+            // sees this epoch's claim at its next renewal and steps down,
+            // after which the claim is taken up again by this process).
             let r = leases
                 .update_one(
-                    doc! { "_id": &self.pool, "epoch": current.epoch as i64 },
+                    doc! {
+                        "_id": &self.pool,
+                        "epoch": current.epoch as i64,
+                        "expires_at": bson::DateTime::from_chrono(current.expires_at),
+                    },
                     doc! { "$set": {
                         "holder": &self.holder,
+                        "token": &self.token,
                         "epoch": epoch as i64,
                         "expires_at": expires_at,
                     } },
                 )
                 .await
                 .map_err(Error::store("take lease"))?;
-            return Ok((r.matched_count == 1).then_some(epoch));
+            if r.matched_count == 1 {
+                return Ok(Some(epoch));
+            }
+            // A retried update already applied shows as our lease.
+            return Ok(self.holds(epoch).await?.then_some(epoch));
         }
         let first = LeaseDoc {
             pool: self.pool.clone(),
             holder: self.holder.clone(),
+            token: self.token.clone(),
             epoch: 1,
             expires_at: now + self.duration,
         };
         match leases.insert_one(&first).await {
             Ok(_) => Ok(Some(1)),
-            // The lease exists and is held, or another producer won the race.
-            Err(e) if is_duplicate(&e) => Ok(None),
+            // The lease exists and is held, or another producer won the
+            // race, or our own insert was retried after it landed.
+            Err(e) if is_duplicate(&e) => Ok(self.holds(1).await?.then_some(1)),
             Err(e) => Err(Error::store("create lease")(e)),
         }
     }
 
+    /// The claim of `epoch`, if any (exact `_id`).
+    async fn epoch_claim(&self, epoch: u64) -> Result<Option<LeaseEpochDoc>> {
+        self.store
+            .lease_epochs
+            .find_one(doc! { "_id": epoch_id(&self.pool, epoch) })
+            .await
+            .map_err(Error::store("read lease epoch"))
+    }
+
+    /// Whether the lease document names this process at `epoch`.
+    async fn holds(&self, epoch: u64) -> Result<bool> {
+        let lease = self
+            .store
+            .leases
+            .find_one(doc! { "_id": &self.pool })
+            .await
+            .map_err(Error::store("read lease"))?;
+        Ok(lease.is_some_and(|l| l.token == self.token && l.epoch == epoch))
+    }
+
     /// Gives the lease up at `epoch` so a standby can take over at once.
     pub async fn release(&self, epoch: u64) -> Result<()> {
-        let past = bson::DateTime::from_chrono(Utc::now() - chrono::Duration::milliseconds(1));
+        let past = bson::DateTime::from_chrono(
+            self.server_now().await? - chrono::Duration::milliseconds(1),
+        );
         self.store
             .leases
             .update_one(
-                doc! { "_id": &self.pool, "holder": &self.holder, "epoch": epoch as i64 },
+                doc! { "_id": &self.pool, "token": &self.token, "epoch": epoch as i64 },
                 doc! { "$set": { "expires_at": past } },
             )
             .await

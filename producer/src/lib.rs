@@ -51,6 +51,8 @@ pub async fn run(
 ) -> Result<()> {
     match command {
         Command::Init { spec, initial_keys } => {
+            config.validate()?;
+            config.check_batch_fits(&spec.format)?;
             let store = Store::connect(&config).await?;
             let outcome = pool::init(&config, &store, &spec).await?;
             let generated = initial_generation(&config, &store, &spec.name, initial_keys).await?;

@@ -36,9 +36,12 @@ pub struct Metrics {
     pub keys_published: IntCounter,
     /// Batches moved from `keys` to `used_keys` by this process.
     pub batches_moved: IntCounter,
-    /// Keys returned by consumers and put back into `keys`.
+    /// Keys returned unused by consumers and put into new batches.
     pub keys_returned: IntCounter,
-    /// Keys recycled (handed-out keys put back into `keys` on request).
+    /// Claims that matched no batch record of this pool incarnation, set
+    /// aside (`rejected`) instead of being processed.
+    pub claims_rejected: IntCounter,
+    /// Keys recycled (handed-out keys put into new batches on request).
     pub keys_recycled: IntCounter,
     /// Recycle requests the leader refused, by reason.
     pub recycles_refused: IntCounterVec,
@@ -131,10 +134,17 @@ impl Metrics {
             batches_published: counter("batches_published_total", "Batches published"),
             keys_published: counter("keys_published_total", "Keys in published batches"),
             batches_moved: counter("batches_moved_total", "Batches moved to used_keys"),
-            keys_returned: counter("keys_returned_total", "Keys returned by consumers"),
+            keys_returned: counter(
+                "keys_returned_total",
+                "Keys returned unused by consumers, handed out again in new batches",
+            ),
+            claims_rejected: counter(
+                "claims_rejected_total",
+                "Claims matching no batch record of the pool, set aside",
+            ),
             keys_recycled: counter(
                 "keys_recycled_total",
-                "Handed-out keys recycled into keys.<pool>",
+                "Handed-out keys recycled into new batches",
             ),
             recycles_refused,
             batches_recovered: counter("batches_recovered_total", "Unfinished batches recovered"),
@@ -193,6 +203,14 @@ impl Metrics {
             took_ms = took.as_millis() as u64,
             "batch published"
         );
+    }
+
+    /// A claim matches no batch record of this pool incarnation: it was set
+    /// aside (`rejected`) and nothing of it was put back. Something other
+    /// than a kgs consumer of this pool wrote it: an operator must look.
+    pub fn claim_rejected(&self, batch: &str, reason: &str) {
+        self.claims_rejected.inc();
+        tracing::error!(batch = %batch.escape_debug(), reason, "claim set aside: it matches no batch record of this pool");
     }
 
     /// An error happened in the run loop: log and count by kind.

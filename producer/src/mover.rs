@@ -1,13 +1,24 @@
 //! The batch protocol: moving keys from `keys` to `used_keys` and publishing
 //! them to Kafka exactly once, without multi-document transactions.
 //!
+//! Handed-out keys that go round again (a consumer's unused keys, recycled
+//! keys) are re-batched the same way, except that they never leave
+//! `used_keys`: step 2 moves each key's document from its old batch to the
+//! new one, and step 3 is skipped (see [`BatchRecord::from`]). `keys` is
+//! therefore written only by generation (each key inserted once) and by the
+//! first move of a key (deleted once).
+//!
 //! Steps, each idempotent and each preceded by a lease check:
-//! 1. insert a [`BatchRecord`] `moving` with the keys and their `n`;
+//! 1. insert a [`BatchRecord`] `moving` with the keys, their `n`, their
+//!    digest and the pool incarnation (consumers verify every message
+//!    against this record before claiming it, so nothing but this protocol
+//!    can make a key reachable);
 //! 2. insert a `UsedKeyDoc {reason: batch, batch: id}` per key (E11000 is
 //!    fine if the existing document names this batch; if it names anything
 //!    else, e.g. a reservation, the key is dropped from the batch);
 //! 3. delete every key from `keys` by exact `_id`;
-//! 4. set `moved` (with the final key list) — conditional on `{epoch, state}`;
+//! 4. set `moved` (with the final key list and its digest) — conditional on
+//!    `{epoch, state}`;
 //! 5. record the partition and its current end offset;
 //! 6. publish in a Kafka transaction;
 //! 7. set `published` with the batch's offset.
@@ -17,17 +28,19 @@
 //! steps 2–4 of a `moving` batch, and for a `moved` batch with a recorded
 //! partition searches the topic from the recorded offset (read_committed,
 //! after `init_transactions` aborted any open transaction of the old leader)
-//! and publishes only if the batch is absent.
+//! for a message with the batch's id *and* exactly its keys (anyone able to
+//! write to the topic can forge the id), and publishes only if none is there.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use bson::doc;
 use chrono::Utc;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kgs_schemas::docs::{
     BatchRecord, BatchState, ClaimDoc, ClaimState, KeyDoc, UsedKeyDoc, UsedReason,
 };
-use kgs_schemas::KeyBatch;
+use kgs_schemas::{keys_digest, KeyBatch};
 
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -35,8 +48,11 @@ use crate::kafka::PoolKafka;
 use crate::lease::LeaseGuard;
 use crate::metrics::Metrics;
 use crate::store::{
-    by_id, delete_by_ids, insert_ignoring_duplicates, is_duplicate, PoolKeys, Store,
+    by_id, delete_by_ids, insert_ignoring_duplicates, rebatch_used, PoolKeys, Store,
 };
+
+/// Concurrent `_id` reads when checking which keys a re-batch took.
+const READ_BACKS: usize = 32;
 
 /// Moves and publishes the batches of one pool while this process leads.
 #[derive(Debug)]
@@ -47,6 +63,8 @@ pub struct Mover<'a> {
     pub pk: PoolKeys,
     /// Pool name.
     pub pool: &'a str,
+    /// The pool's incarnation, carried by every batch record.
+    pub incarnation: &'a str,
     /// Lease check before every step.
     pub guard: &'a LeaseGuard,
     /// The leader's Kafka clients.
@@ -83,17 +101,12 @@ impl Mover<'_> {
             pick_ms = started.elapsed().as_millis() as u64,
             "keys picked"
         );
-        let mut record = BatchRecord {
-            id: format!("{}-{}-{}", self.pool, epoch, uuid::Uuid::new_v4().simple()),
-            pool: self.pool.to_owned(),
+        let mut record = self.new_record(
             epoch,
-            state: BatchState::Moving,
-            keys: picked.iter().map(|k| k.key.clone()).collect(),
-            ns: picked.iter().map(|k| k.n).collect(),
-            partition: None,
-            offset: None,
-            created_at: Utc::now(),
-        };
+            picked.iter().map(|k| k.key.clone()).collect(),
+            picked.iter().map(|k| k.n).collect(),
+            None,
+        );
         self.guard.check()?;
         self.store
             .batches
@@ -114,9 +127,114 @@ impl Mover<'_> {
         Ok(true)
     }
 
+    /// A new `moving` record of this pool and epoch.
+    fn new_record(
+        &self,
+        epoch: u64,
+        keys: Vec<String>,
+        ns: Vec<u64>,
+        from: Option<String>,
+    ) -> BatchRecord {
+        BatchRecord {
+            id: format!("{}-{}-{}", self.pool, epoch, uuid::Uuid::new_v4().simple()),
+            pool: self.pool.to_owned(),
+            incarnation: self.incarnation.to_owned(),
+            epoch,
+            state: BatchState::Moving,
+            digest: keys_digest(&keys),
+            keys,
+            ns,
+            partition: None,
+            offset: None,
+            from,
+            created_at: Utc::now(),
+        }
+    }
+
+    /// Puts handed-out keys of batch `from` (returned unused, or recycled),
+    /// with their `n`, into a new batch and publishes it to `partition`.
+    /// The keys never leave `used_keys` (see [`BatchRecord::from`]): the
+    /// record is inserted first (`moving`, with `from`), then each key's
+    /// document moves from `from` to it, then it is `moved` with the keys
+    /// whose document names it — a key that is no longer in `from` (taken
+    /// by an earlier attempt, or changed meanwhile) leaves this batch. Every
+    /// step is the ordinary move's, so recovery finishes a crashed one.
+    /// Returns the keys the new batch took.
+    pub async fn rebatch(
+        &self,
+        from: &str,
+        keys: &[(String, u64)],
+        partition: i32,
+    ) -> Result<Vec<String>> {
+        let epoch = self.guard.check()?;
+        let started = Instant::now();
+        let mut record = self.new_record(
+            epoch,
+            keys.iter().map(|(k, _)| k.clone()).collect(),
+            keys.iter().map(|(_, n)| *n).collect(),
+            Some(from.to_owned()),
+        );
+        self.guard.check()?;
+        self.store
+            .batches
+            .insert_one(&record)
+            .await
+            .map_err(Error::store("insert batch record"))?;
+        failpoint::hit("rebatch_after_record");
+        self.finish_move(&mut record).await?;
+        self.metrics
+            .batch_moved(&record.id, record.keys.len(), started.elapsed());
+        if !record.keys.is_empty() {
+            self.publish(&mut record, partition).await?;
+        }
+        Ok(record.keys)
+    }
+
     /// Steps 2–4: idempotent, so recovery calls it again for a `moving` batch.
     async fn finish_move(&self, record: &mut BatchRecord) -> Result<()> {
+        let foreign = match record.from.clone() {
+            None => self.take_from_keys(record).await?,
+            Some(from) => self.take_from_batch(record, &from).await?,
+        };
+        for i in foreign.into_iter().rev() {
+            record.keys.remove(i);
+            record.ns.remove(i);
+        }
+        record.digest = keys_digest(&record.keys);
         self.guard.check()?;
+        failpoint::hit("checked_mark_moved");
+        let done = if record.keys.is_empty() {
+            BatchState::Published // nothing left to publish
+        } else {
+            BatchState::Moved
+        };
+        let r = self
+            .store
+            .batches
+            .update_one(
+                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": "moving" },
+                doc! { "$set": {
+                    "state": bson::to_bson(&done).expect("state serializes"),
+                    "digest": &record.digest,
+                    "keys": &record.keys,
+                    "ns": record.ns.iter().map(|n| *n as i64).collect::<Vec<_>>(),
+                } },
+            )
+            .await
+            .map_err(Error::store("mark batch moved"))?;
+        if r.matched_count == 0 {
+            self.already(record, done).await?;
+        }
+        record.state = done;
+        failpoint::hit("move_after_moved");
+        Ok(())
+    }
+
+    /// Steps 2–3 of a batch of new keys: into `used_keys`, out of `keys`.
+    /// Returns the positions of keys that are used by something else.
+    async fn take_from_keys(&self, record: &BatchRecord) -> Result<Vec<usize>> {
+        self.guard.check()?;
+        failpoint::hit("checked_insert_used");
         let started = Instant::now();
         let at = Utc::now();
         let used: Vec<UsedKeyDoc> = record
@@ -154,6 +272,7 @@ impl Mover<'_> {
         );
         failpoint::hit("move_after_used");
         self.guard.check()?;
+        failpoint::hit("checked_delete_keys");
         // Every key leaves `keys`, the dropped ones too: they are used.
         delete_by_ids(
             &self.store.db,
@@ -164,35 +283,48 @@ impl Mover<'_> {
         .await?;
         tracing::trace!(at_ms = started.elapsed().as_millis() as u64, "keys deleted");
         failpoint::hit("move_after_delete");
-        for i in foreign.into_iter().rev() {
-            record.keys.remove(i);
-            record.ns.remove(i);
-        }
+        Ok(foreign)
+    }
+
+    /// Step 2 of a re-batch: each key's `used_keys` document moves from
+    /// batch `from` to this one. Returns the positions of keys whose
+    /// document does not name this batch afterwards (read back only when
+    /// fewer documents matched than there are keys: a retry, or a key that
+    /// changed meanwhile).
+    async fn take_from_batch(&self, record: &BatchRecord, from: &str) -> Result<Vec<usize>> {
         self.guard.check()?;
-        let done = if record.keys.is_empty() {
-            BatchState::Published // nothing left to publish
-        } else {
-            BatchState::Moved
-        };
-        let r = self
-            .store
-            .batches
-            .update_one(
-                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": "moving" },
-                doc! { "$set": {
-                    "state": bson::to_bson(&done).expect("state serializes"),
-                    "keys": &record.keys,
-                    "ns": record.ns.iter().map(|n| *n as i64).collect::<Vec<_>>(),
-                } },
-            )
-            .await
-            .map_err(Error::store("mark batch moved"))?;
-        if r.matched_count == 0 {
-            return Err(Error::LeaseLost(self.pool.to_owned()));
+        failpoint::hit("checked_rebatch_used");
+        let matched = rebatch_used(
+            &self.store.db,
+            self.pk.used.name(),
+            &record.keys,
+            from,
+            &record.id,
+        )
+        .await?;
+        failpoint::hit("rebatch_after_used");
+        if matched as usize == record.keys.len() {
+            return Ok(Vec::new());
         }
-        record.state = done;
-        failpoint::hit("move_after_moved");
-        Ok(())
+        let used = &self.pk.used;
+        let id = record.id.as_str();
+        let foreign: Vec<usize> = futures::stream::iter(record.keys.iter().enumerate())
+            .map(|(i, key)| async move {
+                let doc = used
+                    .find_one(by_id(key))
+                    .await
+                    .map_err(Error::store("read used key"))?;
+                let ours = doc.is_some_and(|u| u.batch.as_deref() == Some(id));
+                if !ours {
+                    tracing::warn!(batch = %id, key = %key, from, "key no longer in its batch; dropped from the re-batch");
+                }
+                Ok::<_, Error>((!ours).then_some(i))
+            })
+            .buffered(READ_BACKS)
+            .try_filter_map(|i| async move { Ok(i) })
+            .try_collect()
+            .await?;
+        Ok(foreign)
     }
 
     /// Steps 5–7 for a `moved` batch.
@@ -253,7 +385,7 @@ impl Mover<'_> {
             .await
             .map_err(Error::store("mark batch published"))?;
         if r.matched_count == 0 {
-            return Err(Error::LeaseLost(self.pool.to_owned()));
+            self.already(record, BatchState::Published).await?;
         }
         record.state = BatchState::Published;
         record.offset = Some(offset);
@@ -261,8 +393,30 @@ impl Mover<'_> {
         Ok(())
     }
 
+    /// After a conditional update of `record` to `state` matched nothing:
+    /// fine if the record already is in `state` at our epoch (the server had
+    /// applied the update, and the driver retried it after losing the
+    /// reply), else another leader changed it: [`Error::LeaseLost`].
+    async fn already(&self, record: &BatchRecord, state: BatchState) -> Result<()> {
+        let now = self
+            .store
+            .batches
+            .find_one(by_id(&record.id))
+            .await
+            .map_err(Error::store("re-read batch record"))?;
+        match now {
+            Some(r) if r.epoch == record.epoch && r.state == state => Ok(()),
+            _ => Err(Error::LeaseLost(self.pool.to_owned())),
+        }
+    }
+
     /// Finishes every unfinished batch of the pool; `partition` is where a
     /// batch that never got one is published. Returns how many were finished.
+    ///
+    /// A batch that fails (other than by losing the lease) is logged and
+    /// counted, and the others are still finished: one record that cannot
+    /// be published never blocks the pool. It is tried again at the next
+    /// recovery pass.
     pub async fn recover(&self, partition: i32) -> Result<u64> {
         let epoch = self.guard.check()?;
         let unfinished: Vec<BatchRecord> = self
@@ -275,58 +429,78 @@ impl Mover<'_> {
             .await
             .map_err(Error::store("find unfinished batches"))?;
         let mut finished = 0;
-        for mut record in unfinished {
+        for record in unfinished {
             if record.epoch > epoch {
                 // A newer leader exists: this process must stop.
                 return Err(Error::LeaseLost(self.pool.to_owned()));
             }
-            if record.epoch < epoch {
-                self.guard.check()?;
-                let adopted = self
-                    .store
-                    .batches
-                    .update_one(
-                        doc! { "_id": &record.id, "epoch": record.epoch as i64 },
-                        doc! { "$set": { "epoch": epoch as i64 } },
-                    )
-                    .await
-                    .map_err(Error::store("adopt batch"))?;
-                if adopted.matched_count == 0 {
-                    continue; // changed meanwhile; the next pass sees it
-                }
-                record.epoch = epoch;
-            }
-            tracing::info!(batch = %record.id, state = ?record.state, "recovering batch");
-            if record.state == BatchState::Moving {
-                self.finish_move(&mut record).await?;
-            }
-            if record.state == BatchState::Moved {
-                match (record.partition, record.offset) {
-                    (Some(p), Some(from)) => {
-                        match self.kafka.find_batch(p, from, &record.id).await? {
-                            Some(offset) => {
-                                tracing::info!(batch = %record.id, partition = p, offset, "batch already in the topic");
-                                self.mark_published(&mut record, p, offset).await?;
-                            }
-                            None => self.publish(&mut record, p).await?,
-                        }
-                    }
-                    _ => self.publish(&mut record, partition).await?,
+            let id = record.id.clone();
+            match self.recover_one(record, epoch, partition).await {
+                Ok(true) => finished += 1,
+                Ok(false) => {}
+                Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
+                Err(e) => {
+                    self.metrics.error(&e, "recovering a batch");
+                    tracing::warn!(batch = %id, "batch not recovered this pass; the others go on, it is retried at the next pass");
                 }
             }
-            self.metrics.batches_recovered.inc();
-            finished += 1;
         }
         Ok(finished)
     }
 
-    /// Puts the unused keys of consumers' `returning` claims back into
-    /// `keys`. Per key: delete `{_id: key, batch: claim}` from `used_keys`,
-    /// then insert the key with its old `n` (E11000 is fine). A key whose
-    /// used document belongs to something else is left alone. Finally the
-    /// claim becomes `returned`. Returns the number of keys put back.
-    pub async fn process_returns(&self) -> Result<u64> {
+    /// Recovers one unfinished record (see [`Mover::recover`]); `false` if
+    /// it changed meanwhile and the next pass sees it.
+    async fn recover_one(
+        &self,
+        mut record: BatchRecord,
+        epoch: u64,
+        partition: i32,
+    ) -> Result<bool> {
+        if record.epoch < epoch {
+            self.guard.check()?;
+            let adopted = self
+                .store
+                .batches
+                .update_one(
+                    doc! { "_id": &record.id, "epoch": record.epoch as i64 },
+                    doc! { "$set": { "epoch": epoch as i64 } },
+                )
+                .await
+                .map_err(Error::store("adopt batch"))?;
+            if adopted.matched_count == 0 {
+                return Ok(false); // changed meanwhile; the next pass sees it
+            }
+            record.epoch = epoch;
+        }
+        tracing::info!(batch = %record.id, state = ?record.state, "recovering batch");
+        if record.state == BatchState::Moving {
+            self.finish_move(&mut record).await?;
+        }
+        if record.state == BatchState::Moved {
+            match (record.partition, record.offset) {
+                (Some(p), Some(from)) => match self.kafka.find_batch(p, from, &record).await? {
+                    Some(offset) => {
+                        tracing::info!(batch = %record.id, partition = p, offset, "batch already in the topic");
+                        self.mark_published(&mut record, p, offset).await?;
+                    }
+                    None => self.publish(&mut record, p).await?,
+                },
+                _ => self.publish(&mut record, partition).await?,
+            }
+        }
+        self.metrics.batches_recovered.inc();
+        Ok(true)
+    }
+
+    /// Hands the unused keys of consumers' `returning` claims out again: in
+    /// new batches of at most `size` keys ([`Mover::rebatch`], published
+    /// from `partition` on, one partition after the other), then the claim
+    /// becomes `returned`. A crash in between is harmless: a key already
+    /// re-batched is no longer in the claim's batch, so the next pass leaves
+    /// it where it is. Returns the number of keys re-batched.
+    pub async fn process_returns(&self, size: usize, partition: i32) -> Result<u64> {
         self.guard.check()?;
+        let mut rotate = 0;
         let claims: Vec<ClaimDoc> = self
             .store
             .claims
@@ -343,48 +517,60 @@ impl Mover<'_> {
                 .batches
                 .find_one(by_id(&claim.batch_id))
                 .await
-                .map_err(Error::store("read batch of claim"))?
-                .ok_or_else(|| {
-                    Error::Corrupt(format!("claim {} has no batch record", claim.batch_id))
-                })?;
-            for key in &claim.return_keys {
-                let Some(pos) = record.keys.iter().position(|k| k == key) else {
-                    tracing::warn!(batch = %claim.batch_id, key = %key, "returned key is not in its batch; ignored");
-                    continue;
-                };
-                self.guard.check()?;
-                let deleted = self
-                    .pk
-                    .used
-                    .delete_one(doc! { "_id": key, "batch": &claim.batch_id })
-                    .await
-                    .map_err(Error::store("delete returned key from used_keys"))?;
-                failpoint::hit("return_after_delete");
-                if deleted.deleted_count == 0 {
-                    // Deleted before a crash, or never ours: put it back only
-                    // if no one uses it now.
-                    let used = self
-                        .pk
-                        .used
-                        .find_one(by_id(key))
+                .map_err(Error::store("read batch of claim"))?;
+            // A claim names a batch of this pool only if the record agrees;
+            // anything else (a forged claim, another incarnation's) is set
+            // aside so that it never blocks the returns and batches after it.
+            let mismatch = match &record {
+                None => Some("no batch record".to_owned()),
+                Some(r) if r.pool != self.pool => {
+                    Some(format!("batch record of pool {:?}", r.pool))
+                }
+                Some(r) if r.incarnation != self.incarnation => {
+                    Some(format!("batch record of incarnation {:?}", r.incarnation))
+                }
+                Some(_) => None,
+            };
+            let record = match (record, mismatch) {
+                (Some(record), None) => record,
+                (_, reason) => {
+                    let reason = reason.unwrap_or_default();
+                    self.guard.check()?;
+                    self.store
+                        .claims
+                        .update_one(
+                            doc! { "_id": &claim.batch_id, "state": "returning" },
+                            doc! { "$set": {
+                                "state": bson::to_bson(&ClaimState::Rejected).expect("serializes"),
+                                "reason": &reason,
+                            } },
+                        )
                         .await
-                        .map_err(Error::store("read used key"))?;
-                    if used.is_some() {
-                        continue;
-                    }
+                        .map_err(Error::store("set claim aside"))?;
+                    self.metrics.claim_rejected(&claim.batch_id, &reason);
+                    continue;
                 }
-                let doc = KeyDoc {
-                    key: key.clone(),
-                    n: record.ns[pos],
-                };
-                match self.pk.keys.insert_one(&doc).await {
-                    Ok(_) => returned += 1,
-                    Err(e) if is_duplicate(&e) => {}
-                    Err(e) => return Err(Error::store("put returned key back")(e)),
-                }
-                failpoint::hit("return_after_insert");
+            };
+            // The batch's keys the claim gives back, in the batch's order.
+            let wanted: HashSet<&str> = claim.return_keys.iter().map(String::as_str).collect();
+            let back: Vec<(String, u64)> = record
+                .keys
+                .iter()
+                .zip(&record.ns)
+                .filter(|(k, _)| wanted.contains(k.as_str()))
+                .map(|(k, n)| (k.clone(), *n))
+                .collect();
+            if back.len() < wanted.len() {
+                tracing::warn!(batch = %claim.batch_id, ignored = wanted.len() - back.len(), "returned keys that are not in the batch are ignored");
             }
+            for chunk in back.chunks(size.max(1)) {
+                let to = (partition + rotate) % self.kafka.partitions();
+                rotate += 1;
+                returned += self.rebatch(&claim.batch_id, chunk, to).await?.len() as u64;
+            }
+            failpoint::hit("return_after_rebatch");
             self.guard.check()?;
+            failpoint::hit("checked_claim_returned");
             self.store
                 .claims
                 .update_one(
@@ -393,7 +579,7 @@ impl Mover<'_> {
                 )
                 .await
                 .map_err(Error::store("mark claim returned"))?;
-            tracing::info!(batch = %claim.batch_id, keys = claim.return_keys.len(), "returned keys put back");
+            tracing::info!(batch = %claim.batch_id, keys = back.len(), "returned keys handed out again in new batches");
         }
         self.metrics.keys_returned.inc_by(returned);
         Ok(returned)

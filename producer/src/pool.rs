@@ -3,15 +3,26 @@
 //!
 //! `init` checks everything before changing anything: a pool document or a
 //! topic with other settings is reported in one line and left alone.
+//!
+//! Each pool created gets a new random incarnation id, and its topic is
+//! `kgs.<pool>.<incarnation>` (see [`kgs_schemas::docs::topic_name`]): always
+//! a fresh topic, never one holding another installation's or an earlier
+//! incarnation's batches. Topics are created with unlimited retention, so a
+//! batch waits for its consumers however long they are away.
 
 use std::time::Duration;
 
 use bson::doc;
 use chrono::Utc;
-use kgs_schemas::docs::{validate_pool_name, PoolDoc, PoolSecret, UsedKeyDoc, UsedReason};
+use kgs_schemas::docs::{
+    new_incarnation, topic_name, validate_pool_name, PoolDoc, PoolSecret, UsedKeyDoc, UsedReason,
+};
 use kgs_schemas::format::KeyFormatSpec;
 use kgs_schemas::KeyFormat;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
+    TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -41,10 +52,15 @@ pub enum InitOutcome {
     Unchanged,
 }
 
-/// The topic of a pool.
-pub fn topic_of(pool: &str) -> String {
-    format!("kgs.{pool}")
-}
+/// Topic settings kgs needs, set when it creates a pool's topic and checked
+/// on an existing one: batches are never deleted by time or size (a
+/// published, unclaimed batch deleted by retention would be lost: its keys
+/// stay in `used_keys`, never handed out), and never compacted away.
+const TOPIC_CONFIG: [(&str, &str); 3] = [
+    ("retention.ms", "-1"),
+    ("retention.bytes", "-1"),
+    ("cleanup.policy", "delete"),
+];
 
 /// Creates the pool (idempotent; conflicting settings are refused).
 pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<InitOutcome> {
@@ -52,9 +68,8 @@ pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<Ini
     if spec.partitions == 0 {
         return Err(Error::Config("partitions must be at least 1".to_owned()));
     }
-    let topic = topic_of(&spec.name);
     let wanted = KeyFormatSpec::from(&spec.format);
-    // 1. Check the existing pool and topic before writing anything.
+    // 1. Check the existing pool and its topic before writing anything.
     let existing = match store.pool(&spec.name).await {
         Ok(doc) => Some(doc),
         Err(Error::NoSuchPool(_)) => None,
@@ -62,47 +77,108 @@ pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<Ini
     };
     if let Some(doc) = &existing {
         conflicts(spec, &wanted, doc)?;
+        check_topic(config, doc).await?;
+    } else {
+        // Fail before writing if Kafka is unreachable.
+        topic_partition_count(config, &topic_name(&spec.name, "check")).await?;
     }
-    let topic_partitions = topic_partition_count(config, &topic).await?;
-    if let Some(found) = topic_partitions.filter(|p| *p != spec.partitions) {
-        return Err(Error::Conflict {
-            pool: spec.name.clone(),
-            detail: format!(
-                "topic {topic} has {found} partitions, asked for {}",
-                spec.partitions
-            ),
-        });
-    }
-    // 2. Create what is missing.
+    // 2. Create what is missing: the pool document first (a crash before
+    // the topic exists is finished by the next `init`; `run` refuses to
+    // start without the topic).
     let mut outcome = InitOutcome::Unchanged;
-    if existing.is_none() {
-        let secret: [u8; 32] = rand::random();
-        let doc = PoolDoc {
-            name: spec.name.clone(),
-            format: wanted.clone(),
-            space: spec.format.space(),
-            secret: PoolSecret(hex::encode(secret)),
-            cursor: 0,
-            generating: None,
-            reserved_ahead: Vec::new(),
-            topic: topic.clone(),
-            partitions: spec.partitions,
-            created_at: Utc::now(),
-        };
-        match store.pools.insert_one(&doc).await {
-            Ok(_) => outcome = InitOutcome::Created,
-            // A concurrent init won: compare with what it wrote.
-            Err(e) if is_duplicate(&e) => conflicts(spec, &wanted, &store.pool(&spec.name).await?)?,
-            Err(e) => return Err(Error::store("create pool")(e)),
+    let doc = match existing {
+        Some(doc) => doc,
+        None => {
+            let secret: [u8; 32] = rand::random();
+            let incarnation = new_incarnation();
+            let doc = PoolDoc {
+                name: spec.name.clone(),
+                topic: topic_name(&spec.name, &incarnation),
+                incarnation,
+                format: wanted.clone(),
+                space: spec.format.space(),
+                secret: PoolSecret(hex::encode(secret)),
+                cursor: 0,
+                generating: None,
+                reserved_ahead: Vec::new(),
+                partitions: spec.partitions,
+                created_at: Utc::now(),
+            };
+            match store.pools.insert_one(&doc).await {
+                Ok(_) => {
+                    outcome = InitOutcome::Created;
+                    doc
+                }
+                // A concurrent init won: compare with what it wrote.
+                Err(e) if is_duplicate(&e) => {
+                    let doc = store.pool(&spec.name).await?;
+                    conflicts(spec, &wanted, &doc)?;
+                    doc
+                }
+                Err(e) => return Err(Error::store("create pool")(e)),
+            }
         }
-    }
+    };
     store.ensure_collections(&spec.name).await?;
-    if topic_partitions.is_none() {
-        create_topic(config, &topic, spec.partitions).await?;
+    if topic_partition_count(config, &doc.topic).await?.is_none() {
+        create_topic(config, &doc.topic, spec.partitions).await?;
         outcome = InitOutcome::Created;
     }
-    tracing::info!(pool = %spec.name, ?outcome, space = spec.format.space(), "pool ready");
+    check_topic(config, &doc).await?;
+    tracing::info!(pool = %spec.name, incarnation = %doc.incarnation, topic = %doc.topic, ?outcome, space = spec.format.space(), "pool ready");
     Ok(outcome)
+}
+
+/// Checks an existing topic of `pool`: its partition count and the
+/// settings of [`TOPIC_CONFIG`]. A missing topic is fine (init creates it).
+async fn check_topic(config: &Config, pool: &PoolDoc) -> Result<()> {
+    let topic = &pool.topic;
+    let Some(found) = topic_partition_count(config, topic).await? else {
+        return Ok(());
+    };
+    let conflict = |detail: String| Error::Conflict {
+        pool: pool.name.clone(),
+        detail,
+    };
+    if found != pool.partitions {
+        return Err(conflict(format!(
+            "topic {topic} has {found} partitions, the pool {}",
+            pool.partitions
+        )));
+    }
+    for (name, wanted) in TOPIC_CONFIG {
+        let value = topic_config(config, topic, name).await?;
+        if value.as_deref() != Some(wanted) {
+            return Err(conflict(format!(
+                "topic {topic} has {name}={}, kgs needs {wanted} (set it with kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config {name}={wanted})",
+                value.as_deref().unwrap_or("<unset>")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The value of one setting of `topic`, as the broker reports it.
+pub async fn topic_config(config: &Config, topic: &str, name: &str) -> Result<Option<String>> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .kafka()
+        .create()
+        .map_err(Error::kafka("create admin client"))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(Error::kafka("describe topic config"))?;
+    for r in results {
+        let resource = r.map_err(|code| Error::Kafka {
+            op: "describe topic config",
+            source: rdkafka::error::KafkaError::AdminOp(code),
+        })?;
+        if resource.specifier == OwnedResourceSpecifier::Topic(topic.to_owned()) {
+            return Ok(resource.get(name).and_then(|e| e.value.clone()));
+        }
+    }
+    Ok(None)
 }
 
 fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<()> {
@@ -182,7 +258,10 @@ async fn create_topic(config: &Config, topic: &str, partitions: u32) -> Result<(
         .map_err(Error::kafka("create admin client"))?;
     // Replication 1 suits the single-broker setups kgs is tested on; a
     // production cluster pre-creates the topic (init then only checks it).
-    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    let mut new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    for (name, value) in TOPIC_CONFIG {
+        new = new.set(name, value);
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics([&new], &opts)

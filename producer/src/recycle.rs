@@ -7,24 +7,25 @@
 //!   [`kgs_schemas::recycle`] and inserts a [`RecycleDoc`] `requested`
 //!   (`_id` = `<pool>:<key>:<batch>`, so a second request for the same
 //!   hand-out is a duplicate-key error: "already recycled");
-//! - the **leader**, the only writer of `keys.<pool>`, performs every
-//!   `requested` document of its pool ([`Mover::process_recycles`], in the
-//!   run loop before any new batch is moved): delete `{_id: key, batch}` from
-//!   `used_keys`, insert the key into `keys` with its old `n` (so it is among
-//!   the next keys handed out; E11000 = inserted before a crash), set `done`.
+//! - the **leader** performs every `requested` document of its pool
+//!   ([`Mover::process_recycles`], in the run loop beside the moves): the
+//!   key goes into a new batch without ever leaving `used_keys` (its
+//!   document moves from the batch that handed it out to the new one, see
+//!   [`Mover::rebatch`]), which is published and handed out once, and the
+//!   request is set `done`.
 //!
-//! A crash between the delete and the insert leaves the key in neither
-//! collection, but the `requested` document is the durable record the next
-//! pass finishes it from: a request whose `used_keys` document is gone was
-//! deleted by an earlier pass (only returns and recycles delete from
-//! `used_keys`, and the request proved the key is not being returned).
+//! A crash anywhere is finished by the next pass: the `requested` document
+//! is the durable record; a key still in its old batch is re-batched, a key
+//! already in a re-batch of exactly this key from exactly that batch is
+//! `done`, anything else is refused (`changed`). The key is in `used_keys`
+//! throughout, so `keys ∪ used_keys` is the generated set at every step.
 
 use bson::doc;
 use chrono::Utc;
 use futures::TryStreamExt;
-use kgs_schemas::docs::{
-    recycle_id, KeyDoc, PoolDoc, RecycleDoc, RecycleState, UsedKeyDoc, UsedReason,
-};
+use std::collections::{BTreeMap, HashSet};
+
+use kgs_schemas::docs::{recycle_id, PoolDoc, RecycleDoc, RecycleState, UsedKeyDoc, UsedReason};
 use kgs_schemas::recycle::{check_claim, check_used, ClaimVerdict, Refusal};
 use kgs_schemas::{FormatError, KeyFormat};
 
@@ -114,18 +115,34 @@ impl<'a> Requester<'a> {
                 tracing::info!(pool = %self.pool.name, key, batch = %doc.batch, "recycle requested");
                 Ok(RecycleOutcome::Accepted(doc.id))
             }
-            Err(e) if is_duplicate(&e) => Ok(RecycleOutcome::Refused(Refusal::AlreadyRecycled)),
+            Err(e) if is_duplicate(&e) => {
+                let stored = self
+                    .store
+                    .recycles
+                    .find_one(by_id(&doc.id))
+                    .await
+                    .map_err(Error::store("read recycle request"))?;
+                if stored.is_some_and(|s| doc.is_same_request(&s)) {
+                    Ok(RecycleOutcome::Accepted(doc.id))
+                } else {
+                    Ok(RecycleOutcome::Refused(Refusal::AlreadyRecycled))
+                }
+            }
             Err(e) => Err(Error::store("insert recycle request")(e)),
         }
     }
 }
 
 impl Mover<'_> {
-    /// Performs every `requested` recycle of the pool (see the module docs).
-    /// Each step is idempotent; a request whose key's `used_keys` document
-    /// names something else than its batch is refused (`changed`), changing
-    /// nothing. Returns the number of keys put back.
-    pub async fn process_recycles(&self) -> Result<u64> {
+    /// Performs every `requested` recycle of the pool (see the module docs):
+    /// the keys still in the batch their request names are re-batched
+    /// ([`Mover::rebatch`], grouped by that batch, at most `size` keys per
+    /// new batch, published to `partition`) and their requests set `done`.
+    /// A request whose key's `used_keys` document names something else is
+    /// refused (`changed`), changing nothing — unless that is a re-batch of
+    /// exactly this key from exactly this batch, which a crashed pass made:
+    /// then it is `done`. Returns the number of keys recycled.
+    pub async fn process_recycles(&self, size: usize, partition: i32) -> Result<u64> {
         self.guard.check()?;
         // Served by the `{pool, state}` index.
         let requests: Vec<RecycleDoc> = self
@@ -138,6 +155,7 @@ impl Mover<'_> {
             .await
             .map_err(Error::store("find recycle requests"))?;
         let mut recycled = 0;
+        let mut by_batch: BTreeMap<String, Vec<RecycleDoc>> = BTreeMap::new();
         for r in requests {
             self.guard.check()?;
             let used = self
@@ -150,42 +168,60 @@ impl Mover<'_> {
                 Some(u)
                     if u.reason == UsedReason::Batch && u.batch.as_deref() == Some(&r.batch) =>
                 {
-                    self.guard.check()?;
-                    self.pk
-                        .used
-                        .delete_one(doc! { "_id": &r.key, "batch": &r.batch })
-                        .await
-                        .map_err(Error::store("delete recycled key from used_keys"))?;
-                    failpoint::hit("recycle_after_delete");
+                    by_batch.entry(r.batch.clone()).or_default().push(r);
                 }
-                Some(_) => {
-                    self.finish_recycle(&r, Some(Refusal::Changed)).await?;
-                    continue;
+                Some(u) if self.rebatched_by_request(u.batch.as_deref(), &r).await? => {
+                    self.finish_recycle(&r, None).await?;
+                    recycled += 1;
                 }
-                // Deleted by a pass that crashed before marking it done.
-                None => {}
+                _ => self.finish_recycle(&r, Some(Refusal::Changed)).await?,
             }
-            self.guard.check()?;
-            let doc = KeyDoc {
-                key: r.key.clone(),
-                n: r.n,
-            };
-            match self.pk.keys.insert_one(&doc).await {
-                Ok(_) => {}
-                Err(e) if is_duplicate(&e) => {}
-                Err(e) => return Err(Error::store("put recycled key back")(e)),
+        }
+        for (from, requests) in by_batch {
+            for chunk in requests.chunks(size.max(1)) {
+                let keys: Vec<(String, u64)> = chunk.iter().map(|r| (r.key.clone(), r.n)).collect();
+                let taken: HashSet<String> = self
+                    .rebatch(&from, &keys, partition)
+                    .await?
+                    .into_iter()
+                    .collect();
+                failpoint::hit("recycle_after_rebatch");
+                for r in chunk {
+                    if taken.contains(&r.key) {
+                        self.finish_recycle(r, None).await?;
+                        failpoint::hit("recycle_after_done");
+                        recycled += 1;
+                    } else {
+                        self.finish_recycle(r, Some(Refusal::Changed)).await?;
+                    }
+                }
             }
-            failpoint::hit("recycle_after_insert");
-            self.finish_recycle(&r, None).await?;
-            failpoint::hit("recycle_after_done");
-            recycled += 1;
         }
         Ok(recycled)
+    }
+
+    /// Whether `batch` (where the key's `used_keys` document now is) is a
+    /// re-batch of the key of request `r` out of `r`'s batch: made by a pass
+    /// that crashed before it marked `r` done.
+    async fn rebatched_by_request(&self, batch: Option<&str>, r: &RecycleDoc) -> Result<bool> {
+        let Some(batch) = batch else {
+            return Ok(false);
+        };
+        let record = self
+            .store
+            .batches
+            .find_one(by_id(batch))
+            .await
+            .map_err(Error::store("read batch record"))?;
+        Ok(record.is_some_and(|b| {
+            b.from.as_deref() == Some(r.batch.as_str()) && b.keys.iter().any(|k| k == &r.key)
+        }))
     }
 
     /// Marks a request `done`, or `refused` with the reason; logs and counts.
     async fn finish_recycle(&self, r: &RecycleDoc, refusal: Option<Refusal>) -> Result<()> {
         self.guard.check()?;
+        failpoint::hit("checked_recycle_done");
         let state = if refusal.is_some() {
             RecycleState::Refused
         } else {

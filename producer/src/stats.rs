@@ -80,7 +80,7 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         .count_documents(doc! { "reason": "reserved" })
         .await
         .map_err(Error::store("count reserved keys"))?;
-    let group = config.group_of(&p.name);
+    let group = config.group_of(p);
     let reader: BaseConsumer = config
         .kafka_reader(&group)
         .create()

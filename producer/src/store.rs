@@ -294,6 +294,63 @@ pub async fn delete_by_ids(
     Ok(deleted)
 }
 
+/// Moves the `used_keys` documents of `ids` from batch `from` to batch `to`
+/// (a re-batch, see [`kgs_schemas::docs::BatchRecord::from`]) with one
+/// `update` command per 1,000 ids, each statement `{q: {_id, batch: from},
+/// u: {$set: {batch: to, at}}}`: served by the `_id` index, one round trip
+/// and one journal commit per command. Returns how many documents matched;
+/// a document no longer in `from` (moved by an earlier attempt, or taken by
+/// something else) is not an error, and the caller reads back which.
+pub async fn rebatch_used(
+    db: &Database,
+    collection: &str,
+    ids: &[String],
+    from: &str,
+    to: &str,
+) -> Result<u64> {
+    const OP: &str = "re-batch used keys";
+    let mut matched = 0;
+    let at = bson::DateTime::now();
+    for chunk in ids.chunks(DELETES_PER_COMMAND) {
+        let updates: Vec<Document> = chunk
+            .iter()
+            .map(|id| {
+                doc! {
+                    "q": { "_id": id, "batch": from, "reason": "batch" },
+                    "u": { "$set": { "batch": to, "at": at } },
+                }
+            })
+            .collect();
+        let reply = db
+            .run_command(doc! {
+                "update": collection,
+                "updates": updates,
+                "ordered": false,
+                "writeConcern": { "w": "majority", "j": true },
+            })
+            .await
+            .map_err(Error::store(OP))?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if !errors.is_empty() {
+                return Err(Error::Corrupt(format!(
+                    "{OP}: {} write errors, first {:?}",
+                    errors.len(),
+                    errors[0]
+                )));
+            }
+        }
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(Error::Corrupt(format!("{OP}: write concern error {wce}")));
+        }
+        matched += match reply.get("n") {
+            Some(bson::Bson::Int32(n)) => *n as u64,
+            Some(bson::Bson::Int64(n)) => *n as u64,
+            _ => 0,
+        };
+    }
+    Ok(matched)
+}
+
 /// `{ _id: id }`.
 pub fn by_id(id: &str) -> Document {
     doc! { "_id": id }

@@ -28,6 +28,26 @@ pub const MAX_BATCH_KEYS: usize = 50_000;
 /// The longest batch id accepted.
 pub const MAX_BATCH_ID_LEN: usize = 128;
 
+/// The most bytes a batch of `keys` keys of `format` can encode to, for
+/// any pool name, epoch and batch id kgs writes: every key at its format's
+/// length, each character as JSON writes it (`"` and `\` take two bytes,
+/// every other character of an alphabet one), plus the fixed fields at their
+/// longest. A producer configuration whose worst case exceeds the message
+/// limit is refused before anything is moved.
+pub fn max_encoded_len(format: &KeyFormat, keys: usize) -> usize {
+    let widest_char = if format.alphabet().contains(['"', '\\']) {
+        2
+    } else {
+        1
+    };
+    // `"key",` per key.
+    let per_key = usize::from(format.length()) * widest_char + 3;
+    // {"schema_version":N,"batch_id":"…","pool":"…","epoch":N,
+    //  "created_at":"…","keys":[…]} with every field at its longest.
+    let fixed = 128 + MAX_BATCH_ID_LEN + crate::docs::MAX_POOL_NAME_LEN + 20 + 40;
+    fixed + keys * per_key
+}
+
 /// Fields every version-1 message must have.
 const REQUIRED_FIELDS: [&str; 6] = [
     "schema_version",
@@ -227,6 +247,151 @@ impl KeyBatch {
             if !seen.insert(key.as_str()) {
                 return Err(DecodeError::DuplicateKey(key.clone()));
             }
+        }
+        Ok(())
+    }
+}
+
+/// The digest of a batch's key list, kept in its [`crate::docs::BatchRecord`]:
+/// SHA-256 over every key, each preceded by its length (so no two lists
+/// share a digest by moving a separator), as lowercase hex.
+pub fn keys_digest(keys: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for k in keys {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// What a consumer reads of a batch record to verify a message: the
+/// [`crate::docs::BatchRecord`] without its key lists (one exact-`_id` read
+/// with a projection). Unknown fields are ignored, so the record may grow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchProof {
+    /// Batch id.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Pool name.
+    pub pool: String,
+    /// The pool incarnation that moved it.
+    pub incarnation: String,
+    /// The record's step.
+    pub state: crate::docs::BatchState,
+    /// [`keys_digest`] of the moved keys.
+    pub digest: String,
+    /// The partition the producer publishes it to (set before publishing).
+    #[serde(default)]
+    pub partition: Option<i32>,
+}
+
+impl BatchProof {
+    /// The projection that reads a [`BatchProof`] from a batch record.
+    pub fn projection() -> bson::Document {
+        bson::doc! { "pool": 1, "incarnation": 1, "state": 1, "digest": 1, "partition": 1 }
+    }
+}
+
+/// Why a well-formed batch is not one this pool's producer durably moved:
+/// its keys must never be handed out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unverified {
+    /// No batch record has the message's batch id.
+    #[error("no batch record {0:?}: not moved by this pool's producer")]
+    NoRecord(String),
+    /// The record is another pool's.
+    #[error("batch record of pool {0:?}")]
+    OtherPool(String),
+    /// The record is of another incarnation of the pool.
+    #[error("batch record of incarnation {found:?}, the pool is {expected:?}")]
+    OtherIncarnation {
+        /// The pool's incarnation.
+        expected: String,
+        /// The record's.
+        found: String,
+    },
+    /// The record's keys are not moved yet (a message cannot precede it).
+    #[error("batch record is still {0:?}, not moved")]
+    NotMoved(crate::docs::BatchState),
+    /// The message's keys are not the ones the record moved.
+    #[error("keys differ from the batch record's")]
+    KeysDiffer,
+    /// The message is on another partition than the record names.
+    #[error("on partition {found}, the batch record names {expected:?}")]
+    OtherPartition {
+        /// The record's partition.
+        expected: Option<i32>,
+        /// The message's.
+        found: i32,
+    },
+}
+
+impl Unverified {
+    /// Every value of [`Unverified::reason`].
+    pub const REASONS: [&'static str; 6] = [
+        "no_record",
+        "other_pool",
+        "other_incarnation",
+        "not_moved",
+        "keys_differ",
+        "other_partition",
+    ];
+
+    /// A short fixed label (metrics).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoRecord(_) => "no_record",
+            Self::OtherPool(_) => "other_pool",
+            Self::OtherIncarnation { .. } => "other_incarnation",
+            Self::NotMoved(_) => "not_moved",
+            Self::KeysDiffer => "keys_differ",
+            Self::OtherPartition { .. } => "other_partition",
+        }
+    }
+}
+
+impl KeyBatch {
+    /// Checks the batch against the producer's durable record of it
+    /// (`record`, read by the batch id), as read from `partition` of the
+    /// topic of pool incarnation `incarnation`. Only a batch that passes may
+    /// be claimed: its record exists, is this pool incarnation's, says the
+    /// keys are moved (`moved` or `published`), has the digest of exactly
+    /// these keys in this order, and names this partition. Anything else —
+    /// a forged batch, a copy on another partition, another installation's
+    /// batch — is refused, whatever its shape.
+    pub fn verify(
+        &self,
+        partition: i32,
+        record: Option<&BatchProof>,
+        incarnation: &str,
+    ) -> Result<(), Unverified> {
+        let record = record.ok_or_else(|| Unverified::NoRecord(self.batch_id.clone()))?;
+        if record.id != self.batch_id {
+            return Err(Unverified::NoRecord(self.batch_id.clone()));
+        }
+        if record.pool != self.pool {
+            return Err(Unverified::OtherPool(
+                record.pool.chars().take(64).collect(),
+            ));
+        }
+        if record.incarnation != incarnation {
+            return Err(Unverified::OtherIncarnation {
+                expected: incarnation.to_owned(),
+                found: record.incarnation.chars().take(64).collect(),
+            });
+        }
+        if record.state == crate::docs::BatchState::Moving {
+            return Err(Unverified::NotMoved(record.state));
+        }
+        if record.partition != Some(partition) {
+            return Err(Unverified::OtherPartition {
+                expected: record.partition,
+                found: partition,
+            });
+        }
+        if record.digest != keys_digest(&self.keys) {
+            return Err(Unverified::KeysDiffer);
         }
         Ok(())
     }
@@ -456,6 +621,124 @@ mod tests {
             Err(DecodeError::Oversize {
                 size: MAX_MESSAGE_BYTES + 1
             })
+        );
+    }
+
+    fn proof(b: &KeyBatch) -> BatchProof {
+        BatchProof {
+            id: b.batch_id.clone(),
+            pool: b.pool.clone(),
+            incarnation: "inc1".into(),
+            state: crate::docs::BatchState::Published,
+            digest: keys_digest(&b.keys),
+            partition: Some(2),
+        }
+    }
+
+    /// Only a batch matching its record in every respect is verified; each
+    /// difference is its own reason.
+    #[test]
+    fn verify_against_the_record() {
+        use crate::docs::BatchState;
+        let b = KeyBatch::new(
+            "b1".into(),
+            "p3".into(),
+            1,
+            vec!["abc".into(), "ABC".into()],
+        );
+        let good = proof(&b);
+        assert_eq!(b.verify(2, Some(&good), "inc1"), Ok(()));
+        let moved = BatchProof {
+            state: BatchState::Moved,
+            ..good.clone()
+        };
+        assert_eq!(b.verify(2, Some(&moved), "inc1"), Ok(()));
+        let reason = |partition, p: Option<&BatchProof>, inc| {
+            b.verify(partition, p, inc).unwrap_err().reason()
+        };
+        assert_eq!(reason(2, None, "inc1"), "no_record");
+        let other_id = BatchProof {
+            id: "b2".into(),
+            ..good.clone()
+        };
+        assert_eq!(reason(2, Some(&other_id), "inc1"), "no_record");
+        let other_pool = BatchProof {
+            pool: "p4".into(),
+            ..good.clone()
+        };
+        assert_eq!(reason(2, Some(&other_pool), "inc1"), "other_pool");
+        assert_eq!(reason(2, Some(&good), "inc2"), "other_incarnation");
+        let moving = BatchProof {
+            state: BatchState::Moving,
+            ..good.clone()
+        };
+        assert_eq!(reason(2, Some(&moving), "inc1"), "not_moved");
+        assert_eq!(reason(3, Some(&good), "inc1"), "other_partition");
+        let unplaced = BatchProof {
+            partition: None,
+            ..good.clone()
+        };
+        assert_eq!(reason(2, Some(&unplaced), "inc1"), "other_partition");
+        // Same keys in another order, one key fewer, one key more: all differ.
+        for keys in [vec!["ABC", "abc"], vec!["abc"], vec!["abc", "ABC", "xyz"]] {
+            let forged = KeyBatch {
+                keys: keys.into_iter().map(str::to_owned).collect(),
+                ..b.clone()
+            };
+            assert_eq!(
+                forged.verify(2, Some(&good), "inc1").unwrap_err().reason(),
+                "keys_differ"
+            );
+        }
+        let every = [
+            Unverified::NoRecord(String::new()),
+            Unverified::OtherPool(String::new()),
+            Unverified::OtherIncarnation {
+                expected: String::new(),
+                found: String::new(),
+            },
+            Unverified::NotMoved(BatchState::Moving),
+            Unverified::KeysDiffer,
+            Unverified::OtherPartition {
+                expected: None,
+                found: 0,
+            },
+        ];
+        let reasons: Vec<&str> = every.iter().map(Unverified::reason).collect();
+        assert_eq!(reasons, Unverified::REASONS);
+    }
+
+    /// The length prefix keeps lists that concatenate alike apart.
+    #[test]
+    fn digest_separates_keys() {
+        let d =
+            |keys: &[&str]| keys_digest(&keys.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>());
+        assert_ne!(d(&["ab", "c"]), d(&["a", "bc"]));
+        assert_eq!(d(&["ab", "c"]), d(&["ab", "c"]));
+        assert_eq!(d(&["ab"]).len(), 64);
+    }
+
+    /// The bound holds for the worst batch kgs writes: every key all
+    /// escaped characters, the longest pool name, epoch and batch id.
+    #[test]
+    fn max_encoded_len_bounds_the_worst_batch() {
+        let f = KeyFormat::new("\"\\ab", 12).unwrap();
+        let worst_key: String = "\"".repeat(12);
+        let pool = "p".repeat(crate::docs::MAX_POOL_NAME_LEN);
+        for n in [1usize, 10, 1000] {
+            let b = KeyBatch::new(
+                "b".repeat(MAX_BATCH_ID_LEN),
+                pool.clone(),
+                u64::MAX,
+                vec![worst_key.clone(); n],
+            );
+            let bound = max_encoded_len(&f, n);
+            assert!(b.encode().len() <= bound, "{} > {bound}", b.encode().len());
+        }
+        // Escapes double the size of such keys.
+        assert!(
+            max_encoded_len(&f, 1000)
+                > max_encoded_len(&KeyFormat::base62(10).unwrap(), 1000) + 11_000
         );
     }
 }

@@ -82,6 +82,21 @@ pub struct GenerationRange {
     pub to: u64,
 }
 
+/// The Kafka topic of one incarnation of a pool: `kgs.<pool>.<incarnation>`.
+///
+/// Scoped by the incarnation so that two installations with the same pool
+/// name on one Kafka cluster (different databases), or a pool re-created
+/// after its database was dropped, never share a topic.
+pub fn topic_name(pool: &str, incarnation: &str) -> String {
+    format!("kgs.{pool}.{incarnation}")
+}
+
+/// A new random incarnation id: 16 hex digits (64 random bits).
+pub fn new_incarnation() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..16].to_owned()
+}
+
 /// A pool: its key format, permutation secret and generation progress.
 /// Collection [`POOLS`], `_id` = pool name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +105,12 @@ pub struct PoolDoc {
     /// Pool name.
     #[serde(rename = "_id")]
     pub name: String,
+    /// This incarnation of the pool, made by `init` ([`new_incarnation`]).
+    /// Every batch record carries it, and the topic, the producer's
+    /// `transactional.id` and the default consumer group are scoped by it:
+    /// a batch of another installation, or of a dropped and re-created
+    /// database, is never taken for one of this pool.
+    pub incarnation: String,
     /// Alphabet and key length.
     pub format: KeyFormatSpec,
     /// `|alphabet|^length`.
@@ -115,6 +136,14 @@ pub struct PoolDoc {
     /// When the pool was created.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub created_at: DateTime<Utc>,
+}
+
+impl PoolDoc {
+    /// The consumer group app servers join unless configured otherwise: the
+    /// topic's name, so it is scoped by the incarnation as the topic is.
+    pub fn default_group(&self) -> String {
+        self.topic.clone()
+    }
 }
 
 /// An unused key. Collection `keys.<pool>`, `_id` = the key.
@@ -180,10 +209,15 @@ pub struct BatchRecord {
     pub id: String,
     /// Pool name.
     pub pool: String,
+    /// The pool's incarnation ([`PoolDoc::incarnation`]).
+    pub incarnation: String,
     /// Lease epoch of the producer that created it.
     pub epoch: u64,
     /// Current step.
     pub state: BatchState,
+    /// [`crate::batch::keys_digest`] of `keys`: what a consumer compares
+    /// with the keys of a message before it claims the batch.
+    pub digest: String,
     /// The keys, in hand-out order.
     pub keys: Vec<String>,
     /// Their `n` values, parallel to `keys`.
@@ -195,6 +229,17 @@ pub struct BatchRecord {
     /// batch starts. After: the batch's own offset.
     #[serde(default)]
     pub offset: Option<i64>,
+    /// For a batch of handed-out keys going round again (returned unused by
+    /// a consumer, or recycled): the batch they were handed out in. Such keys
+    /// never leave `used_keys`: their documents are moved from that batch to
+    /// this one (`{_id, batch: from}` → `{batch: id}`), and `keys` is not
+    /// written at all, so `keys` only ever gets a key once (at generation)
+    /// and loses it once (at its first move). That is what makes a stale
+    /// leader's late write to either collection harmless: a late delete from
+    /// `keys` finds nothing that could have come back, and a late insert
+    /// into `used_keys` finds the key's document there for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// When the batch was created.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub created_at: DateTime<Utc>,
@@ -208,11 +253,18 @@ pub struct LeaseDoc {
     /// Pool name.
     #[serde(rename = "_id")]
     pub pool: String,
-    /// Id of the producer instance holding the lease.
+    /// Id of the producer instance holding the lease (a label for people).
     pub holder: String,
+    /// Random token of the holding process, new at every start: renewal and
+    /// release match it, so two processes given the same instance id never
+    /// renew each other's lease.
+    pub token: String,
     /// Incremented at every change of holder; carried by every batch.
     pub epoch: u64,
-    /// The lease is free after this time unless renewed.
+    /// The lease is free after this time unless renewed: the database
+    /// server's clock at the renewal plus the lease duration, compared with
+    /// the server's clock again by a taker (no two hosts' clocks are ever
+    /// compared).
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub expires_at: DateTime<Utc>,
 }
@@ -235,7 +287,10 @@ pub struct LeaseEpochDoc {
     pub epoch: u64,
     /// The producer instance that took it.
     pub holder: String,
-    /// When it was taken.
+    /// Random token of the process that took it ([`LeaseDoc::token`]): a
+    /// taker whose retried insert finds this claim recognises it as its own.
+    pub token: String,
+    /// When it was taken (the database server's clock).
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub taken_at: DateTime<Utc>,
 }
@@ -249,13 +304,17 @@ pub enum ClaimState {
     /// Every key was handed out.
     Drained,
     /// The instance shut down and asked for its unused keys (`return_keys`)
-    /// to go back to `keys`. The producer, the only writer of `keys`, does the
-    /// move (delete from `used_keys`, insert into `keys`) and then sets
-    /// [`ClaimState::Returned`]; every step is idempotent, so a crash anywhere
-    /// is finished by the next producer.
+    /// to be handed out again. The producer leader puts them into new
+    /// batches (their `used_keys` documents move from this batch to those,
+    /// see [`BatchRecord::from`]) and then sets [`ClaimState::Returned`];
+    /// every step is idempotent, so a crash anywhere is finished by the next
+    /// producer.
     Returning,
-    /// The unused keys are back in `keys`.
+    /// The unused keys are in new batches.
     Returned,
+    /// The producer could not match the claim to a batch record of this
+    /// pool (`reason` says why) and set it aside: nothing was put back.
+    Rejected,
 }
 
 /// A consumer instance's claim on one batch. Collection [`CLAIMS`],
@@ -270,8 +329,12 @@ pub struct ClaimDoc {
     pub pool: String,
     /// Consumer group.
     pub group: String,
-    /// Consumer instance id.
+    /// Consumer instance id: a label for people and metrics only.
     pub instance: String,
+    /// Random token of the consumer process that claimed it, new at every
+    /// start. Only the process holding it may resume, return or drain the
+    /// claim: instance ids are configurable and may be reused.
+    pub token: String,
     /// Kafka partition of the batch.
     pub partition: i32,
     /// Kafka offset of the batch.
@@ -280,10 +343,13 @@ pub struct ClaimDoc {
     pub keys: u64,
     /// Current state.
     pub state: ClaimState,
-    /// Keys of the batch not handed out, to go back to `keys` (set with
+    /// Keys of the batch not handed out, to be handed out again (set with
     /// [`ClaimState::Returning`]).
     #[serde(default)]
     pub return_keys: Vec<String>,
+    /// Why the producer set the claim aside (with [`ClaimState::Rejected`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// When the claim was recorded.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub claimed_at: DateTime<Utc>,
@@ -295,7 +361,7 @@ pub struct ClaimDoc {
 pub enum RecycleState {
     /// Validated and recorded; the producer leader has not finished it yet.
     Requested,
-    /// The key left `used_keys` and is back in `keys`.
+    /// The key is in a new batch (its `used_keys` document names it).
     Done,
     /// The leader's re-check refused it (`reason` says why); nothing changed.
     Refused,
@@ -308,11 +374,11 @@ pub enum RecycleState {
 /// recycled again.
 ///
 /// Anyone may insert a request after checking it (the consumer library, the
-/// `kgs-producer recycle` command); only the producer leader, the single
-/// writer of `keys.<pool>`, performs it: delete `{_id: key, batch}` from
-/// `used_keys`, insert the key into `keys` with its old `n`, set `done`.
-/// Each step is idempotent and the `requested` document is the durable
-/// record that lets the next leader finish a crashed one.
+/// `kgs-producer recycle` command); only the producer leader performs it:
+/// the key goes into a new batch (its `used_keys` document moves from
+/// `batch` to that one; it never leaves `used_keys`), then `done`. Each step
+/// is idempotent and the `requested` document is the durable record that
+/// lets the next leader finish a crashed one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecycleDoc {
@@ -325,8 +391,7 @@ pub struct RecycleDoc {
     pub key: String,
     /// The batch that handed the key out (its `used_keys` document names it).
     pub batch: String,
-    /// The key's `n` (from its `used_keys` document): it goes back into
-    /// `keys` with it, so a recycled key is among the next handed out.
+    /// The key's `n` (from its `used_keys` document), kept in the new batch.
     pub n: u64,
     /// Current state.
     pub state: RecycleState,
@@ -345,6 +410,20 @@ pub struct RecycleDoc {
         with = "bson::serde_helpers::chrono_datetime_as_bson_datetime_optional"
     )]
     pub done_at: Option<DateTime<Utc>>,
+}
+
+impl RecycleDoc {
+    /// Whether `stored` (the document found under this request's `_id`
+    /// after a duplicate-key error) is this very request: the insert was
+    /// applied by the server and retried (by the driver across a
+    /// reconnection, or by the caller), so the request is accepted, not
+    /// "already recycled". Same requester, same moment (BSON dates keep
+    /// milliseconds).
+    pub fn is_same_request(&self, stored: &RecycleDoc) -> bool {
+        self.id == stored.id
+            && self.requested_by == stored.requested_by
+            && self.requested_at.timestamp_millis() == stored.requested_at.timestamp_millis()
+    }
 }
 
 /// The `_id` of the [`RecycleDoc`] of `key`, handed out in `batch`, in `pool`.
@@ -377,6 +456,7 @@ mod tests {
         let lease = LeaseDoc {
             pool: "p".into(),
             holder: "h".into(),
+            token: "t".into(),
             epoch: 3,
             expires_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
         };
@@ -411,5 +491,36 @@ mod tests {
         let doc = bson::to_document(&r).unwrap();
         assert!(matches!(doc.get("done_at"), Some(bson::Bson::DateTime(_))));
         assert_eq!(bson::from_document::<RecycleDoc>(doc).unwrap(), r);
+    }
+
+    /// A retried insert finds itself (dates stored to the millisecond);
+    /// another requester, or the same one later, is another request.
+    #[test]
+    fn a_recycle_request_recognises_itself() {
+        let now = Utc::now();
+        let mine = RecycleDoc {
+            id: recycle_id("p", "aZ3", "b1"),
+            pool: "p".into(),
+            key: "aZ3".into(),
+            batch: "b1".into(),
+            n: 7,
+            state: RecycleState::Requested,
+            reason: None,
+            requested_by: "app-1".into(),
+            requested_at: now,
+            done_at: None,
+        };
+        let stored: RecycleDoc = bson::from_document(bson::to_document(&mine).unwrap()).unwrap();
+        assert!(mine.is_same_request(&stored));
+        let other = RecycleDoc {
+            requested_by: "app-2".into(),
+            ..stored.clone()
+        };
+        assert!(!mine.is_same_request(&other));
+        let later = RecycleDoc {
+            requested_at: now + chrono::Duration::seconds(1),
+            ..stored
+        };
+        assert!(!mine.is_same_request(&later));
     }
 }

@@ -20,5 +20,7 @@ pub mod format;
 pub mod recycle;
 pub mod stats;
 
-pub use batch::{BatchCheck, DecodeError, KeyBatch, SCHEMA_VERSION};
+pub use batch::{
+    keys_digest, BatchCheck, BatchProof, DecodeError, KeyBatch, Unverified, SCHEMA_VERSION,
+};
 pub use format::{FormatError, KeyFormat, BASE62};

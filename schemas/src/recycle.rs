@@ -48,6 +48,12 @@ pub enum Refusal {
         /// The batch.
         batch: String,
     },
+    /// The producer set the batch's claim aside (no matching batch record):
+    /// whether the key was handed out is not known.
+    Rejected {
+        /// The batch.
+        batch: String,
+    },
     /// A recycling of this key from this batch was already requested.
     AlreadyRecycled,
     /// The leader found `used_keys` changed since the request (not this
@@ -57,13 +63,14 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every value of [`Refusal::kind`], to pre-create labelled metrics.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "not_used",
         "reserved",
         "unclaimed",
         "in_buffer",
         "open_elsewhere",
         "returned",
+        "rejected",
         "already_recycled",
         "changed",
     ];
@@ -77,6 +84,7 @@ impl Refusal {
             Self::InBuffer { .. } => "in_buffer",
             Self::OpenElsewhere { .. } => "open_elsewhere",
             Self::Returned { .. } => "returned",
+            Self::Rejected { .. } => "rejected",
             Self::AlreadyRecycled => "already_recycled",
             Self::Changed => "changed",
         }
@@ -109,6 +117,10 @@ impl fmt::Display for Refusal {
                 f,
                 "went back to the pool unused when batch {batch} was returned"
             ),
+            Self::Rejected { batch } => write!(
+                f,
+                "the claim of batch {batch} was set aside by the producer (no matching batch record)"
+            ),
             Self::AlreadyRecycled => f.write_str("already recycled"),
             Self::Changed => f.write_str("used_keys changed since the request"),
         }
@@ -140,13 +152,14 @@ pub fn check_used(used: Option<&UsedKeyDoc>) -> Result<(&str, u64), Refusal> {
 }
 
 /// Checks the claim of the key's `batch` (`None` if it has none).
-/// `asking_instance` is the consumer instance asking, if any: only its own
-/// open claim can be looked up in a buffer.
+/// `asking_token` is the [`ClaimDoc::token`] of the consumer process asking,
+/// if any: only its own open claim can be looked up in its buffer (an
+/// instance id may be shared by two processes; the token is not).
 pub fn check_claim(
     claim: Option<&ClaimDoc>,
     key: &str,
     batch: &str,
-    asking_instance: Option<&str>,
+    asking_token: Option<&str>,
 ) -> Result<ClaimVerdict, Refusal> {
     let Some(claim) = claim else {
         return Err(Refusal::Unclaimed {
@@ -154,7 +167,7 @@ pub fn check_claim(
         });
     };
     match claim.state {
-        ClaimState::Open if asking_instance == Some(claim.instance.as_str()) => {
+        ClaimState::Open if asking_token == Some(claim.token.as_str()) => {
             Ok(ClaimVerdict::AskBuffer)
         }
         ClaimState::Open => Err(Refusal::OpenElsewhere {
@@ -162,6 +175,9 @@ pub fn check_claim(
             instance: claim.instance.clone(),
         }),
         ClaimState::Drained => Ok(ClaimVerdict::HandedOut),
+        ClaimState::Rejected => Err(Refusal::Rejected {
+            batch: batch.to_owned(),
+        }),
         ClaimState::Returning | ClaimState::Returned => {
             if claim.return_keys.iter().any(|k| k == key) {
                 Err(Refusal::Returned {
@@ -196,11 +212,13 @@ mod tests {
             pool: "p".into(),
             group: "g".into(),
             instance: "app-1".into(),
+            token: "token-1".into(),
             partition: 0,
             offset: 0,
             keys: 2,
             state,
             return_keys: return_keys.iter().map(|k| (*k).to_owned()).collect(),
+            reason: None,
             claimed_at: Utc::now(),
         }
     }
@@ -220,10 +238,20 @@ mod tests {
         let check = |c: Option<&ClaimDoc>, me| check_claim(c, "k", "b", me);
         assert_eq!(check(None, None).unwrap_err().kind(), "unclaimed");
         let open = claim(ClaimState::Open, &[]);
-        assert_eq!(check(Some(&open), Some("app-1")), Ok(AskBuffer));
+        assert_eq!(check(Some(&open), Some("token-1")), Ok(AskBuffer));
         assert_eq!(
-            check(Some(&open), Some("app-2")).unwrap_err().kind(),
+            check(Some(&open), Some("token-2")).unwrap_err().kind(),
             "open_elsewhere"
+        );
+        // The instance id is a label: sharing it does not make a claim ours.
+        assert_eq!(
+            check(Some(&open), Some("app-1")).unwrap_err().kind(),
+            "open_elsewhere"
+        );
+        let rejected = claim(ClaimState::Rejected, &[]);
+        assert_eq!(
+            check(Some(&rejected), Some("token-1")).unwrap_err().kind(),
+            "rejected"
         );
         assert_eq!(
             check(Some(&open), None).unwrap_err().kind(),
@@ -251,6 +279,7 @@ mod tests {
                 instance: "i".into(),
             },
             Refusal::Returned { batch: "b".into() },
+            Refusal::Rejected { batch: "b".into() },
             Refusal::AlreadyRecycled,
             Refusal::Changed,
         ];

@@ -92,6 +92,7 @@ fn key_batch_examples_match_the_schema() {
 fn mongo_documents_match_the_schema() {
     let pool = PoolDoc {
         name: "p3".into(),
+        incarnation: "0123456789abcdef".into(),
         format: KeyFormatSpec {
             alphabet: BASE62.into(),
             length: 3,
@@ -104,7 +105,7 @@ fn mongo_documents_match_the_schema() {
             to: 2000,
         }),
         reserved_ahead: vec![1_500],
-        topic: "kgs.p3".into(),
+        topic: "kgs.p3.0123456789abcdef".into(),
         partitions: 4,
         created_at: now(),
     };
@@ -129,17 +130,21 @@ fn mongo_documents_match_the_schema() {
     let record = BatchRecord {
         id: "p3-1-42".into(),
         pool: "p3".into(),
+        incarnation: "0123456789abcdef".into(),
         epoch: 1,
         state: BatchState::Moved,
+        digest: kgs_schemas::keys_digest(&["x8K".to_owned()]),
         keys: vec!["x8K".into()],
         ns: vec![8],
         partition: Some(2),
         offset: Some(10),
+        from: Some("p3-1-41".into()),
         created_at: now(),
     };
     let lease = LeaseDoc {
         pool: "p3".into(),
         holder: "producer-a".into(),
+        token: "9f1c0b2a".into(),
         epoch: 1,
         expires_at: now(),
     };
@@ -148,18 +153,21 @@ fn mongo_documents_match_the_schema() {
         pool: "p3".into(),
         epoch: 2,
         holder: "producer-b".into(),
+        token: "4d5e6f70".into(),
         taken_at: now(),
     };
     let claim = ClaimDoc {
         batch_id: "p3-1-42".into(),
         pool: "p3".into(),
-        group: "kgs.p3".into(),
+        group: "kgs.p3.0123456789abcdef".into(),
         instance: "app-1".into(),
+        token: "5f0c1e2d3b4a49586776859493a2b1c0".into(),
         partition: 2,
         offset: 10,
         keys: 1,
         state: ClaimState::Returning,
         return_keys: vec!["x8K".into()],
+        reason: None,
         claimed_at: now(),
     };
     let recycle = RecycleDoc {

@@ -3,8 +3,11 @@
 //! graceful return, bad input and backpressure.
 //!
 //! The batches come from a minimal publisher written here ([`Pool`]), which
-//! does what the producer does for a batch: keys into `used_keys.<pool>`
-//! (reason `batch`), then the `KeyBatch` JSON on the pool's topic.
+//! does what the producer does for a batch: a batch record (`batches`,
+//! state `published`, this pool incarnation, the partition chosen before
+//! sending, the digest of the keys), the keys into `used_keys.<pool>`
+//! (reason `batch`), then the `KeyBatch` JSON on that partition of the
+//! pool's topic. Without the record the consumer would refuse the batch.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +20,8 @@ use chrono::Utc;
 use futures::TryStreamExt;
 use kgs_consumer::{KeyConsumer, KeyConsumerBuilder};
 use kgs_schemas::docs::{
-    used_keys_collection, ClaimDoc, ClaimState, PoolDoc, UsedKeyDoc, UsedReason, CLAIMS, POOLS,
+    used_keys_collection, BatchRecord, BatchState, ClaimDoc, ClaimState, PoolDoc, UsedKeyDoc,
+    UsedReason, BATCHES, CLAIMS, POOLS,
 };
 use kgs_schemas::format::KeyFormatSpec;
 use kgs_schemas::{KeyBatch, KeyFormat};
@@ -37,6 +41,8 @@ struct Pool {
     db_name: String,
     db: mongodb::Database,
     name: String,
+    /// The pool incarnation every batch record carries.
+    incarnation: String,
     topic: String,
     format: KeyFormat,
     producer: FutureProducer,
@@ -51,7 +57,8 @@ impl Pool {
 
     /// Like [`Pool::create`], with given database and pool names.
     async fn create_named(partitions: i32, db_name: String, name: String) -> Result<Self> {
-        let topic = format!("kgs.{name}");
+        let incarnation = kgs_schemas::docs::new_incarnation();
+        let topic = kgs_schemas::docs::topic_name(&name, &incarnation);
         create_topic(&topic, partitions).await?;
         let db = mongo_client().await?.database(&db_name);
         let format = KeyFormat::base62(KEY_LEN)?;
@@ -62,6 +69,7 @@ impl Pool {
         db.collection::<bson::Document>(POOLS)
             .insert_one(doc! {
                 "_id": &name,
+                "incarnation": &incarnation,
                 "format": { "alphabet": &spec.alphabet, "length": i64::from(spec.length) },
                 "space": format.space() as i64,
                 "secret": "00",
@@ -84,6 +92,7 @@ impl Pool {
             db_name,
             db,
             name,
+            incarnation,
             topic,
             format,
             producer,
@@ -101,12 +110,44 @@ impl Pool {
         keys
     }
 
-    /// Publishes a good batch of `n` new keys (to `partition`, or by key hash).
-    async fn publish(&self, n: usize, partition: Option<i32>) -> Result<KeyBatch> {
+    /// Publishes a good batch of `n` new keys to `partition`: recorded and
+    /// moved first, as the producer does (the partition is chosen before
+    /// sending and named in the record, never left to Kafka).
+    async fn publish(&self, n: usize, partition: i32) -> Result<KeyBatch> {
         let batch = KeyBatch::new(unique("b"), self.name.clone(), 1, self.fresh_keys(n));
+        self.record_batch(&batch, partition).await?;
         self.record_used(&batch).await?;
         self.send(&batch.encode(), partition).await?;
         Ok(batch)
+    }
+
+    /// Inserts the producer's record of `batch` (state `published`, this
+    /// pool incarnation, `partition`, the digest of its keys): what the
+    /// consumer verifies a message against before claiming it.
+    async fn record_batch(&self, batch: &KeyBatch, partition: i32) -> Result<()> {
+        let record = BatchRecord {
+            id: batch.batch_id.clone(),
+            pool: self.name.clone(),
+            incarnation: self.incarnation.clone(),
+            epoch: batch.epoch,
+            state: BatchState::Published,
+            digest: kgs_schemas::keys_digest(&batch.keys),
+            keys: batch.keys.clone(),
+            ns: batch
+                .keys
+                .iter()
+                .map(|k| self.format.index_of(k).unwrap())
+                .collect(),
+            partition: Some(partition),
+            offset: None,
+            from: None,
+            created_at: Utc::now(),
+        };
+        self.db
+            .collection::<BatchRecord>(BATCHES)
+            .insert_one(record)
+            .await?;
+        Ok(())
     }
 
     /// Moves the batch's keys to `used_keys`, as the producer does before publishing.
@@ -129,12 +170,11 @@ impl Pool {
         Ok(())
     }
 
-    /// Sends raw bytes to the topic.
-    async fn send(&self, payload: &[u8], partition: Option<i32>) -> Result<()> {
-        let mut record = FutureRecord::<(), [u8]>::to(&self.topic).payload(payload);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
+    /// Sends raw bytes to `partition` of the topic.
+    async fn send(&self, payload: &[u8], partition: i32) -> Result<()> {
+        let record = FutureRecord::<(), [u8]>::to(&self.topic)
+            .payload(payload)
+            .partition(partition);
         self.producer
             .send(record, Timeout::After(Duration::from_secs(30)))
             .await
@@ -273,7 +313,7 @@ async fn two_instances_get_disjoint_keys() -> Result<()> {
     let mut published = HashSet::new();
     let mut batch_of = HashMap::new();
     for i in 0..8 {
-        let batch = pool.publish(25, Some(i % 4)).await?;
+        let batch = pool.publish(25, i % 4).await?;
         for k in &batch.keys {
             batch_of.insert(k.clone(), batch.batch_id.clone());
         }
@@ -343,7 +383,7 @@ async fn a_dead_instances_batches_are_never_handed_out_again() -> Result<()> {
     let a = pool.consumer(&group, &ra).instance_id("a").build().await?;
     let mut first = Vec::new();
     for _ in 0..3 {
-        first.push(pool.publish(10, Some(0)).await?);
+        first.push(pool.publish(10, 0).await?);
     }
     let handed = take(&a, 5, WAIT).await?;
     buffered_at_least(&a, 25).await?;
@@ -366,20 +406,14 @@ async fn a_dead_instances_batches_are_never_handed_out_again() -> Result<()> {
 
     let rb = Registry::new();
     let b = pool.consumer(&group, &rb).instance_id("b").build().await?;
-    let later = pool.publish(10, Some(0)).await?;
+    let later = pool.publish(10, 0).await?;
     let got = take(&b, 10, WAIT).await?;
     let got: HashSet<String> = got.into_iter().collect();
     assert_eq!(got, later.keys.iter().cloned().collect::<HashSet<_>>());
     assert!(handed.iter().all(|k| !got.contains(k)));
-    // Committed offsets, not only claims, kept b off a's batches.
-    assert_eq!(
-        metric(
-            &rb,
-            kgs_consumer::metrics::BAD_MESSAGES_TOTAL,
-            Some(("kind", "replay"))
-        ),
-        0.0
-    );
+    // Committed offsets, not only claims, kept b off a's batches: it did
+    // not even read them again.
+    assert_eq!(metric(&rb, kgs_consumer::metrics::REPLAYS_TOTAL, None), 0.0);
     for batch in &first {
         assert_eq!(
             pool.claim(&batch.batch_id).await?.unwrap().state,
@@ -406,7 +440,7 @@ async fn graceful_shutdown_returns_exactly_the_unhanded_keys() -> Result<()> {
         .await?;
     let mut batches = Vec::new();
     for _ in 0..3 {
-        batches.push(pool.publish(10, Some(0)).await?);
+        batches.push(pool.publish(10, 0).await?);
     }
     buffered_at_least(&c, 30).await?;
     let handed: HashSet<String> = take(&c, 13, WAIT).await?.into_iter().collect();
@@ -455,9 +489,11 @@ async fn graceful_shutdown_returns_exactly_the_unhanded_keys() -> Result<()> {
     Ok(())
 }
 
-/// Every kind of bad input is skipped with its metric incremented, none of
-/// its keys is handed out, and the partition keeps flowing: the good batch
-/// after each bad message is handed out.
+/// Every kind of bad input (including a well-formed batch that no batch
+/// record backs: `unverified`) is skipped with its metric incremented, none
+/// of its keys is handed out, and the partition keeps flowing: the good
+/// batch after each bad message is handed out. A replay of a good batch is
+/// counted as a replay, not as a bad message.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_skipped_and_the_partition_keeps_flowing() -> Result<()> {
     let pool = Pool::create(1).await?;
@@ -509,6 +545,11 @@ async fn bad_input_is_skipped_and_the_partition_keeps_flowing() -> Result<()> {
                 1,
             ),
         ),
+        // Well-formed, but no producer recorded it: refused by verification.
+        (
+            "unverified",
+            good_json(serde_json::json!(fresh), &pool.name, 1),
+        ),
         // A message over 1 MiB cannot even be produced to a default topic;
         // the batch-size limit is the oversize case that reaches a consumer.
         (
@@ -520,16 +561,16 @@ async fn bad_input_is_skipped_and_the_partition_keeps_flowing() -> Result<()> {
     let mut good = HashSet::new();
     let mut expected: HashMap<&str, f64> = HashMap::new();
     for (kind, payload) in &bad {
-        pool.send(payload, Some(0)).await?;
+        pool.send(payload, 0).await?;
         *expected.entry(kind).or_default() += 1.0;
-        good.extend(pool.publish(5, Some(0)).await?.keys);
+        good.extend(pool.publish(5, 0).await?.keys);
     }
-    // A replay: the same batch (same id) published a second time.
-    let replayed = pool.publish(5, Some(0)).await?;
+    // A replay: the same batch (same id, keys and partition) published a
+    // second time. Harmless: counted as a replay, not as a bad message.
+    let replayed = pool.publish(5, 0).await?;
     good.extend(replayed.keys.iter().cloned());
-    pool.send(&replayed.encode(), Some(0)).await?;
-    *expected.entry("replay").or_default() += 1.0;
-    let last = pool.publish(5, Some(0)).await?;
+    pool.send(&replayed.encode(), 0).await?;
+    let last = pool.publish(5, 0).await?;
     good.extend(last.keys);
 
     let got = take(&c, good.len(), WAIT).await?;
@@ -548,6 +589,10 @@ async fn bad_input_is_skipped_and_the_partition_keeps_flowing() -> Result<()> {
             "bad messages of kind {kind}"
         );
     }
+    assert_eq!(
+        metric(&registry, kgs_consumer::metrics::REPLAYS_TOTAL, None),
+        1.0
+    );
     assert!(matches!(
         c.next_key_wait(Duration::from_millis(300)).await,
         Err(kgs_consumer::Error::Empty)
@@ -570,7 +615,7 @@ async fn backpressure_pauses_at_the_high_watermark() -> Result<()> {
         .await?;
     let mut all = HashSet::new();
     for _ in 0..12 {
-        all.extend(pool.publish(10, Some(0)).await?.keys);
+        all.extend(pool.publish(10, 0).await?.keys);
     }
     buffered_at_least(&c, 40).await?;
     wait_for("the paused gauge", WAIT, || async {
@@ -644,7 +689,7 @@ async fn members_join_and_leave_without_duplicates() -> Result<()> {
         tokio::spawn(async move {
             let mut published = Vec::new();
             for i in 0..40 {
-                published.push(pool.publish(20, Some(i % 4)).await?);
+                published.push(pool.publish(20, i % 4).await?);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             anyhow::Ok(published)
@@ -709,7 +754,7 @@ async fn app_server_serves_keys_and_returns_them_on_sigterm() -> Result<()> {
     let pool = Pool::create(1).await?;
     let mut published = HashSet::new();
     for _ in 0..2 {
-        published.extend(pool.publish(10, Some(0)).await?.keys);
+        published.extend(pool.publish(10, 0).await?.keys);
     }
     let addr = kgs_tests::free_addr()?;
     let mut child = tokio::process::Command::new(binary)
@@ -776,8 +821,9 @@ async fn app_server_serves_keys_and_returns_them_on_sigterm() -> Result<()> {
 
 /// Not a check: seeds a pool for the HTTP benchmark in BENCHMARKS.md.
 /// Creates pool `$KGS_BENCH_POOL` in database `$KGS_MONGODB_DB` and publishes
-/// `$KGS_BENCH_KEYS` keys (default 1,000,000) in batches of 50,000, without
-/// the `used_keys` documents (the consumer never reads them).
+/// `$KGS_BENCH_KEYS` keys (default 1,000,000) in batches of 50,000, each
+/// with its batch record (the consumer verifies it) but without the
+/// `used_keys` documents (the consumer never reads them).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark fixture, run by hand"]
 async fn seed_pool_for_http_benchmark() -> Result<()> {
@@ -793,7 +839,9 @@ async fn seed_pool_for_http_benchmark() -> Result<()> {
     .await?;
     for i in 0..total.div_ceil(50_000) {
         let batch = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(50_000));
-        pool.send(&batch.encode(), Some((i % 4) as i32)).await?;
+        let partition = (i % 4) as i32;
+        pool.record_batch(&batch, partition).await?;
+        pool.send(&batch.encode(), partition).await?;
     }
     println!(
         "seeded pool {} in {} with {total} keys",
@@ -891,7 +939,7 @@ async fn three_app_server_processes_hand_out_disjoint_keys() -> Result<()> {
     .await?;
     let mut published = HashSet::new();
     for i in 0..9 {
-        published.extend(pool.publish(15, Some(i % 3)).await?.keys);
+        published.extend(pool.publish(15, i % 3).await?.keys);
     }
     let mut served: Vec<HashSet<String>> = vec![HashSet::new(); 3];
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -956,7 +1004,7 @@ async fn sigkill_mid_stream_loses_at_most_the_buffer() -> Result<()> {
     .await?;
     let mut published = Vec::new();
     for i in 0..6 {
-        published.push(pool.publish(20, Some(i % 2)).await?);
+        published.push(pool.publish(20, i % 2).await?);
     }
     // Take keys from both until the doomed one has served some.
     let mut served = Vec::new();
@@ -979,7 +1027,7 @@ async fn sigkill_mid_stream_loses_at_most_the_buffer() -> Result<()> {
     // More batches on both partitions: the survivor gets the dead one's
     // partition after the session timeout and serves the new batches.
     for i in 0..4 {
-        published.push(pool.publish(20, Some(i % 2)).await?);
+        published.push(pool.publish(20, i % 2).await?);
     }
     let ids: HashSet<String> = published.iter().map(|b| b.batch_id.clone()).collect();
     wait_for("every batch claimed", WAIT, || async {
@@ -1135,54 +1183,80 @@ async fn returned_keys_are_handed_out_later_exactly_once() -> Result<()> {
     Ok(())
 }
 
-/// A claim that already exists for a batch is honoured only if it is this
-/// instance's own open claim of the same partition and offset (a claim write
-/// retried across a server restart): then the keys are handed out; a claim
-/// by another instance makes the batch a replay.
+/// A claim that already exists for a batch belongs to the process that
+/// wrote it (its token), not to an instance id: an open claim with this
+/// consumer's instance id, group, partition and offset, written by another
+/// process (a restart with a fixed id, a second process given the same id),
+/// is never resumed. Like a claim of another instance, it makes the batch a
+/// replay (counted as such, not as a bad message); only the unclaimed batch
+/// is handed out.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_own_open_claim_is_resumed_and_a_foreign_one_is_a_replay() -> Result<()> {
+async fn an_open_claim_with_our_instance_id_from_another_process_is_a_replay() -> Result<()> {
     let pool = Pool::create(1).await?;
-    let own = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(5));
+    let group = unique("g");
+    let same_id = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(5));
     let foreign = KeyBatch::new(unique("b"), pool.name.clone(), 1, pool.fresh_keys(5));
     let claim = |batch: &KeyBatch, instance: &str, offset: i64| ClaimDoc {
         batch_id: batch.batch_id.clone(),
         pool: pool.name.clone(),
-        group: "g".into(),
+        group: group.clone(),
         instance: instance.into(),
+        token: "an-earlier-process".into(),
         partition: 0,
         offset,
         keys: 5,
         state: ClaimState::Open,
         return_keys: Vec::new(),
+        reason: None,
         claimed_at: Utc::now(),
     };
     pool.db
         .collection::<ClaimDoc>(CLAIMS)
-        .insert_many([claim(&own, "me", 0), claim(&foreign, "someone-else", 1)])
+        .insert_many([claim(&same_id, "me", 0), claim(&foreign, "someone-else", 1)])
         .await?;
-    for batch in [&own, &foreign] {
+    for batch in [&same_id, &foreign] {
+        pool.record_batch(batch, 0).await?;
         pool.record_used(batch).await?;
-        pool.send(&batch.encode(), Some(0)).await?;
+        pool.send(&batch.encode(), 0).await?;
     }
-    let last = pool.publish(5, Some(0)).await?;
+    let last = pool.publish(5, 0).await?;
     let registry = Registry::new();
     let c = pool
-        .consumer(&unique("g"), &registry)
+        .consumer(&group, &registry)
         .instance_id("me")
         .build()
         .await?;
-    let got: HashSet<String> = take(&c, 10, WAIT).await?.into_iter().collect();
-    let expected: HashSet<String> = own.keys.iter().chain(&last.keys).cloned().collect();
-    assert_eq!(got, expected);
+    let got: HashSet<String> = take(&c, 5, WAIT).await?.into_iter().collect();
+    assert_eq!(got, last.keys.iter().cloned().collect::<HashSet<_>>());
+    assert!(matches!(
+        c.next_key_wait(Duration::from_millis(500)).await,
+        Err(kgs_consumer::Error::Empty)
+    ));
     assert_eq!(
-        metric(
-            &registry,
-            kgs_consumer::metrics::BAD_MESSAGES_TOTAL,
-            Some(("kind", "replay"))
-        ),
-        1.0
+        metric(&registry, kgs_consumer::metrics::REPLAYS_TOTAL, None),
+        2.0
     );
+    assert_eq!(
+        metric(&registry, kgs_consumer::metrics::BAD_MESSAGES_TOTAL, None),
+        0.0
+    );
+    // Neither pre-existing claim was taken over or ended by this process.
+    for batch in [&same_id, &foreign] {
+        let claim = pool.claim(&batch.batch_id).await?.context("claim")?;
+        assert_eq!(
+            (claim.token.as_str(), claim.state),
+            ("an-earlier-process", ClaimState::Open)
+        );
+    }
     c.shutdown().await?;
+    for batch in [&same_id, &foreign] {
+        let claim = pool.claim(&batch.batch_id).await?.context("claim")?;
+        assert_eq!(
+            claim.state,
+            ClaimState::Open,
+            "shutdown ended a foreign claim"
+        );
+    }
     pool.drop_db().await;
     Ok(())
 }
@@ -1192,7 +1266,7 @@ async fn an_own_open_claim_is_resumed_and_a_foreign_one_is_a_replay() -> Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_the_consumer_returns_keys_in_the_background() -> Result<()> {
     let pool = Pool::create(1).await?;
-    let batch = pool.publish(10, Some(0)).await?;
+    let batch = pool.publish(10, 0).await?;
     let c = pool
         .consumer(&unique("g"), &Registry::new())
         .build()

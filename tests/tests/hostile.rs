@@ -342,7 +342,7 @@ async fn a_changed_or_deleted_topic_is_detected() -> Result<()> {
 
     let s = Setup::new();
     s.init(&["--length", "1", "--partitions", "1"]).await?;
-    let topic = format!("kgs.{}", s.pool);
+    let topic = s.pool_doc().await?.topic;
     let producer_http = free_addr()?;
     let log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
     let mut producer = s.producer(&["run", "--batch-size", "5", "--poll-interval", "100ms"])?;

@@ -6,7 +6,11 @@
 
 mod consumer;
 mod hostile;
+// The producer lease: renewal racing takeover, abandoned epochs, reused ids.
+mod lease;
 mod observability;
 mod producer;
+// Hostile writers and reused instance ids: only the producer's durably moved batches are handed out.
+mod provenance;
 mod recycle;
 mod smoke;

@@ -129,6 +129,7 @@ async fn check_everything(
     for (name, should_fire) in [
         ("KgsNoActiveProducer", false),
         ("KgsBadMessages", false),
+        ("KgsUnverifiedBatches", false),
         ("KgsPoolNearlyExhausted", true),
     ] {
         let Some(rule) = rules.iter().find(|r| r.name == name) else {

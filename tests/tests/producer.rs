@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bson::{doc, Document};
+use kgs_schemas::docs::{PoolDoc, POOLS};
 use kgs_schemas::{KeyBatch, KeyFormat};
 use kgs_tests::{
     kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for, workspace_binary,
@@ -39,8 +40,24 @@ impl Pool {
         }
     }
 
-    fn topic(&self) -> String {
-        format!("kgs.{}", self.name)
+    /// The pool document (written by `init`).
+    async fn pool_doc(&self) -> Result<PoolDoc> {
+        self.db()
+            .await?
+            .collection::<PoolDoc>(POOLS)
+            .find_one(doc! { "_id": &self.name })
+            .await?
+            .context("pool document")
+    }
+
+    /// The pool's topic, as `init` named it (scoped by the incarnation).
+    async fn topic(&self) -> Result<String> {
+        Ok(self.pool_doc().await?.topic)
+    }
+
+    /// The consumer group the producer reads the backlog of by default.
+    async fn group(&self) -> Result<String> {
+        Ok(self.pool_doc().await?.default_group())
     }
 
     /// A `kgs-producer` command with this pool's servers and database.
@@ -125,7 +142,7 @@ impl Pool {
     async fn topic_batches(&self) -> Result<Vec<(i32, i64, KeyBatch)>> {
         kgs_tests::read_topic_batches(
             &kafka_brokers(),
-            &self.topic(),
+            &self.topic().await?,
             self.partitions,
             Duration::from_secs(30),
         )
@@ -141,7 +158,9 @@ impl Pool {
     }
 
     /// [`Pool::check_invariants`], where the `returned` keys of published
-    /// batches are back in `keys` instead of in `used_keys`.
+    /// batches went round again: each is in the topic twice, in its first
+    /// batch and in one re-batch of it (a record whose `from` is that batch),
+    /// and its `used_keys` document names the re-batch.
     async fn check_invariants_returned(
         &self,
         space: usize,
@@ -173,8 +192,20 @@ impl Pool {
             used.len()
         );
         let batches = self.topic_batches().await?;
+        let from: HashMap<String, String> = self
+            .docs("batches", doc! { "pool": &self.name })
+            .await?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.get_str("_id").ok()?.to_owned(),
+                    r.get_str("from").ok()?.to_owned(),
+                ))
+            })
+            .collect();
         let mut ids = HashSet::new();
-        let mut seen = HashSet::new();
+        // Key -> the batches it is in, in topic order per partition.
+        let mut seen: HashMap<String, Vec<String>> = HashMap::new();
         for (_, _, b) in &batches {
             ensure!(
                 ids.insert(b.batch_id.clone()),
@@ -182,17 +213,38 @@ impl Pool {
                 b.batch_id
             );
             for k in &b.keys {
-                ensure!(seen.insert(k.clone()), "key {k} in two batches");
-                if returned.contains(k) {
-                    ensure!(keys.contains(k), "returned key {k} is not back in keys");
-                    continue;
-                }
-                ensure!(
-                    used.get(k) == Some(&Some(b.batch_id.clone())),
-                    "key {k} of batch {} is not in used_keys with that batch",
-                    b.batch_id
-                );
+                seen.entry(k.clone()).or_default().push(b.batch_id.clone());
             }
+        }
+        for (k, in_batches) in &seen {
+            ensure!(!keys.contains(k), "published key {k} is in keys");
+            let last = match in_batches.as_slice() {
+                [one] => one,
+                [a, b] if returned.contains(k) => {
+                    // Whichever partition came first: one is the re-batch of the other.
+                    let (first, again) = if from.get(b) == Some(a) {
+                        (a, b)
+                    } else {
+                        (b, a)
+                    };
+                    ensure!(
+                        from.get(again) == Some(first),
+                        "returned key {k} is in {first} and {again}, which is no re-batch of it"
+                    );
+                    again
+                }
+                more => anyhow::bail!("key {k} in {} batches: {more:?}", more.len()),
+            };
+            ensure!(
+                used.get(k) == Some(&Some(last.clone())),
+                "key {k} of batch {last} is not in used_keys with that batch"
+            );
+        }
+        for k in returned {
+            ensure!(
+                seen.get(k).is_some_and(|b| b.len() == 2),
+                "returned key {k} was not handed out again"
+            );
         }
         let unfinished = self
             .docs(
@@ -258,19 +310,16 @@ async fn terminate(running: Running) -> Result<std::process::ExitStatus> {
 
 /// Waits until the topic holds exactly `n` batches and nothing is unfinished.
 async fn wait_batches(pool: &Pool, n: usize, timeout: Duration) -> Result<()> {
-    wait_for(
-        &format!("{n} batches in {}", pool.topic()),
-        timeout,
-        || async {
-            let batches = pool.topic_batches().await?;
-            ensure!(
-                batches.len() <= n,
-                "topic overfilled: {} > {n} batches",
-                batches.len()
-            );
-            Ok((batches.len() == n).then_some(()))
-        },
-    )
+    let topic = pool.topic().await?;
+    wait_for(&format!("{n} batches in {topic}"), timeout, || async {
+        let batches = pool.topic_batches().await?;
+        ensure!(
+            batches.len() <= n,
+            "topic overfilled: {} > {n} batches",
+            batches.len()
+        );
+        Ok((batches.len() == n).then_some(()))
+    })
     .await
 }
 
@@ -327,6 +376,36 @@ async fn init_is_idempotent_and_refuses_conflicts() -> Result<()> {
     assert!(!out.status.success());
     assert_eq!(pool.docs("pools", doc! {}).await?, before);
     assert_eq!(pool.ids(&format!("keys.{}", pool.name)).await?.len(), 62);
+    Ok(())
+}
+
+/// `init` creates the pool topic with retention that never deletes a
+/// batch (`retention.ms` and `retention.bytes` -1): consumers away for
+/// longer than the broker's default week lose nothing.
+#[tokio::test]
+async fn init_creates_the_topic_with_unlimited_retention() -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let pool = Pool::new(1);
+    pool.init(1, &[]).await?;
+    let topic = pool.topic().await?;
+    let admin: AdminClient<DefaultClientContext> = kafka_config().create()?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(&topic)], &opts)
+        .await?;
+    let config = described
+        .into_iter()
+        .next()
+        .context("no config result")?
+        .map_err(|e| anyhow::anyhow!("describe {topic}: {e}"))?;
+    for (name, wanted) in [("retention.ms", "-1"), ("retention.bytes", "-1")] {
+        let entry = config
+            .get(name)
+            .with_context(|| format!("{name} missing"))?;
+        assert_eq!(entry.value.as_deref(), Some(wanted), "{topic} {name}");
+    }
     Ok(())
 }
 
@@ -417,8 +496,9 @@ macro_rules! crash_tests {
 }
 
 /// A consumer's `returning` claim is processed even across a crash at each
-/// return failpoint: the unused keys go back to `keys` with their old `n`,
-/// leave `used_keys`, and the claim ends `returned`.
+/// return failpoint: the unused keys go out again in a new batch (a record
+/// whose `from` is the claim's batch, their `n` kept), never leave
+/// `used_keys`, and the claim ends `returned`.
 async fn return_crash(failpoint: &str) -> Result<()> {
     let pool = Pool::new(2);
     pool.init(2, &[]).await?;
@@ -431,8 +511,8 @@ async fn return_crash(failpoint: &str) -> Result<()> {
         .await?
         .collection::<Document>("claims")
         .insert_one(doc! {
-            "_id": &batch.batch_id, "pool": &pool.name, "group": format!("kgs.{}", pool.name),
-            "instance": "test", "partition": partition, "offset": offset,
+            "_id": &batch.batch_id, "pool": &pool.name, "group": pool.group().await?,
+            "instance": "test", "token": "test", "partition": partition, "offset": offset,
             "keys": batch.keys.len() as i64, "state": "returning", "return_keys": &back,
             "claimed_at": bson::DateTime::now(),
         })
@@ -450,24 +530,41 @@ async fn return_crash(failpoint: &str) -> Result<()> {
     assert!(terminate(run).await?.success());
     let returned: HashSet<String> = back.iter().cloned().collect();
     pool.check_invariants_returned(3_844, &returned).await?;
-    let keys = pool.docs(&format!("keys.{}", pool.name), doc! {}).await?;
     let record = pool
         .docs("batches", doc! { "_id": &batch.batch_id })
         .await?;
     let ns = record[0].get_array("ns")?;
-    for (i, key) in back.iter().enumerate() {
-        let d = keys
-            .iter()
-            .find(|d| d.get_str("_id").ok() == Some(key.as_str()));
-        let d = d.with_context(|| format!("{key} not back"))?;
-        assert_eq!(Some(d.get_i64("n")?), ns[i].as_i64(), "{key} lost its n");
+    let again = pool
+        .docs(
+            "batches",
+            doc! { "from": &batch.batch_id, "state": "published" },
+        )
+        .await?;
+    let mut found = 0;
+    for r in &again {
+        let keys = r.get_array("keys")?;
+        let again_ns = r.get_array("ns")?;
+        for (key, n) in keys.iter().zip(again_ns) {
+            let i = back
+                .iter()
+                .position(|k| Some(k.as_str()) == key.as_str())
+                .with_context(|| format!("{key} re-batched but not returned"))?;
+            assert_eq!(n.as_i64(), ns[i].as_i64(), "{key} lost its n");
+            found += 1;
+        }
     }
+    assert_eq!(
+        found,
+        back.len(),
+        "every returned key in exactly one re-batch"
+    );
     Ok(())
 }
 
 crash_tests! {
-    crash_return_after_delete => return_crash("return_after_delete"),
-    crash_return_after_insert => return_crash("return_after_insert"),
+    crash_rebatch_after_record => return_crash("rebatch_after_record"),
+    crash_rebatch_after_used => return_crash("rebatch_after_used"),
+    crash_return_after_rebatch => return_crash("return_after_rebatch"),
     crash_gen_after_mark => generation_crash("gen_after_mark"),
     crash_gen_after_insert => generation_crash("gen_after_insert"),
     crash_gen_after_cursor => generation_crash("gen_after_cursor"),
@@ -492,7 +589,7 @@ async fn watermarks_stop_and_refill() -> Result<()> {
     // No consumer: it must stay at 6 (wait_batches fails on overfill).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(pool.topic_batches().await?.len(), 6);
-    commit_all(pool.topic(), pool.partitions, format!("kgs.{}", pool.name)).await?;
+    commit_all(pool.topic().await?, pool.partitions, pool.group().await?).await?;
     wait_batches(&pool, 12, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(terminate(run).await?.success(), "SIGTERM did not exit 0");
@@ -531,7 +628,7 @@ async fn two_producers_one_leader_and_takeover() -> Result<()> {
         .args(["-STOP", &zombie.id().to_string()])
         .status()?;
     let paused = std::time::Instant::now();
-    commit_all(pool.topic(), pool.partitions, format!("kgs.{}", pool.name)).await?;
+    commit_all(pool.topic().await?, pool.partitions, pool.group().await?).await?;
     wait_batches(&pool, 8, Duration::from_secs(30)).await?;
     let took = paused.elapsed();
     // Lease 3 s + a renewal period + Kafka init_transactions.
@@ -775,4 +872,170 @@ async fn concurrent_takeovers_give_one_leader_per_epoch() -> Result<()> {
     let client = mongo_client().await?;
     client.database(&config.mongodb_db).drop().await?;
     Ok(())
+}
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+/// Inserts, as consumers would, a `returning` claim of `batch` giving back
+/// its first ten keys; returns them.
+async fn return_ten(
+    pool: &Pool,
+    partition: i32,
+    offset: i64,
+    batch: &KeyBatch,
+) -> Result<Vec<String>> {
+    let back: Vec<String> = batch.keys[..10].to_vec();
+    pool.db()
+        .await?
+        .collection::<Document>("claims")
+        .insert_one(doc! {
+            "_id": &batch.batch_id, "pool": &pool.name, "group": pool.group().await?,
+            "instance": "test", "token": "test", "partition": partition, "offset": offset,
+            "keys": batch.keys.len() as i64, "state": "returning", "return_keys": &back,
+            "claimed_at": bson::DateTime::now(),
+        })
+        .await?;
+    Ok(back)
+}
+
+/// Asks `kgs-producer recycle` for `key` (handed out in a batch whose claim
+/// gave it back without this key, or drained).
+async fn recycle(pool: &Pool, key: &str) -> Result<()> {
+    let out = pool.exec(&["recycle", key], None).await?;
+    ensure!(
+        out.status.success(),
+        "recycle {key}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A leader held between a lease check and the write it guards (it stops
+/// itself with SIGSTOP at `point`) while a second producer takes over,
+/// finishes the held leader's batch and processes a return and a recycle of
+/// the very keys the held leader was writing; then the held leader resumes
+/// and its write lands late. Afterwards `keys ∪ used_keys` is the generated
+/// set with nothing in both, no key is in two batches except a returned or
+/// recycled key in its batch and in one re-batch of it, the return and the
+/// recycle are done, and nothing is left unfinished. Before re-batching, a
+/// late delete from `keys` removed keys put back meanwhile (in neither
+/// collection), and a late insert into `used_keys` re-created documents of
+/// returned keys.
+async fn stale_leader(point: &str) -> Result<()> {
+    let pool = Pool::new(2);
+    pool.init(2, &[]).await?;
+    let in_move = matches!(
+        point,
+        "checked_insert_used" | "checked_delete_keys" | "checked_mark_moved"
+    );
+    let mut returned: HashSet<String> = HashSet::new();
+    if !in_move {
+        // The held leader will be re-batching these when it stops.
+        let run = pool.run(2, &[], None)?;
+        wait_batches(&pool, 4, Duration::from_secs(60)).await?;
+        assert!(terminate(run).await?.success());
+        let batches = pool.topic_batches().await?;
+        let (p, o, b) = &batches[0];
+        returned.extend(return_ten(&pool, *p, *o, b).await?);
+        recycle(&pool, &b.keys[20]).await?;
+        returned.insert(b.keys[20].clone());
+    }
+    let held = pool.run(
+        2,
+        &["--instance-id", "held"],
+        Some(&format!("stop:{point}")),
+    )?;
+    let held_pid = held.id();
+    wait_for(
+        &format!("the leader held at {point}"),
+        Duration::from_secs(60),
+        || async { Ok(is_stopped(held_pid).then_some(())) },
+    )
+    .await?;
+    // In a move, the batch being written is the one left `moving`.
+    let held_batch = if in_move {
+        let moving = pool
+            .docs("batches", doc! { "pool": &pool.name, "state": "moving" })
+            .await?;
+        ensure!(moving.len() == 1, "{} moving records", moving.len());
+        Some(moving[0].get_str("_id")?.to_owned())
+    } else {
+        None
+    };
+    let taker = pool.run(2, &["--instance-id", "taker"], None)?;
+    if let Some(id) = &held_batch {
+        // The taker finishes the held batch; then its keys come back: ten
+        // returned unused, one recycled after hand-out.
+        let published = wait_for(
+            "the held batch published by the taker",
+            Duration::from_secs(60),
+            || async {
+                let b = pool.topic_batches().await?;
+                Ok(b.into_iter().find(|(_, _, b)| &b.batch_id == id))
+            },
+        )
+        .await?;
+        let (p, o, b) = published;
+        returned.extend(return_ten(&pool, p, o, &b).await?);
+        recycle(&pool, &b.keys[20]).await?;
+        returned.insert(b.keys[20].clone());
+    }
+    wait_for(
+        "the return and the recycle done by the taker",
+        Duration::from_secs(60),
+        || async {
+            let claims = pool.docs("claims", doc! { "state": "returning" }).await?;
+            let recycles = pool.docs("recycles", doc! { "state": "requested" }).await?;
+            Ok((claims.is_empty() && recycles.is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    // The held leader's write arrives now, after all of that.
+    Command::new("kill")
+        .args(["-CONT", &held_pid.to_string()])
+        .status()?;
+    // It makes the write right away, then finds its lease gone at its next
+    // check; give both a few seconds of the taker's loop to follow.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (held_status, taker_status) = (terminate(held).await?, terminate(taker).await?);
+    ensure!(
+        held_status.success() && taker_status.success(),
+        "exit {held_status:?} / {taker_status:?}"
+    );
+    let done = pool.docs("recycles", doc! { "state": "done" }).await?;
+    ensure!(done.len() == 1, "recycle not done: {done:?}");
+    let claims = pool.docs("claims", doc! { "state": "returned" }).await?;
+    ensure!(claims.len() == 1, "claim not returned");
+    pool.check_invariants_returned(3_844, &returned).await?;
+    Ok(())
+}
+
+macro_rules! stale_leader_tests {
+    ($($name:ident => $point:literal),* $(,)?) => {$(
+        /// Held between its lease check and this write past a takeover, then resumed: harmless.
+        #[tokio::test]
+        async fn $name() -> Result<()> {
+            stale_leader($point).await
+        }
+    )*};
+}
+
+stale_leader_tests! {
+    stale_insert_used => "checked_insert_used",
+    stale_delete_keys => "checked_delete_keys",
+    stale_mark_moved => "checked_mark_moved",
+    stale_rebatch_used => "checked_rebatch_used",
+    stale_claim_returned => "checked_claim_returned",
+    stale_recycle_done => "checked_recycle_done",
 }

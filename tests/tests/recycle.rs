@@ -361,8 +361,8 @@ async fn recycled_key_is_handed_out_again_exactly_once_across_instances() -> Res
     })
     .await?;
     assert!(status == 200 || status == 202, "{status} {body}");
-    // Again: already recycled (409), or done and back in `keys` (404), or
-    // already moved into a new batch that is not handed out yet (409).
+    // Again: already recycled (409), or done and in a new batch that is not
+    // claimed yet (409 unclaimed), or claimed but still open (409).
     let (status, body) = b.delete(&key).await?;
     assert!(status == 404 || status == 409, "repeat: {status} {body}");
 
@@ -555,8 +555,10 @@ fn outcome_count(registry: &Registry, outcome: &str) -> f64 {
 }
 
 /// A crash of the leader at a recycle failpoint, then a restart: the request
-/// ends `done`, the key is in `keys` with its old `n` and not in
-/// `used_keys`, and `keys ∪ used_keys` is the generated set, none in both.
+/// ends `done`, the key is in exactly one re-batch of its old batch (a
+/// record whose `from` is that batch, with its old `n`), published, and its
+/// `used_keys` document names that re-batch (it never left `used_keys`);
+/// `keys ∪ used_keys` is the generated set, none in both.
 async fn recycle_crash(failpoint: &str) -> Result<()> {
     let pool = Pool::new(1);
     pool.init().await?;
@@ -585,7 +587,7 @@ async fn recycle_crash(failpoint: &str) -> Result<()> {
         .collection::<Document>("claims")
         .insert_one(doc! {
             "_id": &id, "pool": &pool.name, "group": &pool.group, "instance": "test",
-            "partition": 0, "offset": 0_i64, "keys": 10_i64, "state": "drained",
+            "token": "test", "partition": 0, "offset": 0_i64, "keys": 10_i64, "state": "drained",
             "return_keys": [], "claimed_at": bson::DateTime::now(),
         })
         .await?;
@@ -610,18 +612,47 @@ async fn recycle_crash(failpoint: &str) -> Result<()> {
     .await?;
     assert!(terminate(run).await?.success());
     pool.check_invariant().await?;
-    // Unless a new batch took it again, it is back with its old n.
     let back = pool
         .docs(&format!("keys.{}", pool.name), doc! { "_id": &key })
         .await?;
+    ensure!(back.is_empty(), "{key} is in keys again");
+    let again: Vec<Document> = pool
+        .docs("batches", doc! { "from": &id })
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.get_array("keys")
+                .is_ok_and(|ks| ks.iter().any(|k| k.as_str() == Some(key.as_str())))
+        })
+        .collect();
+    ensure!(
+        again.len() == 1,
+        "{key} in {} re-batches of {id}",
+        again.len()
+    );
+    let rebatch = &again[0];
+    ensure!(
+        rebatch.get_str("state")? == "published",
+        "re-batch not published"
+    );
+    let at = rebatch
+        .get_array("keys")?
+        .iter()
+        .position(|k| k.as_str() == Some(key.as_str()))
+        .context("key")?;
+    assert_eq!(
+        rebatch.get_array("ns")?[at].as_i64(),
+        Some(n),
+        "{key} lost its n"
+    );
     let used = pool
         .docs(&format!("used_keys.{}", pool.name), doc! { "_id": &key })
         .await?;
-    match (back.first(), used.first()) {
-        (Some(d), None) => assert_eq!(d.get_i64("n")?, n, "{key} lost its n"),
-        (None, Some(u)) => assert_ne!(u.get_str("batch")?, id, "still in the old batch"),
-        other => bail!("{key} in both or neither: {other:?}"),
-    }
+    assert_eq!(
+        used.first().and_then(|u| u.get_str("batch").ok()),
+        rebatch.get_str("_id").ok(),
+        "used_keys does not name the re-batch"
+    );
     let r = pool.docs("recycles", doc! { "key": &key }).await?;
     assert_eq!(r.len(), 1);
     assert!(r[0].get_datetime("done_at").is_ok());
@@ -640,7 +671,8 @@ macro_rules! crash_tests {
 }
 
 crash_tests! {
-    crash_recycle_after_delete => "recycle_after_delete",
-    crash_recycle_after_insert => "recycle_after_insert",
+    crash_recycle_rebatch_after_record => "rebatch_after_record",
+    crash_recycle_rebatch_after_used => "rebatch_after_used",
+    crash_recycle_after_rebatch => "recycle_after_rebatch",
     crash_recycle_after_done => "recycle_after_done",
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bson::{doc, Document};
 use futures::TryStreamExt;
-use kgs_schemas::docs::{ClaimDoc, ClaimState, PoolDoc, CLAIMS, POOLS};
+use kgs_schemas::docs::{BatchRecord, ClaimDoc, ClaimState, PoolDoc, BATCHES, CLAIMS, POOLS};
 use kgs_schemas::KeyBatch;
 
 use crate::cluster::Tuning;
@@ -34,8 +34,10 @@ pub struct Figures {
     pub in_keys: usize,
     /// In `used_keys`.
     pub in_used: usize,
-    /// Batches in the topic.
+    /// Batches in the topic (the producer's).
     pub batches: usize,
+    /// Messages in the topic matching no batch record (the hostile writer's).
+    pub forged: usize,
     /// Keys in published, never-claimed batches (the backlog left at the end).
     pub pending: usize,
     /// Keys returned by gracefully stopped app servers.
@@ -154,17 +156,36 @@ pub async fn check(
     }
     verdict("3. keys ∪ used_keys == generated set, none in both", bad);
 
-    // (5) no batch twice in the topic.
-    let batches: Vec<KeyBatch> = kgs_tests::read_topic_batches(
+    // (5) no batch twice in the topic. Only the producer's messages count:
+    // those matching a batch record in partition and keys; the rest are the
+    // hostile writer's forgeries (counted apart).
+    let records: HashMap<String, BatchRecord> = db
+        .collection::<BatchRecord>(BATCHES)
+        .find(doc! { "pool": pool })
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    let all = kgs_tests::read_topic_batches(
         brokers,
         &doc.topic,
         doc.partitions as i32,
         Duration::from_secs(120),
     )
-    .await?
-    .into_iter()
-    .map(|(_, _, b)| b)
-    .collect();
+    .await?;
+    let mut batches: Vec<KeyBatch> = Vec::new();
+    for (partition, _, b) in all {
+        let genuine = records.get(&b.batch_id).is_some_and(|r| {
+            r.partition == Some(partition) && r.digest == kgs_schemas::keys_digest(&b.keys)
+        });
+        if genuine {
+            batches.push(b);
+        } else {
+            fig.forged += 1;
+        }
+    }
     fig.batches = batches.len();
     let mut seen = HashSet::new();
     let twice: Vec<String> = batches
@@ -201,6 +222,12 @@ pub async fn check(
                 }
                 ClaimState::Returned => bad.push(format!(
                     "{key} of returned claim {batch} not handed out but still in used_keys"
+                )),
+                // Only claims matching no batch record are set aside; every
+                // claim of the chaos run names a real batch.
+                ClaimState::Rejected => bad.push(format!(
+                    "claim {batch} was set aside: {}",
+                    c.reason.as_deref().unwrap_or("")
                 )),
             },
         }

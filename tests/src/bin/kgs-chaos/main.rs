@@ -5,7 +5,12 @@
 //! recording every key. Faults are drawn from a seeded RNG (the seed is
 //! printed; `--seed` replays the same sequence): SIGKILL and SIGTERM of
 //! producers and app servers, stop/restart of the broker and of the database
-//! (data kept), rebalances by adding/removing an app server. After each
+//! (data kept), rebalances by adding/removing an app server, and a hostile
+//! SIGSTOP of the active producer for longer than its lease (then SIGCONT,
+//! so its in-flight writes land after the takeover), and a hostile
+//! writer that puts well-formed forged batches on the pool topic (keys
+//! already handed out, keys still in the pool, a real batch on another
+//! partition), none of which may be handed out. After each
 //! fault the run waits until keys of a batch claimed after the fault reach a
 //! client (the recovery time). At the end everything is stopped cleanly and
 //! the checker (`check.rs`) proves the invariants; the exit code says
@@ -98,9 +103,11 @@ enum Fault {
     KafkaRestart,
     MongoRestart,
     Rebalance,
+    HostileWriter,
+    PauseActiveProducer,
 }
 
-const DECK: [Fault; 8] = [
+const DECK: [Fault; 10] = [
     Fault::KillActiveProducer,
     Fault::KillStandbyProducer,
     Fault::TermProducer,
@@ -109,6 +116,8 @@ const DECK: [Fault; 8] = [
     Fault::KafkaRestart,
     Fault::MongoRestart,
     Fault::Rebalance,
+    Fault::HostileWriter,
+    Fault::PauseActiveProducer,
 ];
 
 /// One injected fault.
@@ -340,8 +349,8 @@ async fn run(args: Args) -> Result<bool> {
     );
     println!("  returned keys        {}", fig.returned);
     println!(
-        "  generated            {} = {} in keys + {} in used_keys; {} batches in the topic, {} keys pending there",
-        fig.generated, fig.in_keys, fig.in_used, fig.batches, fig.pending
+        "  generated            {} = {} in keys + {} in used_keys; {} batches in the topic ({} forged ones refused), {} keys pending there",
+        fig.generated, fig.in_keys, fig.in_used, fig.batches, fig.forged, fig.pending
     );
     println!(
         "  longest outage       {:.1} s{} (no key received by any client)",
@@ -534,6 +543,43 @@ async fn inject(
                 kind,
             )
         }
+        Fault::PauseActiveProducer => {
+            // Longer than the 3 s lease: the standby takes over meanwhile,
+            // and every write the paused leader had in hand lands late.
+            let i = match leader_slot(cluster, db).await {
+                Some(l) => l,
+                None => rng.random_range(0..2),
+            };
+            let instance = cluster.slots[i].instance.clone();
+            let pid = cluster.slots[i]
+                .child
+                .as_ref()
+                .and_then(|c| c.id())
+                .context("producer not running")?
+                .to_string();
+            let paused_for = Duration::from_millis(rng.random_range(4_000..9_000));
+            std::process::Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()?;
+            tokio::time::sleep(paused_for).await;
+            std::process::Command::new("kill")
+                .args(["-CONT", &pid])
+                .status()?;
+            (
+                format!(
+                    "SIGSTOP active producer {instance} for {:.1} s, then SIGCONT",
+                    paused_for.as_secs_f64()
+                ),
+                "SIGSTOP active producer",
+            )
+        }
+        Fault::HostileWriter => {
+            let forged = hostile_writer(rng, cluster, db).await?;
+            (
+                format!("hostile writer: {forged} forged batches on the pool topic"),
+                "hostile writer",
+            )
+        }
         Fault::Rebalance => {
             let extra = 2 + BASE_APPS;
             if cluster.running(extra) {
@@ -553,6 +599,102 @@ async fn inject(
             }
         }
     })
+}
+
+/// Writes well-formed batches that the pool's producer never moved onto the
+/// pool topic, as anyone with write access could: the keys of a published
+/// batch (handed out, or about to be) under a new id, keys still in
+/// `keys.<pool>` under a new id, and a real batch copied to another
+/// partition. The checker then finds any of their keys handed out twice or
+/// handed out from outside `used_keys`. Returns how many were written.
+async fn hostile_writer(
+    rng: &mut StdRng,
+    cluster: &Cluster,
+    db: &mongodb::Database,
+) -> Result<usize> {
+    use futures::TryStreamExt;
+    use kgs_schemas::docs::{BatchRecord, KeyDoc, PoolDoc};
+    use kgs_schemas::KeyBatch;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let pool: PoolDoc = db
+        .collection::<PoolDoc>(POOLS)
+        .find_one(doc! { "_id": &cluster.pool })
+        .await?
+        .context("pool document")?;
+    let records: Vec<BatchRecord> = db
+        .collection::<BatchRecord>(BATCHES)
+        .find(doc! { "pool": &cluster.pool, "state": "published" })
+        .limit(20)
+        .await?
+        .try_collect()
+        .await?;
+    let unused: Vec<String> = db
+        .collection::<KeyDoc>(&kgs_schemas::docs::keys_collection(&cluster.pool))
+        .find(doc! {})
+        .limit(50)
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .map(|k| k.key)
+        .collect();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.servers.brokers())
+        .set("message.timeout.ms", "10000")
+        .create()
+        .context("hostile Kafka producer")?;
+    let forged_id = || format!("{}-1-forged{:016x}", cluster.pool, rand::random::<u64>());
+    let mut batches: Vec<(i32, KeyBatch)> = Vec::new();
+    let partitions = pool.partitions as i32;
+    if let Some(real) = records.choose(rng) {
+        let p = real.partition.unwrap_or(0);
+        // Keys already handed out (or about to be), under a new id.
+        batches.push((
+            rng.random_range(0..partitions),
+            KeyBatch::new(
+                forged_id(),
+                pool.name.clone(),
+                real.epoch,
+                real.keys.clone(),
+            ),
+        ));
+        // The real batch, same id and keys, on another partition.
+        if partitions > 1 {
+            let other = (p + rng.random_range(1..partitions)) % partitions;
+            batches.push((
+                other,
+                KeyBatch::new(
+                    real.id.clone(),
+                    pool.name.clone(),
+                    real.epoch,
+                    real.keys.clone(),
+                ),
+            ));
+        }
+    }
+    if !unused.is_empty() {
+        // Keys never moved: the producer will move and publish them later.
+        batches.push((
+            rng.random_range(0..partitions),
+            KeyBatch::new(forged_id(), pool.name.clone(), 1, unused),
+        ));
+    }
+    for (partition, batch) in &batches {
+        let payload = batch.encode();
+        producer
+            .send(
+                FutureRecord::to(&pool.topic)
+                    .partition(*partition)
+                    .key(batch.batch_id.as_bytes())
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .context("writing a forged batch")?;
+    }
+    Ok(batches.len())
 }
 
 /// The producer slot holding the pool's lease, if the database answers.
