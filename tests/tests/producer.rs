@@ -506,17 +506,7 @@ async fn return_crash(failpoint: &str) -> Result<()> {
     wait_batches(&pool, 4, Duration::from_secs(60)).await?;
     assert!(terminate(run).await?.success());
     let (partition, offset, batch) = pool.topic_batches().await?.remove(0);
-    let back: Vec<String> = batch.keys[..10].to_vec();
-    pool.db()
-        .await?
-        .collection::<Document>("claims")
-        .insert_one(doc! {
-            "_id": &batch.batch_id, "pool": &pool.name, "group": pool.group().await?,
-            "instance": "test", "token": "test", "partition": partition, "offset": offset,
-            "keys": batch.keys.len() as i64, "state": "returning", "return_keys": &back,
-            "claimed_at": bson::DateTime::now(),
-        })
-        .await?;
+    let back = return_ten(&pool, partition, offset, &batch).await?;
     let crashed = pool.run(2, &[], Some(failpoint))?;
     let mut crashed = crashed.take();
     let status = tokio::task::spawn_blocking(move || crashed.wait()).await??;

@@ -10,7 +10,8 @@
 //! after the database was dropped and re-initialised, replays, a message
 //! carrying the id of a batch the producer moved but had not published when
 //! it crashed, odd batch ids, a `returning` claim of no batch; and consumers
-//! that share an instance id across groups and across an offset reset. Every test asserts that no key is handed out
+//! that share an instance id across groups and across an offset reset.
+//! Every test asserts that no key is handed out
 //! twice, that every handed-out key is in `used_keys.<pool>` under a batch
 //! whose record (this pool, this incarnation, holding the key) and claim
 //! exist ([`check_provenance`]), and that the pool keeps handing out keys.
