@@ -75,6 +75,7 @@ async fn main() -> Result<()> {
             keys,
             partition: Some(0),
             offset: Some(b as i64),
+            topic_generation: 0,
             from: None,
             created_at: Utc::now(),
         };

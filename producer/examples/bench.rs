@@ -120,6 +120,8 @@ async fn main() -> Result<()> {
             guard: &guard,
             kafka: &kafka,
             metrics: &metrics,
+            topic_generation: 0.into(),
+            last_offsets: Default::default(),
         };
         let started = Instant::now();
         while mover.next_batch(size, 0).await.context("batch")? {}

@@ -345,6 +345,7 @@ mod tests {
             reserved_ahead: Vec::new(),
             topic: kgs_schemas::docs::topic_name("p", "0123456789abcdef"),
             partitions: 1,
+            topic_generation: 0,
             created_at: chrono::Utc::now(),
         };
         let producer = c.kafka_producer(&pool);

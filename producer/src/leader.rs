@@ -125,6 +125,8 @@ async fn lead(
 ) -> Result<()> {
     let pool = doc.name.as_str();
     let kafka = PoolKafka::start(config, doc).await?;
+    // The topic generation may have moved on since `run` started.
+    let generation = store.pool(pool).await?.topic_generation;
     let mover = Mover {
         store,
         pk: store.pool_keys(pool),
@@ -133,7 +135,14 @@ async fn lead(
         guard,
         kafka: &kafka,
         metrics,
+        topic_generation: generation.into(),
+        last_offsets: Default::default(),
     };
+    mover.load_last_offsets().await?;
+    // A re-publish after a topic re-creation that a previous leader did not
+    // finish (cheap when there is nothing left: no old-generation record
+    // without a claim).
+    let mut republish = (generation > 0).then_some(generation);
     let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
     let mut filling: HashSet<i32> = HashSet::new();
     let mut last_recovery: Option<Instant> = None;
@@ -151,14 +160,37 @@ async fn lead(
                 last_topic_check = Some(Instant::now());
                 topic_ok = false;
                 kafka.check_topic().await?;
+                if mover.topic_recreated().await? {
+                    republish = Some(next_topic_generation(store, pool, &mover).await?);
+                }
                 topic_ok = true;
             }
             if !topic_ok {
                 // Broken topic: idle until the next check.
                 return Ok(false);
             }
+            if let Some(generation) = republish {
+                let n = mover.republish_unclaimed(generation, 0).await?;
+                if n > 0 {
+                    tracing::warn!(
+                        pool,
+                        generation,
+                        batches = n,
+                        "unclaimed batches of the old topic published again"
+                    );
+                }
+                republish = None;
+            }
             let mut backlog = kafka.backlog().await?;
-            exact_backlog(store, pool, &mut backlog).await?;
+            exact_backlog(
+                store,
+                pool,
+                mover
+                    .topic_generation
+                    .load(std::sync::atomic::Ordering::Acquire),
+                &mut backlog,
+            )
+            .await?;
             let smallest = backlog
                 .iter()
                 .min_by_key(|b| (b.batches, b.partition))
@@ -245,7 +277,15 @@ async fn lead(
 /// Replaces the offset-based estimate by the number of this pool's published
 /// batches at or after where the group resumes (an index range count on
 /// `{pool, partition, offset}`): aborted transactions then count for nothing.
-async fn exact_backlog(store: &Store, pool: &str, backlog: &mut [PartitionBacklog]) -> Result<()> {
+/// Only batches of the topic's current generation count: after a
+/// re-creation, the records of the old topic's batches name offsets of a
+/// topic that is gone.
+async fn exact_backlog(
+    store: &Store,
+    pool: &str,
+    generation: u64,
+    backlog: &mut [PartitionBacklog],
+) -> Result<()> {
     for b in backlog.iter_mut() {
         let n = store
             .batches
@@ -254,12 +294,36 @@ async fn exact_backlog(store: &Store, pool: &str, backlog: &mut [PartitionBacklo
                 "partition": b.partition,
                 "offset": { "$gte": b.start },
                 "state": "published",
+                "topic_generation": generation as i64,
             })
             .await
             .map_err(Error::store("count backlog"))?;
         b.batches = n;
     }
     Ok(())
+}
+
+/// The topic was re-created: moves the pool to the next topic generation
+/// (conditional on the current one, by the leader only) and returns it.
+async fn next_topic_generation(store: &Store, pool: &str, mover: &Mover<'_>) -> Result<u64> {
+    let current = mover
+        .topic_generation
+        .load(std::sync::atomic::Ordering::Acquire);
+    mover.guard.check()?;
+    store
+        .pools
+        .update_one(
+            bson::doc! { "_id": pool, "topic_generation": current as i64 },
+            bson::doc! { "$set": { "topic_generation": (current + 1) as i64 } },
+        )
+        .await
+        .map_err(Error::store("start a topic generation"))?;
+    let now = store.pool(pool).await?.topic_generation;
+    if now <= current {
+        return Err(Error::LeaseLost(pool.to_owned()));
+    }
+    tracing::warn!(pool, generation = now, "topic re-created: batches published into the old one and never claimed are published again");
+    Ok(now)
 }
 
 /// `keys` is empty while partitions want batches. If the whole key space is

@@ -102,6 +102,7 @@ pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<Ini
                 generating: None,
                 reserved_ahead: Vec::new(),
                 partitions: spec.partitions,
+                topic_generation: 0,
                 created_at: Utc::now(),
             };
             match store.pools.insert_one(&doc).await {

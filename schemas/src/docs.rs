@@ -133,6 +133,13 @@ pub struct PoolDoc {
     pub topic: String,
     /// Partition count of the topic.
     pub partitions: u32,
+    /// How many times the leader found the topic re-created (deleted, then
+    /// created again, e.g. by `init`): batch records carry the generation
+    /// they were published into, so the backlog counts only batches of the
+    /// topic as it is now, and batches published into an earlier
+    /// generation and never claimed are published again.
+    #[serde(default)]
+    pub topic_generation: u64,
     /// When the pool was created.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub created_at: DateTime<Utc>,
@@ -229,6 +236,9 @@ pub struct BatchRecord {
     /// batch starts. After: the batch's own offset.
     #[serde(default)]
     pub offset: Option<i64>,
+    /// The topic generation ([`PoolDoc::topic_generation`]) `offset` is in.
+    #[serde(default)]
+    pub topic_generation: u64,
     /// For a batch of handed-out keys going round again (returned unused by
     /// a consumer, or recycled): the batch they were handed out in. Such keys
     /// never leave `used_keys`: their documents are moved from that batch to

@@ -107,6 +107,7 @@ fn mongo_documents_match_the_schema() {
         reserved_ahead: vec![1_500],
         topic: "kgs.p3.0123456789abcdef".into(),
         partitions: 4,
+        topic_generation: 0,
         created_at: now(),
     };
     let key = KeyDoc {
@@ -138,6 +139,7 @@ fn mongo_documents_match_the_schema() {
         ns: vec![8],
         partition: Some(2),
         offset: Some(10),
+        topic_generation: 0,
         from: Some("p3-1-41".into()),
         created_at: now(),
     };

@@ -140,6 +140,7 @@ impl Pool {
                 .collect(),
             partition: Some(partition),
             offset: None,
+            topic_generation: 0,
             from: None,
             created_at: Utc::now(),
         };

@@ -1029,3 +1029,102 @@ stale_leader_tests! {
     stale_claim_returned => "checked_claim_returned",
     stale_recycle_done => "checked_recycle_done",
 }
+
+/// The pool topic deleted while it holds published batches (one of them
+/// claimed, three not) and created again with `init`, the producer running
+/// throughout: the producer sees the new topic end before batches recorded
+/// in it, starts the next topic generation, and publishes the three
+/// unclaimed batches into the new topic (the claimed one not): each once,
+/// none lost, and the backlog counts the new topic only (before the fix it
+/// counted the old records and, reading "full", published nothing).
+#[tokio::test]
+async fn a_recreated_topic_gets_its_unclaimed_batches_again() -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let pool = Pool::new(2);
+    pool.init(2, &[]).await?;
+    let run = pool.run(2, &[], None)?;
+    wait_batches(&pool, 4, Duration::from_secs(60)).await?;
+    let before = pool.topic_batches().await?;
+    let (p0, o0, claimed) = &before[0];
+    // As a consumer that handed the whole batch out would leave it.
+    pool.db()
+        .await?
+        .collection::<Document>("claims")
+        .insert_one(doc! {
+            "_id": &claimed.batch_id, "pool": &pool.name, "group": pool.group().await?,
+            "instance": "test", "token": "test", "partition": p0, "offset": o0,
+            "keys": claimed.keys.len() as i64, "state": "drained", "return_keys": [],
+            "claimed_at": bson::DateTime::now(),
+        })
+        .await?;
+    let topic = pool.topic().await?;
+    let admin: AdminClient<DefaultClientContext> = kafka_config().create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[&topic], &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
+    }
+    // `init` re-creates it once the broker has finished deleting it (until
+    // then it finds the topic and changes nothing).
+    wait_for(
+        "the topic re-created by init",
+        Duration::from_secs(60),
+        || async {
+            let out = pool
+                .exec(&["init", "--length", "2", "--partitions", "2"], None)
+                .await?;
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            ensure!(
+                out.status.success(),
+                "init: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(said.contains(": created;").then_some(()))
+        },
+    )
+    .await?;
+    let unclaimed: Vec<&KeyBatch> = before[1..].iter().map(|(_, _, b)| b).collect();
+    let after = wait_for(
+        "the unclaimed batches in the new topic",
+        Duration::from_secs(90),
+        || async {
+            let after = pool.topic_batches().await?;
+            let ids: HashSet<&str> = after.iter().map(|(_, _, b)| b.batch_id.as_str()).collect();
+            Ok(unclaimed
+                .iter()
+                .all(|b| ids.contains(b.batch_id.as_str()))
+                .then_some(after))
+        },
+    )
+    .await?;
+    assert!(terminate(run).await?.success());
+    ensure!(
+        !after.iter().any(|(_, _, b)| b.batch_id == claimed.batch_id),
+        "the claimed batch was published again"
+    );
+    for b in &unclaimed {
+        let copies: Vec<_> = after
+            .iter()
+            .filter(|(_, _, a)| a.batch_id == b.batch_id)
+            .collect();
+        ensure!(
+            copies.len() == 1,
+            "batch {} {} times in the new topic",
+            b.batch_id,
+            copies.len()
+        );
+        ensure!(
+            copies[0].2.keys == b.keys,
+            "batch {} changed its keys",
+            b.batch_id
+        );
+    }
+    ensure!(
+        pool.pool_doc().await?.topic_generation == 1,
+        "no new topic generation"
+    );
+    // Nothing twice in the new topic, every key in used_keys with its batch.
+    pool.check_invariants(3_844).await?;
+    Ok(())
+}
