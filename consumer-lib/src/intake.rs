@@ -332,7 +332,6 @@ impl Intake {
         }
     }
 
-    /// Marks our claim `returning` with `keys`, none of which was handed out.
     /// Marks our claim `returning` with `keys` (none handed out), or
     /// `drained` with none; a failed write is queued and retried.
     async fn give_back(&mut self, batch: &str, keys: Vec<String>) {
@@ -355,8 +354,16 @@ impl Intake {
         }
         if !self.unfinished.is_empty() && Instant::now() >= self.next_unfinished_retry {
             self.next_unfinished_retry = Instant::now() + UNFINISHED_RETRY;
-            for (batch, keys) in std::mem::take(&mut self.unfinished) {
+            // Stop at the first failure: while the database is away each
+            // attempt waits for server selection, and the loop must go on.
+            let mut queued = std::mem::take(&mut self.unfinished).into_iter();
+            while let Some((batch, keys)) = queued.next() {
+                let before = self.unfinished.len();
                 self.give_back(&batch, keys).await;
+                if self.unfinished.len() > before {
+                    self.unfinished.extend(queued);
+                    break;
+                }
             }
         }
         self.apply_backpressure();
