@@ -110,18 +110,14 @@ impl Mover<'_> {
             pick_ms = started.elapsed().as_millis() as u64,
             "keys picked"
         );
-        let mut record = self.new_record(
-            epoch,
-            picked.iter().map(|k| k.key.clone()).collect(),
-            picked.iter().map(|k| k.n).collect(),
-            None,
-        );
-        self.guard.check()?;
-        self.store
-            .batches
-            .insert_one(&record)
-            .await
-            .map_err(Error::store("insert batch record"))?;
+        let mut record = self
+            .start_record(
+                epoch,
+                picked.iter().map(|k| k.key.clone()).collect(),
+                picked.iter().map(|k| k.n).collect(),
+                None,
+            )
+            .await?;
         tracing::trace!(
             at_ms = started.elapsed().as_millis() as u64,
             "record inserted"
@@ -136,15 +132,16 @@ impl Mover<'_> {
         Ok(true)
     }
 
-    /// A new `moving` record of this pool and epoch.
-    fn new_record(
+    /// Step 1: a new `moving` record of this pool and epoch, inserted (the
+    /// durable intent every later step and recovery works from).
+    async fn start_record(
         &self,
         epoch: u64,
         keys: Vec<String>,
         ns: Vec<u64>,
         from: Option<String>,
-    ) -> BatchRecord {
-        BatchRecord {
+    ) -> Result<BatchRecord> {
+        let record = BatchRecord {
             id: format!("{}-{}-{}", self.pool, epoch, uuid::Uuid::new_v4().simple()),
             pool: self.pool.to_owned(),
             incarnation: self.incarnation.to_owned(),
@@ -158,7 +155,14 @@ impl Mover<'_> {
             topic_generation: self.topic_generation.load(Ordering::Acquire),
             from,
             created_at: Utc::now(),
-        }
+        };
+        self.guard.check()?;
+        self.store
+            .batches
+            .insert_one(&record)
+            .await
+            .map_err(Error::store("insert batch record"))?;
+        Ok(record)
     }
 
     /// Puts handed-out keys of batch `from` (returned unused, or recycled),
@@ -178,18 +182,14 @@ impl Mover<'_> {
     ) -> Result<Vec<String>> {
         let epoch = self.guard.check()?;
         let started = Instant::now();
-        let mut record = self.new_record(
-            epoch,
-            keys.iter().map(|(k, _)| k.clone()).collect(),
-            keys.iter().map(|(_, n)| *n).collect(),
-            Some(from.to_owned()),
-        );
-        self.guard.check()?;
-        self.store
-            .batches
-            .insert_one(&record)
-            .await
-            .map_err(Error::store("insert batch record"))?;
+        let mut record = self
+            .start_record(
+                epoch,
+                keys.iter().map(|(k, _)| k.clone()).collect(),
+                keys.iter().map(|(_, n)| *n).collect(),
+                Some(from.to_owned()),
+            )
+            .await?;
         failpoint::hit("rebatch_after_record");
         self.finish_move(&mut record).await?;
         self.metrics

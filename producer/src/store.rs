@@ -273,23 +273,7 @@ pub async fn delete_by_ids(
             })
             .await
             .map_err(Error::store(op))?;
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            if !errors.is_empty() {
-                return Err(Error::Corrupt(format!(
-                    "{op}: {} write errors, first {:?}",
-                    errors.len(),
-                    errors[0]
-                )));
-            }
-        }
-        if let Ok(wce) = reply.get_document("writeConcernError") {
-            return Err(Error::Corrupt(format!("{op}: write concern error {wce}")));
-        }
-        deleted += match reply.get("n") {
-            Some(bson::Bson::Int32(n)) => *n as u64,
-            Some(bson::Bson::Int64(n)) => *n as u64,
-            _ => 0,
-        };
+        deleted += affected(&reply, op)?;
     }
     Ok(deleted)
 }
@@ -330,25 +314,31 @@ pub async fn rebatch_used(
             })
             .await
             .map_err(Error::store(OP))?;
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            if !errors.is_empty() {
-                return Err(Error::Corrupt(format!(
-                    "{OP}: {} write errors, first {:?}",
-                    errors.len(),
-                    errors[0]
-                )));
-            }
-        }
-        if let Ok(wce) = reply.get_document("writeConcernError") {
-            return Err(Error::Corrupt(format!("{OP}: write concern error {wce}")));
-        }
-        matched += match reply.get("n") {
-            Some(bson::Bson::Int32(n)) => *n as u64,
-            Some(bson::Bson::Int64(n)) => *n as u64,
-            _ => 0,
-        };
+        matched += affected(&reply, OP)?;
     }
     Ok(matched)
+}
+
+/// The `n` of a `delete` or `update` command's reply (documents deleted /
+/// matched); write errors and write concern errors are errors.
+fn affected(reply: &Document, op: &str) -> Result<u64> {
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        if !errors.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{op}: {} write errors, first {:?}",
+                errors.len(),
+                errors[0]
+            )));
+        }
+    }
+    if let Ok(wce) = reply.get_document("writeConcernError") {
+        return Err(Error::Corrupt(format!("{op}: write concern error {wce}")));
+    }
+    Ok(match reply.get("n") {
+        Some(bson::Bson::Int32(n)) => *n as u64,
+        Some(bson::Bson::Int64(n)) => *n as u64,
+        _ => 0,
+    })
 }
 
 /// `{ _id: id }`.
