@@ -77,6 +77,7 @@ async fn main() -> Result<()> {
             offset: Some(b as i64),
             topic_generation: 0,
             from: None,
+            window: None,
             created_at: Utc::now(),
         };
         ids.push(record.id.clone());

@@ -1,15 +1,22 @@
 //! Benchmark of the move+publish protocol: keys moved from `keys` to
 //! `used_keys` and published to Kafka per second, for batch sizes 100, 1,000
-//! and 10,000, next to the raw rate of the same database writes (insert_many
-//! into one collection + one `delete` command of `_id` statements from
-//! another, the same documents,
-//! same server, same run) without the batch record, lease checks and Kafka.
+//! and 10,000, side by side in one run with the raw rate of the same
+//! database writes on the same server, the same documents and write concern
+//! (no batch record, lease checks or Kafka):
+//! - raw by `_id`: `insert_many` into one collection + one `delete` command
+//!   of `_id` statements from another (the issue's definition of raw);
+//! - raw by range: the same insert + one `delete_many` of an `n` range (the
+//!   floor of the window protocol);
+//! - producer, one batch after the other ([`Mover::next_batch`]);
+//! - producer, pipelined ([`Mover::fill`]: each move overlaps the publish of
+//!   the batch before), as the leader runs it.
 //!
 //! ```text
 //! cargo run --release -p kgs-producer --example bench
 //! ```
 //! Environment: `KGS_KAFKA_BROKERS`, `KGS_MONGODB_URI`, `KGS_BENCH_KEYS`
-//! (keys per batch size, default 30000). Each size uses its own database and pool.
+//! (keys per batch size and method, default 30000), `KGS_BENCH_SIZES`
+//! (default `100,1000,10000`). Each size uses its own database and pool.
 
 use std::time::{Duration, Instant};
 
@@ -48,16 +55,21 @@ async fn main() -> Result<()> {
     if let Ok(u) = std::env::var("KGS_MONGODB_URI") {
         config.mongodb_uri = u;
     }
-    println!("| batch size | keys | raw insert_many+delete keys/s | producer move+publish keys/s | ratio | move ms/batch | publish ms/batch |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for size in [100usize, 1_000, 10_000] {
+    let sizes: Vec<usize> = std::env::var("KGS_BENCH_SIZES")
+        .unwrap_or_else(|_| "100,1000,10000".into())
+        .split(',')
+        .map(|s| s.trim().parse().context("KGS_BENCH_SIZES"))
+        .collect::<Result<_>>()?;
+    println!("| batch size | keys | raw by _id keys/s | raw by range keys/s | producer keys/s | producer pipelined keys/s | pipelined / raw by _id | pipelined / raw by range |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for size in sizes {
         let tag = rand::random::<u32>() & 0xff_ffff;
         config.mongodb_db = format!("bench-{tag:06x}");
         let name = format!("bench-{size}-{tag:06x}");
         let store = Store::connect(&config).await?;
         let spec = PoolSpec {
             name: name.clone(),
-            format: KeyFormat::base62(3)?,
+            format: KeyFormat::base62(4)?,
             partitions: 1,
         };
         pool::init(&config, &store, &spec).await?;
@@ -69,7 +81,7 @@ async fn main() -> Result<()> {
         ));
         let mut guard = keeper.guard();
         guard.wait_leader().await;
-        generate::top_up(&store, &name, n, 10_000, u64::MAX, &guard, None).await?;
+        generate::top_up(&store, &name, 2 * n, 10_000, u64::MAX, &guard, None).await?;
         let pk = store.pool_keys(&name);
         let docs: Vec<KeyDoc> = pk
             .keys
@@ -79,20 +91,22 @@ async fn main() -> Result<()> {
             .try_collect()
             .await?;
         anyhow::ensure!(
-            docs.len() as u64 == n,
-            "expected {n} keys, found {}",
+            docs.len() as u64 == 2 * n,
+            "expected {} keys, found {}",
+            2 * n,
             docs.len()
         );
 
         // Raw: the same documents, copied to a scratch collection first (untimed).
         let src = store.db.collection::<KeyDoc>("raw_src");
         let dst = store.db.collection::<UsedKeyDoc>("raw_dst");
+        src.create_index(mongodb::IndexModel::builder().keys(doc! { "n": 1 }).build())
+            .await?;
         for chunk in docs.chunks(5_000) {
             insert_ignoring_duplicates(&src, chunk, "copy").await?;
         }
-        let started = Instant::now();
-        for chunk in docs.chunks(size) {
-            let used: Vec<UsedKeyDoc> = chunk
+        let used = |chunk: &[KeyDoc]| -> Vec<UsedKeyDoc> {
+            chunk
                 .iter()
                 .map(|k| UsedKeyDoc {
                     key: k.key.clone(),
@@ -101,44 +115,56 @@ async fn main() -> Result<()> {
                     batch: Some("raw".into()),
                     at: chrono::Utc::now(),
                 })
-                .collect();
-            dst.insert_many(&used).await?;
+                .collect()
+        };
+        let (by_id, by_range) = docs.split_at(n as usize);
+        let started = Instant::now();
+        for chunk in by_id.chunks(size) {
+            dst.insert_many(used(chunk)).await?;
             let ids: Vec<String> = chunk.iter().map(|k| k.key.clone()).collect();
             delete_by_ids(&store.db, "raw_src", &ids, "raw delete").await?;
         }
-        let raw = n as f64 / started.elapsed().as_secs_f64();
+        let raw_id = n as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for chunk in by_range.chunks(size) {
+            dst.insert_many(used(chunk)).await?;
+            let (from, to) = (chunk[0].n as i64, chunk[chunk.len() - 1].n as i64);
+            src.delete_many(doc! { "n": { "$gte": from, "$lte": to } })
+                .await?;
+        }
+        let raw_range = n as f64 / started.elapsed().as_secs_f64();
 
         // Producer: the full protocol, one Kafka transaction per batch.
         let metrics = Metrics::new(&name);
         let pool_doc = store.pool(&name).await?;
         let kafka = PoolKafka::start(&config, &pool_doc).await?;
-        let mover = Mover {
-            store: &store,
-            pk,
-            pool: &name,
-            incarnation: &pool_doc.incarnation,
-            guard: &guard,
-            kafka: &kafka,
-            metrics: &metrics,
-            topic_generation: 0.into(),
-            last_offsets: Default::default(),
-        };
+        let mover = Mover::new(&store, &pool_doc, 0, &guard, &kafka, &metrics);
+        let batches = (n as usize).div_ceil(size);
         let started = Instant::now();
-        while mover.next_batch(size, 0).await.context("batch")? {}
-        let produced = n as f64 / started.elapsed().as_secs_f64();
+        for _ in 0..batches {
+            anyhow::ensure!(
+                mover.next_batch(size, 0).await.context("batch")?,
+                "pool empty"
+            );
+        }
+        let sequential = n as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let plan = vec![0; batches];
+        let (moved, _) = mover
+            .fill(size, &plan, Duration::from_secs(3600))
+            .await
+            .context("fill")?;
+        let pipelined = n as f64 / started.elapsed().as_secs_f64();
+        anyhow::ensure!(moved == batches, "moved {moved} of {batches} batches");
         anyhow::ensure!(
-            metrics.keys_published.get() == n,
+            metrics.keys_published.get() == 2 * n,
             "published {} keys",
             metrics.keys_published.get()
         );
-        let avg_ms = |h: &prometheus::Histogram| {
-            h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3
-        };
         println!(
-            "| {size} | {n} | {raw:.0} | {produced:.0} | {:.2} | {:.0} | {:.0} |",
-            produced / raw,
-            avg_ms(&metrics.move_seconds),
-            avg_ms(&metrics.publish_seconds)
+            "| {size} | {n} | {raw_id:.0} | {raw_range:.0} | {sequential:.0} | {pipelined:.0} | {:.2} | {:.2} |",
+            pipelined / raw_id,
+            pipelined / raw_range,
         );
         keeper.stop().await;
         store.db.drop().await?;

@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Keys per batch [default: 1000].
     #[arg(long, env = "KGS_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Largest batch while consumers drain fast [default: 10 × batch size,
+    /// at most 10,000]; equal to --batch-size for a fixed size.
+    #[arg(long, env = "KGS_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
     /// Refill a partition when its backlog is at or below this many batches [default: 2].
     #[arg(long, env = "KGS_LOW_WATERMARK")]
     pub low_watermark: Option<u64>,
@@ -128,6 +132,10 @@ pub struct RunArgs {
     /// Idle polling interval, e.g. `500ms`.
     #[arg(long, env = "KGS_POLL_INTERVAL", value_parser = duration::parse)]
     pub poll_interval: Option<Duration>,
+    /// How often the leader looks for unfinished batches of older epochs
+    /// and for keys written back below the batch window, e.g. `30s`.
+    #[arg(long, env = "KGS_RECOVERY_INTERVAL", value_parser = duration::parse)]
+    pub recovery_interval: Option<Duration>,
     /// Graceful shutdown deadline, e.g. `20s`.
     #[arg(long, env = "KGS_SHUTDOWN_TIMEOUT", value_parser = duration::parse)]
     pub shutdown_timeout: Option<Duration>,
@@ -238,9 +246,11 @@ impl Cli {
             CommandArgs::Run(a) => {
                 c.group = a.group.or(c.group);
                 set(&mut c.batch_size, a.batch_size);
+                c.max_batch_size = a.max_batch_size.or(c.max_batch_size);
                 set(&mut c.low_watermark, a.low_watermark);
                 set(&mut c.high_watermark, a.high_watermark);
                 set(&mut c.poll_interval, a.poll_interval);
+                set(&mut c.recovery_interval, a.recovery_interval);
                 set(&mut c.shutdown_timeout, a.shutdown_timeout);
                 c.http_addr = a.http_addr.or(c.http_addr);
                 c.instance_id = a.instance_id.or(c.instance_id);

@@ -29,8 +29,13 @@ pub struct Config {
     /// Consumer group whose committed offsets define the backlog
     /// (default `kgs.<pool>.<incarnation>`, the consumer library's default).
     pub group: Option<String>,
-    /// Keys per batch (one Kafka message).
+    /// Keys per batch (one Kafka message) while demand is low, and the
+    /// smallest batch (see [`crate::sizer`]).
     pub batch_size: usize,
+    /// The largest batch the size grows to while consumers drain fast
+    /// (default 10 × `batch_size`, at most 10,000 and what fits the message
+    /// limit; equal to `batch_size`: a fixed size).
+    pub max_batch_size: Option<usize>,
     /// A partition whose backlog is at or below this many batches is refilled...
     pub low_watermark: u64,
     /// ...up to this many batches; never more.
@@ -45,6 +50,10 @@ pub struct Config {
     /// How often the leader re-checks backlog and returns when idle.
     #[serde(with = "crate::duration")]
     pub poll_interval: Duration,
+    /// How often the leader looks for unfinished batches of older epochs
+    /// and for keys below the batch window (late writes of a stale leader).
+    #[serde(with = "crate::duration")]
+    pub recovery_interval: Duration,
     /// How long a graceful shutdown may take before it is forced.
     #[serde(with = "crate::duration")]
     pub shutdown_timeout: Duration,
@@ -122,6 +131,7 @@ impl Default for Config {
             mongodb_db: "kgs".to_owned(),
             group: None,
             batch_size: default_batch_size(),
+            max_batch_size: None,
             // Two batches left per partition is the refill signal; ten is
             // enough buffer for a burst while the next batch is moved.
             low_watermark: 2,
@@ -132,6 +142,7 @@ impl Default for Config {
             // A standby takes over 10 s after a crash at worst.
             lease_duration: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
+            recovery_interval: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(30),
             http_addr: None,
@@ -175,6 +186,18 @@ impl Config {
                 self.low_watermark, self.high_watermark
             ));
         }
+        if let Some(max) = self.max_batch_size {
+            if max < self.batch_size || max > kgs_schemas::batch::MAX_BATCH_KEYS {
+                return bad(format!(
+                    "max_batch_size must be batch_size ({})..={}, got {max}",
+                    self.batch_size,
+                    kgs_schemas::batch::MAX_BATCH_KEYS
+                ));
+            }
+        }
+        if self.recovery_interval.is_zero() {
+            return bad("recovery_interval must be above zero".to_owned());
+        }
         if self.generate_chunk == 0 {
             return bad("generate_chunk must be at least 1".to_owned());
         }
@@ -207,20 +230,45 @@ impl Config {
     /// ([`kgs_schemas::batch::MAX_MESSAGE_BYTES`]): every send of such a
     /// batch would fail, and its record would stay `moved` for good.
     pub fn check_batch_fits(&self, format: &kgs_schemas::KeyFormat) -> Result<()> {
+        self.check_fits("batch_size", self.batch_size, format)?;
+        if let Some(max) = self.max_batch_size {
+            self.check_fits("max_batch_size", max, format)?;
+        }
+        Ok(())
+    }
+
+    /// The largest batch for `format` ([`Config::max_batch_size`], or its
+    /// default), after [`Config::check_batch_fits`].
+    pub fn max_batch_for(&self, format: &kgs_schemas::KeyFormat) -> usize {
+        if let Some(max) = self.max_batch_size {
+            return max;
+        }
+        let limit = self.message_limit();
+        let wanted = (self.batch_size * 10).min(10_000).max(self.batch_size);
+        (self.batch_size..=wanted)
+            .rev()
+            .find(|n| kgs_schemas::batch::max_encoded_len(format, *n) <= limit)
+            .unwrap_or(self.batch_size)
+    }
+
+    fn message_limit(&self) -> usize {
         let producer_limit = self
             .kafka_options
             .0
             .get("message.max.bytes")
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES);
-        let limit = producer_limit.min(kgs_schemas::batch::MAX_MESSAGE_BYTES);
-        let worst = kgs_schemas::batch::max_encoded_len(format, self.batch_size);
+        producer_limit.min(kgs_schemas::batch::MAX_MESSAGE_BYTES)
+    }
+
+    fn check_fits(&self, name: &str, size: usize, format: &kgs_schemas::KeyFormat) -> Result<()> {
+        let limit = self.message_limit();
+        let worst = kgs_schemas::batch::max_encoded_len(format, size);
         if worst > limit {
             return Err(Error::Config(format!(
-                "batch_size {} is too large for keys of {} characters of this alphabet: a batch may encode to {worst} bytes, over the {limit}-byte message limit; use at most {} keys per batch",
-                self.batch_size,
+                "{name} {size} is too large for keys of {} characters of this alphabet: a batch may encode to {worst} bytes, over the {limit}-byte message limit; use at most {} keys per batch",
                 format.length(),
-                (1..=self.batch_size)
+                (1..=size)
                     .rev()
                     .find(|n| kgs_schemas::batch::max_encoded_len(format, *n) <= limit)
                     .unwrap_or(0)
@@ -346,6 +394,7 @@ mod tests {
             topic: kgs_schemas::docs::topic_name("p", "0123456789abcdef"),
             partitions: 1,
             topic_generation: 0,
+            moved_to: Some(0),
             created_at: chrono::Utc::now(),
         };
         let producer = c.kafka_producer(&pool);

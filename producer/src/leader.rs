@@ -15,14 +15,24 @@ use crate::kafka::{PartitionBacklog, PoolKafka};
 use crate::lease::{Lease, LeaseGuard, LeaseKeeper};
 use crate::metrics::Metrics;
 use crate::mover::Mover;
+use crate::sizer::BatchSizer;
 use crate::store::Store;
 
-/// How often an idle or busy leader looks for unfinished batches of older
-/// epochs (a zombie may have left one after the takeover's recovery pass).
-const RECOVERY_INTERVAL: Duration = Duration::from_secs(30);
-
-/// How often the pool gauges (counts of keys) are refreshed.
+/// How often the pool gauges are refreshed from the pool document.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often `used_keys` is counted for its gauge: a collection count is
+/// metadata on MongoDB but a scan on some MongoDB-wire servers, so it is
+/// kept out of every iteration.
+const COUNT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// At most this many batches are moved per iteration of the leader's loop,
+/// and for at most [`FILL_BUDGET`], so returns, recycles, recovery and the
+/// topic check still come round while consumers drain fast.
+const MAX_FILL: usize = 64;
+
+/// See [`MAX_FILL`].
+const FILL_BUDGET: Duration = Duration::from_secs(3);
 
 /// Runs the producer of `pool` until `shutdown` resolves: standby until the
 /// lease is free, leader after. Returns after releasing the lease.
@@ -127,26 +137,24 @@ async fn lead(
     let kafka = PoolKafka::start(config, doc).await?;
     // The topic generation may have moved on since `run` started.
     let generation = store.pool(pool).await?.topic_generation;
-    let mover = Mover {
-        store,
-        pk: store.pool_keys(pool),
-        pool,
-        incarnation: &doc.incarnation,
-        guard,
-        kafka: &kafka,
-        metrics,
-        topic_generation: generation.into(),
-        last_offsets: Default::default(),
-    };
+    let mover = Mover::new(store, doc, generation, guard, &kafka, metrics);
     mover.load_last_offsets().await?;
     // A re-publish after a topic re-creation that a previous leader did not
     // finish (cheap when there is nothing left: no old-generation record
     // without a claim).
     let mut republish = (generation > 0).then_some(generation);
     let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
+    let format = kgs_schemas::KeyFormat::try_from(&doc.format)
+        .map_err(|e| Error::Corrupt(format!("pool {pool:?} has a bad format: {e}")))?;
+    let mut sizer = BatchSizer::new(
+        config.batch_size,
+        config.max_batch_for(&format),
+        doc.partitions,
+    );
     let mut filling: HashSet<i32> = HashSet::new();
     let mut last_recovery: Option<Instant> = None;
     let mut last_gauges: Option<Instant> = None;
+    let mut last_count: Option<Instant> = None;
     let mut last_topic_check: Option<Instant> = None;
     let mut topic_ok = false;
     let mut exhausted = false;
@@ -181,30 +189,41 @@ async fn lead(
                 }
                 republish = None;
             }
+            let generation = mover
+                .topic_generation
+                .load(std::sync::atomic::Ordering::Acquire);
             let mut backlog = kafka.backlog().await?;
-            exact_backlog(
-                store,
-                pool,
-                mover
-                    .topic_generation
-                    .load(std::sync::atomic::Ordering::Acquire),
-                &mut backlog,
-            )
-            .await?;
+            exact_backlog(store, pool, generation, &mut backlog).await?;
+            sizer.observe(Instant::now(), backlog.iter().map(|b| b.batches).sum());
+            metrics.batch_size.set(sizer.size() as i64);
+            metrics.demand.set(sizer.rate().unwrap_or(0.0) as i64);
+            let size = sizer.size();
             let smallest = backlog
                 .iter()
                 .min_by_key(|b| (b.batches, b.partition))
                 .map(|b| b.partition)
                 .unwrap_or(0);
-            if last_recovery.is_none_or(|t| t.elapsed() >= RECOVERY_INTERVAL) {
-                mover.recover(smallest).await?;
+            let mut published = 0;
+            if last_recovery.is_none_or(|t| t.elapsed() >= config.recovery_interval) {
+                published += mover.recover(smallest).await?;
+                published += mover.sweep(size, smallest).await? as u64;
                 last_recovery = Some(Instant::now());
             }
-            mover.process_returns(config.batch_size, smallest).await?;
-            mover.process_recycles(config.batch_size, smallest).await?;
+            published += mover.process_returns(size, smallest).await?;
+            published += mover.process_recycles(size, smallest).await?;
+            if published > 0 {
+                // Those batches are in the backlog now: the fill plan below
+                // must count them, or it overfills.
+                backlog = kafka.backlog().await?;
+                exact_backlog(store, pool, generation, &mut backlog).await?;
+            }
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
-                refresh_gauges(store, pool, metrics).await?;
+                let count = last_count.is_none_or(|t| t.elapsed() >= COUNT_INTERVAL);
+                refresh_gauges(store, pool, metrics, count).await?;
                 last_gauges = Some(Instant::now());
+                if count {
+                    last_count = last_gauges;
+                }
             }
             for b in &backlog {
                 metrics
@@ -218,9 +237,15 @@ async fn lead(
                     filling.remove(&b.partition);
                 }
             }
-            let smallest_batches = backlog.iter().map(|b| b.batches).min().unwrap_or(0);
-            let wanted = !filling.is_empty() && smallest_batches < config.high_watermark;
-            let moved = wanted && mover.next_batch(config.batch_size, smallest).await?;
+            let plan = fill_plan(&backlog, &filling, config.high_watermark, MAX_FILL);
+            let wanted = !plan.is_empty();
+            let (batches, keys) = if wanted {
+                mover.fill(size, &plan, FILL_BUDGET).await?
+            } else {
+                (0, 0)
+            };
+            sizer.published(batches as u64, keys);
+            let moved = batches > 0;
             // One generation chunk per iteration, after the move: a pool
             // being filled (a fresh `init --initial-keys`, or top-up after
             // a burst) keeps publishing between chunks instead of making
@@ -347,25 +372,58 @@ async fn pool_empty(
     Ok(())
 }
 
-async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics) -> Result<()> {
+/// The partitions the next batches go to, one entry per batch: each
+/// partition that is `filling` gets batches up to `high` (its backlog
+/// counted), the emptiest first, at most `max` in all.
+fn fill_plan(
+    backlog: &[PartitionBacklog],
+    filling: &HashSet<i32>,
+    high: u64,
+    max: usize,
+) -> Vec<i32> {
+    let mut counts: Vec<(u64, i32)> = backlog
+        .iter()
+        .filter(|b| filling.contains(&b.partition) && b.batches < high)
+        .map(|b| (b.batches, b.partition))
+        .collect();
+    let mut plan = Vec::new();
+    while plan.len() < max {
+        let Some(next) = counts.iter_mut().filter(|(n, _)| *n < high).min() else {
+            break;
+        };
+        next.0 += 1;
+        plan.push(next.1);
+    }
+    plan
+}
+
+/// Sets the pool gauges from the pool document (unused keys = positions
+/// generated and not yet passed by the batch window, less reservations);
+/// counts `used_keys` too if `count`.
+async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: bool) -> Result<()> {
     let pk = store.pool_keys(pool);
     let doc = store.pool(pool).await?;
-    let keys = pk
-        .keys
-        .estimated_document_count()
-        .await
-        .map_err(Error::store("count keys"))?;
-    let used = pk
-        .used
-        .estimated_document_count()
-        .await
-        .map_err(Error::store("count used keys"))?;
+    let keys = match doc.moved_to {
+        Some(moved) => doc.cursor.saturating_sub(moved),
+        None => pk
+            .keys
+            .estimated_document_count()
+            .await
+            .map_err(Error::store("count keys"))?,
+    };
     metrics.keys_in_pool.set(keys as i64);
-    metrics.keys_used.set(used as i64);
     metrics.keys_generated.set(doc.cursor as i64);
-    metrics
-        .space_used_ppm
-        .set((used as f64 / doc.space as f64 * 1e6) as i64);
+    if count {
+        let used = pk
+            .used
+            .estimated_document_count()
+            .await
+            .map_err(Error::store("count used keys"))?;
+        metrics.keys_used.set(used as i64);
+        metrics
+            .space_used_ppm
+            .set((used as f64 / doc.space as f64 * 1e6) as i64);
+    }
     Ok(())
 }
 
@@ -384,4 +442,38 @@ fn instance_id() -> String {
         std::process::id(),
         rand::random::<u32>() & 0xff_ffff
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backlog(batches: &[u64]) -> Vec<PartitionBacklog> {
+        batches
+            .iter()
+            .enumerate()
+            .map(|(p, &b)| PartitionBacklog {
+                partition: p as i32,
+                end: 0,
+                committed: None,
+                start: 0,
+                batches: b,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fill_plan_tops_up_the_emptiest_filling_partitions_to_high() {
+        let all: HashSet<i32> = [0, 1, 2].into();
+        // 0 needs 3, 1 needs 1, 2 is full: emptiest first, then evenly.
+        let plan = fill_plan(&backlog(&[7, 9, 10]), &all, 10, 64);
+        assert_eq!(plan, vec![0, 0, 0, 1]);
+        // A partition not filling (between the watermarks) gets nothing.
+        let some: HashSet<i32> = [1].into();
+        assert_eq!(fill_plan(&backlog(&[0, 8, 0]), &some, 10, 64), vec![1, 1]);
+        // Bounded by `max`, shared out evenly.
+        let plan = fill_plan(&backlog(&[0, 0, 0]), &all, 10, 4);
+        assert_eq!(plan, vec![0, 1, 2, 0]);
+        assert!(fill_plan(&backlog(&[10, 12, 10]), &all, 10, 64).is_empty());
+    }
 }

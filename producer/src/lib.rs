@@ -30,6 +30,7 @@ pub mod mover;
 pub mod permutation;
 pub mod pool;
 pub mod recycle;
+pub mod sizer;
 pub mod stats;
 pub mod store;
 

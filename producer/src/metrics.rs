@@ -57,6 +57,10 @@ pub struct Metrics {
     pub pool_exhausted: IntGauge,
     /// 1 while this process holds the pool's lease.
     pub leader: IntGauge,
+    /// Keys per batch the leader moves now ([`crate::sizer`]).
+    pub batch_size: IntGauge,
+    /// Keys consumed per second, as the leader measures it from the backlog.
+    pub demand: IntGauge,
     /// The lease epoch this process last held.
     pub lease_epoch: IntGauge,
     /// Errors by kind.
@@ -156,6 +160,11 @@ impl Metrics {
                 "1 while every key of the space is used (nothing left to publish)",
             ),
             leader: gauge("lease_leader", "1 while this process holds the lease"),
+            batch_size: gauge("batch_size", "Keys per batch the leader moves now"),
+            demand: gauge(
+                "demand_keys_per_second",
+                "Keys consumed per second, measured by the leader from the backlog",
+            ),
             lease_epoch: gauge("lease_epoch", "Lease epoch last held"),
             errors,
             registry,

@@ -8,17 +8,25 @@
 //! therefore written only by generation (each key inserted once) and by the
 //! first move of a key (deleted once).
 //!
+//! New keys are read by *window*: the documents of `keys` whose `n` lies in
+//! the next `[from, to)` of generation positions, starting at the pool's
+//! `moved_to` and ending at its cursor (an index range scan of `{n: 1}`
+//! with nothing deleted in it, so no sort and no stepping over the index
+//! entries of earlier batches; see [`BatchRecord::window`]).
+//!
 //! Steps, each idempotent and each preceded by a lease check:
 //! 1. insert a [`BatchRecord`] `moving` with the keys, their `n`, their
-//!    digest and the pool incarnation (consumers verify every message
-//!    against this record before claiming it, so nothing but this protocol
-//!    can make a key reachable);
+//!    digest, the window and the pool incarnation (consumers verify every
+//!    message against this record before claiming it, so nothing but this
+//!    protocol can make a key reachable);
 //! 2. insert a `UsedKeyDoc {reason: batch, batch: id}` per key (E11000 is
 //!    fine if the existing document names this batch; if it names anything
 //!    else, e.g. a reservation, the key is dropped from the batch);
-//! 3. delete every key from `keys` by exact `_id`;
-//! 4. set `moved` (with the final key list and its digest) — conditional on
-//!    `{epoch, state}`;
+//! 3. delete the window from `keys` with one range statement (a batch
+//!    without a window: every key by exact `_id`), then raise the pool's
+//!    `moved_to` to the window's end;
+//! 4. set `moved` (with the final key list and its digest, if a key was
+//!    dropped) — conditional on `{epoch, state}`;
 //! 5. record the partition and its current end offset;
 //! 6. publish in a Kafka transaction;
 //! 7. set `published` with the batch's offset.
@@ -40,7 +48,8 @@ use bson::doc;
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 use kgs_schemas::docs::{
-    BatchRecord, BatchState, ClaimDoc, ClaimState, KeyDoc, UsedKeyDoc, UsedReason,
+    BatchRecord, BatchState, ClaimDoc, ClaimState, GenerationRange, KeyDoc, PoolDoc, UsedKeyDoc,
+    UsedReason,
 };
 use kgs_schemas::{keys_digest, KeyBatch};
 
@@ -55,6 +64,9 @@ use crate::store::{
 
 /// Concurrent `_id` reads when checking which keys a re-batch took.
 const READ_BACKS: usize = 32;
+
+/// [`Mover::next_n`] before the pool document was read.
+const UNKNOWN: u64 = u64::MAX;
 
 /// Moves and publishes the batches of one pool while this process leads.
 #[derive(Debug)]
@@ -80,56 +92,249 @@ pub struct Mover<'a> {
     /// recorded at: a topic whose end is not past it has lost its batches
     /// (deleted and created again), see [`Mover::topic_recreated`].
     pub last_offsets: Mutex<HashMap<i32, i64>>,
+    /// The next generation position a window of new keys starts at, as far
+    /// as this leader knows ([`UNKNOWN`] until the pool document is read).
+    pub next_n: AtomicU64,
+    /// The pool's cursor as last read: windows end there (positions below
+    /// it are fully generated).
+    pub generated_to: AtomicU64,
+}
+
+impl<'a> Mover<'a> {
+    /// The mover of pool `doc` for a leader of `guard`'s lease, publishing
+    /// into topic generation `topic_generation`.
+    pub fn new(
+        store: &'a Store,
+        doc: &'a PoolDoc,
+        topic_generation: u64,
+        guard: &'a LeaseGuard,
+        kafka: &'a PoolKafka,
+        metrics: &'a Metrics,
+    ) -> Self {
+        Self {
+            store,
+            pk: store.pool_keys(&doc.name),
+            pool: &doc.name,
+            incarnation: &doc.incarnation,
+            guard,
+            kafka,
+            metrics,
+            topic_generation: topic_generation.into(),
+            last_offsets: Default::default(),
+            next_n: UNKNOWN.into(),
+            generated_to: 0.into(),
+        }
+    }
 }
 
 impl Mover<'_> {
-    /// Takes the next `size` keys (smallest `n`), moves them and publishes
-    /// them to `partition`. Returns `false` if `keys` is empty.
+    /// Moves the next window of new keys ([`Mover::move_new`]) and publishes
+    /// them to `partition`. Returns `false` if no generated key is left.
     pub async fn next_batch(&self, size: usize, partition: i32) -> Result<bool> {
+        match self.move_new(size).await? {
+            None => Ok(false),
+            Some(mut record) => {
+                if !record.keys.is_empty() {
+                    self.publish(&mut record, partition).await?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Moves and publishes up to one batch of `size` new keys per entry of
+    /// `partitions` (published there, in that order) and returns how many
+    /// batches it moved and how many keys they hold; fewer if the generated
+    /// keys run out or `budget` passes.
+    ///
+    /// Each move (database only) runs while the batch before it is being
+    /// published (Kafka, then one record update), so a batch costs about
+    /// the longer of the two instead of their sum. Moves stay one after the
+    /// other (each window starts where the last one ended), and so do
+    /// publishes (one transaction at a time). A failure leaves at most the
+    /// batch in flight `moved` and the next one `moving`: recovery finishes
+    /// both, as after a crash.
+    pub async fn fill(
+        &self,
+        size: usize,
+        partitions: &[i32],
+        budget: std::time::Duration,
+    ) -> Result<(usize, u64)> {
+        let started = Instant::now();
+        let (mut moved, mut keys) = (0, 0);
+        let mut in_flight: Option<(BatchRecord, i32)> = None;
+        for &partition in partitions {
+            if started.elapsed() >= budget {
+                break;
+            }
+            let publish = async {
+                match in_flight.take() {
+                    Some((mut record, p)) => self.publish(&mut record, p).await,
+                    None => Ok(()),
+                }
+            };
+            let (next, published) = tokio::join!(self.move_new(size), publish);
+            published?;
+            match next? {
+                None => break,
+                Some(record) => {
+                    moved += 1;
+                    keys += record.keys.len() as u64;
+                    if !record.keys.is_empty() {
+                        in_flight = Some((record, partition));
+                    }
+                }
+            }
+        }
+        if let Some((mut record, p)) = in_flight {
+            self.publish(&mut record, p).await?;
+        }
+        Ok((moved, keys))
+    }
+
+    /// Steps 1–4 for a batch of new keys: the documents of `keys` in the
+    /// next window of at most `size` generation positions. `None` if no
+    /// generated key is left; the caller publishes the record.
+    pub async fn move_new(&self, size: usize) -> Result<Option<BatchRecord>> {
         let epoch = self.guard.check()?;
         let started = Instant::now();
-        // An index scan of `{n: 1}` on MongoDB: no sort in memory.
-        let picked: Vec<KeyDoc> = self
+        loop {
+            let Some(window) = self.next_window(size).await? else {
+                return Ok(None);
+            };
+            // An index range scan of `{n: 1}`: at most one document per
+            // position, all in the first reply (no getMore round trips).
+            let mut picked: Vec<KeyDoc> = self
+                .pk
+                .keys
+                .find(doc! { "n": { "$gte": window.from as i64, "$lt": window.to as i64 } })
+                .batch_size(size as u32 + 1)
+                .await
+                .map_err(Error::store("pick keys"))?
+                .try_collect()
+                .await
+                .map_err(Error::store("pick keys"))?;
+            if picked.is_empty() {
+                // Every key of the window left `keys` already: reserved, or
+                // moved by a batch that crashed before raising `moved_to`.
+                self.next_n.store(window.to, Ordering::Release);
+                continue;
+            }
+            picked.sort_unstable_by_key(|k| k.n);
+            tracing::trace!(
+                pick_ms = started.elapsed().as_millis() as u64,
+                from = window.from,
+                to = window.to,
+                "keys picked"
+            );
+            let (keys, ns) = picked.into_iter().map(|k| (k.key, k.n)).unzip();
+            let mut record = self
+                .start_record(epoch, keys, ns, None, Some(window))
+                .await?;
+            failpoint::hit("move_after_record");
+            self.finish_move(&mut record).await?;
+            self.next_n.store(window.to, Ordering::Release);
+            self.metrics
+                .batch_moved(&record.id, record.keys.len(), started.elapsed());
+            return Ok(Some(record));
+        }
+    }
+
+    /// The next window of at most `size` positions, below the cursor.
+    async fn next_window(&self, size: usize) -> Result<Option<GenerationRange>> {
+        let mut from = self.next_n.load(Ordering::Acquire);
+        let mut end = self.generated_to.load(Ordering::Acquire);
+        if from == UNKNOWN || from >= end {
+            let doc = self.store.pool(self.pool).await?;
+            end = doc.cursor;
+            self.generated_to.store(end, Ordering::Release);
+            if from == UNKNOWN {
+                from = match doc.moved_to {
+                    Some(m) => m,
+                    None => self.smallest_n(end).await?,
+                };
+                self.next_n.store(from, Ordering::Release);
+            }
+            if from >= end {
+                return Ok(None);
+            }
+        }
+        Ok(Some(GenerationRange {
+            from,
+            to: from.saturating_add(size as u64).min(end),
+        }))
+    }
+
+    /// The smallest `n` in `keys` (or `end` if it is empty), for a pool made
+    /// before `moved_to` existed: read once per leadership, then recorded.
+    async fn smallest_n(&self, end: u64) -> Result<u64> {
+        let first = self
             .pk
             .keys
-            .find(doc! {})
+            .find_one(doc! {})
             .sort(doc! { "n": 1 })
+            .await
+            .map_err(Error::store("find the first unused key"))?;
+        Ok(first.map_or(end, |k| k.n))
+    }
+
+    /// Finds keys in `keys` below the window (positions that every earlier
+    /// batch has passed) and moves them as one batch deleted by `_id`,
+    /// published to `partition`. Such a document is a key written back by a
+    /// stale generator after it was moved (its `used_keys` document wins:
+    /// it is dropped from the batch and deleted from `keys`), or an unused
+    /// key put back by an older version of kgs (handed out normally).
+    /// Goes on, `size` documents per batch, until a batch finds fewer.
+    /// Returns how many documents it found.
+    pub async fn sweep(&self, size: usize, partition: i32) -> Result<usize> {
+        let mut found = 0;
+        loop {
+            let n = self.sweep_once(size, partition).await?;
+            found += n;
+            if n < size {
+                return Ok(found);
+            }
+        }
+    }
+
+    async fn sweep_once(&self, size: usize, partition: i32) -> Result<usize> {
+        let below = self.next_n.load(Ordering::Acquire);
+        if below == UNKNOWN {
+            return Ok(0);
+        }
+        let epoch = self.guard.check()?;
+        let started = Instant::now();
+        let mut found: Vec<KeyDoc> = self
+            .pk
+            .keys
+            .find(doc! { "n": { "$lt": below as i64 } })
             .limit(size as i64)
-            // All in the first reply: no getMore round trips (a server that
-            // re-runs the query per getMore would pay for each).
             .batch_size(size as u32)
             .await
-            .map_err(Error::store("pick keys"))?
+            .map_err(Error::store("sweep keys"))?
             .try_collect()
             .await
-            .map_err(Error::store("pick keys"))?;
-        if picked.is_empty() {
-            return Ok(false);
+            .map_err(Error::store("sweep keys"))?;
+        if found.is_empty() {
+            return Ok(0);
         }
-        tracing::trace!(
-            pick_ms = started.elapsed().as_millis() as u64,
-            "keys picked"
+        let count = found.len();
+        tracing::warn!(
+            pool = self.pool,
+            found = count,
+            below,
+            "keys found below the batch window; moving them by id"
         );
-        let mut record = self
-            .start_record(
-                epoch,
-                picked.iter().map(|k| k.key.clone()).collect(),
-                picked.iter().map(|k| k.n).collect(),
-                None,
-            )
-            .await?;
-        tracing::trace!(
-            at_ms = started.elapsed().as_millis() as u64,
-            "record inserted"
-        );
-        failpoint::hit("move_after_record");
+        found.sort_unstable_by_key(|k| k.n);
+        let (keys, ns) = found.into_iter().map(|k| (k.key, k.n)).unzip();
+        let mut record = self.start_record(epoch, keys, ns, None, None).await?;
         self.finish_move(&mut record).await?;
         self.metrics
             .batch_moved(&record.id, record.keys.len(), started.elapsed());
         if !record.keys.is_empty() {
             self.publish(&mut record, partition).await?;
         }
-        Ok(true)
+        Ok(count)
     }
 
     /// Step 1: a new `moving` record of this pool and epoch, inserted (the
@@ -140,6 +345,7 @@ impl Mover<'_> {
         keys: Vec<String>,
         ns: Vec<u64>,
         from: Option<String>,
+        window: Option<GenerationRange>,
     ) -> Result<BatchRecord> {
         let record = BatchRecord {
             id: format!("{}-{}-{}", self.pool, epoch, uuid::Uuid::new_v4().simple()),
@@ -154,6 +360,7 @@ impl Mover<'_> {
             offset: None,
             topic_generation: self.topic_generation.load(Ordering::Acquire),
             from,
+            window,
             created_at: Utc::now(),
         };
         self.guard.check()?;
@@ -188,6 +395,7 @@ impl Mover<'_> {
                 keys.iter().map(|(k, _)| k.clone()).collect(),
                 keys.iter().map(|(_, n)| *n).collect(),
                 Some(from.to_owned()),
+                None,
             )
             .await?;
         failpoint::hit("rebatch_after_record");
@@ -206,11 +414,11 @@ impl Mover<'_> {
             None => self.take_from_keys(record).await?,
             Some(from) => self.take_from_batch(record, &from).await?,
         };
+        let dropped = !foreign.is_empty();
         for i in foreign.into_iter().rev() {
             record.keys.remove(i);
             record.ns.remove(i);
         }
-        record.digest = keys_digest(&record.keys);
         self.guard.check()?;
         failpoint::hit("checked_mark_moved");
         let done = if record.keys.is_empty() {
@@ -218,17 +426,23 @@ impl Mover<'_> {
         } else {
             BatchState::Moved
         };
+        let mut set = doc! { "state": bson::to_bson(&done).expect("state serializes") };
+        if dropped {
+            // The keys were written at step 1; only a change is written again.
+            record.digest = keys_digest(&record.keys);
+            set.insert("digest", &record.digest);
+            set.insert("keys", &record.keys);
+            set.insert(
+                "ns",
+                record.ns.iter().map(|n| *n as i64).collect::<Vec<_>>(),
+            );
+        }
         let r = self
             .store
             .batches
             .update_one(
                 doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": "moving" },
-                doc! { "$set": {
-                    "state": bson::to_bson(&done).expect("state serializes"),
-                    "digest": &record.digest,
-                    "keys": &record.keys,
-                    "ns": record.ns.iter().map(|n| *n as i64).collect::<Vec<_>>(),
-                } },
+                doc! { "$set": set },
             )
             .await
             .map_err(Error::store("mark batch moved"))?;
@@ -284,15 +498,42 @@ impl Mover<'_> {
         self.guard.check()?;
         failpoint::hit("checked_delete_keys");
         // Every key leaves `keys`, the dropped ones too: they are used.
-        delete_by_ids(
-            &self.store.db,
-            self.pk.keys.name(),
-            &record.keys,
-            "delete moved keys",
-        )
-        .await?;
+        match record.window {
+            Some(window) => {
+                // Everything in the window is in `used_keys` by now (see
+                // `BatchRecord::window`): one range statement on `{n: 1}`.
+                self.pk
+                    .keys
+                    .delete_many(doc! {
+                        "n": { "$gte": window.from as i64, "$lt": window.to as i64 },
+                    })
+                    .await
+                    .map_err(Error::store("delete moved keys"))?;
+                failpoint::hit("move_after_delete");
+                // After the delete, never before: `moved_to` must not pass a
+                // key still in `keys`. `$max`: a late or repeated write (a
+                // recovery of an older window, a stale leader) never lowers it.
+                self.store
+                    .pools
+                    .update_one(
+                        doc! { "_id": self.pool },
+                        doc! { "$max": { "moved_to": window.to as i64 } },
+                    )
+                    .await
+                    .map_err(Error::store("record moved_to"))?;
+            }
+            None => {
+                delete_by_ids(
+                    &self.store.db,
+                    self.pk.keys.name(),
+                    &record.keys,
+                    "delete moved keys",
+                )
+                .await?;
+                failpoint::hit("move_after_delete");
+            }
+        }
         tracing::trace!(at_ms = started.elapsed().as_millis() as u64, "keys deleted");
-        failpoint::hit("move_after_delete");
         Ok(foreign)
     }
 

@@ -103,6 +103,7 @@ pub async fn init(config: &Config, store: &Store, spec: &PoolSpec) -> Result<Ini
                 reserved_ahead: Vec::new(),
                 partitions: spec.partitions,
                 topic_generation: 0,
+                moved_to: Some(0),
                 created_at: Utc::now(),
             };
             match store.pools.insert_one(&doc).await {

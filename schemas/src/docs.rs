@@ -72,7 +72,8 @@ impl fmt::Debug for PoolSecret {
     }
 }
 
-/// A range of generation indices being written to `keys` (crash recovery).
+/// A range of generation indices `[from, to)`: one being written to `keys`
+/// (crash recovery), or the window a batch of new keys was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationRange {
@@ -140,6 +141,15 @@ pub struct PoolDoc {
     /// generation and never claimed are published again.
     #[serde(default)]
     pub topic_generation: u64,
+    /// Every generation position below it has left `keys` (its key is in
+    /// `used_keys`): the next batch of new keys starts here. Only ever
+    /// raised (`$max`), by the leader, after a batch's delete from `keys`,
+    /// so it never passes a key still waiting in `keys` — a stale leader's
+    /// late write can only lower what it adds, never raise it past what has
+    /// happened. `None` in a pool made before it existed: the leader derives
+    /// it once from the smallest `n` in `keys`.
+    #[serde(default)]
+    pub moved_to: Option<u64>,
     /// When the pool was created.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub created_at: DateTime<Utc>,
@@ -250,6 +260,17 @@ pub struct BatchRecord {
     /// into `used_keys` finds the key's document there for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// For a batch of new keys: the window of generation positions
+    /// `[from, to)` it was read from (every key of `keys` in it, at most
+    /// `to - from`). Step 3 then deletes the window from `keys` with one
+    /// range statement on `{n: 1}` instead of one statement per key. Safe
+    /// because the window lies below the pool's cursor (fully generated)
+    /// when it is read, so every document in it at the time of the delete
+    /// is either one of this batch's keys (in `used_keys` by step 2) or a
+    /// key that left `keys` before and was written back by a stale
+    /// generator (also in `used_keys`). `None`: delete by exact `_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<GenerationRange>,
     /// When the batch was created.
     #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
     pub created_at: DateTime<Utc>,

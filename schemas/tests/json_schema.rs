@@ -108,6 +108,7 @@ fn mongo_documents_match_the_schema() {
         topic: "kgs.p3.0123456789abcdef".into(),
         partitions: 4,
         topic_generation: 0,
+        moved_to: Some(900),
         created_at: now(),
     };
     let key = KeyDoc {
@@ -141,7 +142,14 @@ fn mongo_documents_match_the_schema() {
         offset: Some(10),
         topic_generation: 0,
         from: Some("p3-1-41".into()),
+        window: None,
         created_at: now(),
+    };
+    let new_keys = BatchRecord {
+        id: "p3-1-43".into(),
+        from: None,
+        window: Some(GenerationRange { from: 0, to: 1000 }),
+        ..record.clone()
     };
     let lease = LeaseDoc {
         pool: "p3".into(),
@@ -196,6 +204,7 @@ fn mongo_documents_match_the_schema() {
         ("used_key_doc", relaxed(&used)),
         ("used_key_doc", relaxed(&reserved)),
         ("batch_record", relaxed(&record)),
+        ("batch_record", relaxed(&new_keys)),
         ("lease", relaxed(&lease)),
         ("lease_epoch", relaxed(&lease_epoch)),
         ("claim", relaxed(&claim)),

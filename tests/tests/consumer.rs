@@ -142,6 +142,7 @@ impl Pool {
             offset: None,
             topic_generation: 0,
             from: None,
+            window: None,
             created_at: Utc::now(),
         };
         self.db
