@@ -55,6 +55,9 @@ async fn main() -> Result<()> {
     if let Ok(u) = std::env::var("KGS_MONGODB_URI") {
         config.mongodb_uri = u;
     }
+    if std::env::var("KGS_BENCH_MODE").as_deref() == Ok("init") {
+        return bench_init(config).await;
+    }
     let sizes: Vec<usize> = std::env::var("KGS_BENCH_SIZES")
         .unwrap_or_else(|_| "100,1000,10000".into())
         .split(',')
@@ -169,5 +172,74 @@ async fn main() -> Result<()> {
         keeper.stop().await;
         store.db.drop().await?;
     }
+    Ok(())
+}
+
+/// `KGS_BENCH_MODE=init`: the generation of a whole 3-letter base62 pool
+/// (238,328 keys, as `kgs-producer init --length 3` does it: marked steps of
+/// `generate_chunk` keys, inserts of 5,000 documents), next to raw
+/// `insert_many` of the same documents into a collection with the same
+/// `{n: 1}` index, same server, same run.
+async fn bench_init(mut config: Config) -> Result<()> {
+    let tag = rand::random::<u32>() & 0xff_ffff;
+    config.mongodb_db = format!("bench-init-{tag:06x}");
+    let store = Store::connect(&config).await?;
+    let name = format!("init-{tag:06x}");
+    let spec = PoolSpec {
+        name: name.clone(),
+        format: KeyFormat::base62(3)?,
+        partitions: 1,
+    };
+    pool::init(&config, &store, &spec).await?;
+    let keeper = LeaseKeeper::spawn(Lease::new(
+        store.clone(),
+        &name,
+        "bench",
+        Duration::from_secs(30),
+    ));
+    let mut guard = keeper.guard();
+    guard.wait_leader().await;
+    let space = spec.format.space();
+    let started = Instant::now();
+    let generated = generate::top_up(
+        &store,
+        &name,
+        space,
+        config.generate_chunk,
+        u64::MAX,
+        &guard,
+        None,
+    )
+    .await?;
+    let init_s = started.elapsed().as_secs_f64();
+    anyhow::ensure!(generated == space, "generated {generated} of {space}");
+    keeper.stop().await;
+    let (format, perm) = generate::pool_order(&store.pool(&name).await?)?;
+    let raw = store.db.collection::<KeyDoc>("raw_keys");
+    raw.create_index(mongodb::IndexModel::builder().keys(doc! { "n": 1 }).build())
+        .await?;
+    let started = Instant::now();
+    let mut n = 0;
+    while n < space {
+        let to = (n + 5_000).min(space);
+        let docs: Vec<KeyDoc> = (n..to)
+            .map(|i| KeyDoc {
+                key: format.key_at(perm.apply(i)).expect("in space"),
+                n: i,
+            })
+            .collect();
+        raw.insert_many(docs).await?;
+        n = to;
+    }
+    let raw_s = started.elapsed().as_secs_f64();
+    println!("| keys | init s | init keys/s | raw insert_many s | raw keys/s | init / raw |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {space} | {init_s:.1} | {:.0} | {raw_s:.1} | {:.0} | {:.2} |",
+        space as f64 / init_s,
+        space as f64 / raw_s,
+        raw_s / init_s
+    );
+    store.db.drop().await?;
     Ok(())
 }
