@@ -61,12 +61,14 @@ struct Config {
     /// HTTP listen address.
     #[arg(long, env = "KGS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
-    /// Resume fetching at or below this many buffered keys.
-    #[arg(long, env = "KGS_BUFFER_LOW_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_LOW_WATERMARK)]
-    low_watermark: usize,
-    /// Pause fetching at this many buffered keys.
-    #[arg(long, env = "KGS_BUFFER_HIGH_WATERMARK", default_value_t = kgs_consumer::config::DEFAULT_HIGH_WATERMARK)]
-    high_watermark: usize,
+    /// Resume fetching at or below this many buffered keys (fixed; by
+    /// default 10,000 or 2 s of the hand-out rate, whichever is more).
+    #[arg(long, env = "KGS_BUFFER_LOW_WATERMARK", requires = "high_watermark")]
+    low_watermark: Option<usize>,
+    /// Pause fetching at this many buffered keys (fixed; by default 50,000
+    /// or 10 s of the hand-out rate, whichever is more, at most 500,000).
+    #[arg(long, env = "KGS_BUFFER_HIGH_WATERMARK", requires = "low_watermark")]
+    high_watermark: Option<usize>,
     /// Kafka session timeout: how soon the group notices a dead instance
     /// and gives its partitions to the others (librdkafka's default).
     #[arg(long, env = "KGS_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
@@ -126,7 +128,6 @@ async fn run(
         .mongodb_uri(&config.mongodb_uri)
         .database(&config.mongodb_db)
         .pool(&config.pool)
-        .watermarks(config.low_watermark, config.high_watermark)
         .registry(registry.clone())
         .kafka_option(
             "session.timeout.ms",
@@ -139,6 +140,9 @@ async fn run(
                 .clamp(100, 3_000)
                 .to_string(),
         );
+    if let (Some(low), Some(high)) = (config.low_watermark, config.high_watermark) {
+        builder = builder.watermarks(low, high);
+    }
     for (name, value) in &config.kafka_options {
         builder = builder.kafka_option(name, value);
     }

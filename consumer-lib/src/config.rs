@@ -21,7 +21,22 @@ pub const DEFAULT_LOW_WATERMARK: usize = 10_000;
 /// Default high watermark: pause fetching at this many buffered keys. This
 /// bounds what a crash can lose (claimed-but-unused keys) to about this plus
 /// one batch (at most 50,000 keys, `kgs_schemas::batch::MAX_BATCH_KEYS`).
+///
+/// Unless the watermarks are set ([`KeyConsumerBuilder::watermarks`]), both
+/// follow the hand-out rate: the buffer holds at least
+/// [`ADAPTIVE_HIGH_SECONDS`] of it and refetches with
+/// [`ADAPTIVE_LOW_SECONDS`] of it left, between these defaults and
+/// [`ADAPTIVE_MAX_FACTOR`] times them (a buffer that lasts a fraction of a
+/// second at full rate is not a buffer; one that grows without bound would
+/// make a crash lose without bound).
 pub const DEFAULT_HIGH_WATERMARK: usize = 50_000;
+/// See [`DEFAULT_HIGH_WATERMARK`].
+pub const ADAPTIVE_HIGH_SECONDS: f64 = 10.0;
+/// See [`DEFAULT_HIGH_WATERMARK`].
+pub const ADAPTIVE_LOW_SECONDS: f64 = 2.0;
+/// See [`DEFAULT_HIGH_WATERMARK`]: at most 500,000 buffered keys by default
+/// (about 8 MB), so a crash loses at most that plus one batch.
+pub const ADAPTIVE_MAX_FACTOR: usize = 10;
 /// Default time allowed to record returned keys at shutdown before giving
 /// up (the claims then stay `open`, as after a crash).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +66,7 @@ pub struct KeyConsumerBuilder {
     pub(crate) instance: Option<String>,
     pub(crate) low_watermark: usize,
     pub(crate) high_watermark: usize,
+    pub(crate) adaptive_watermarks: bool,
     pub(crate) lanes: usize,
     pub(crate) registry: Option<Registry>,
     pub(crate) kafka_options: Vec<(String, String)>,
@@ -68,6 +84,7 @@ impl Default for KeyConsumerBuilder {
             instance: None,
             low_watermark: DEFAULT_LOW_WATERMARK,
             high_watermark: DEFAULT_HIGH_WATERMARK,
+            adaptive_watermarks: true,
             lanes: crate::buffer::default_lanes(),
             registry: None,
             kafka_options: Vec::new(),
@@ -117,12 +134,14 @@ impl KeyConsumerBuilder {
         self
     }
 
-    /// Resume fetching when at most `low` keys are buffered, pause at `high`.
-    /// Defaults [`DEFAULT_LOW_WATERMARK`] and [`DEFAULT_HIGH_WATERMARK`];
-    /// `low` must be below `high`.
+    /// Resume fetching when at most `low` keys are buffered, pause at `high`:
+    /// fixed (the defaults [`DEFAULT_LOW_WATERMARK`] and
+    /// [`DEFAULT_HIGH_WATERMARK`] follow the hand-out rate); `low` must be
+    /// below `high`.
     pub fn watermarks(mut self, low: usize, high: usize) -> Self {
         self.low_watermark = low;
         self.high_watermark = high;
+        self.adaptive_watermarks = false;
         self
     }
 

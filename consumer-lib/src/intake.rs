@@ -149,6 +149,10 @@ pub(crate) struct Intake {
     pub format: KeyFormat,
     pub low_watermark: usize,
     pub high_watermark: usize,
+    /// Whether the watermarks follow the hand-out rate (see
+    /// [`crate::config::DEFAULT_HIGH_WATERMARK`]).
+    pub adaptive: bool,
+    pub demand: Demand,
     pub shutdown_timeout: Duration,
     pub paused: bool,
     pub reported_handed_out: usize,
@@ -158,6 +162,47 @@ pub(crate) struct Intake {
     /// handed out again, nor recycled).
     pub unfinished: Vec<(String, Vec<String>)>,
     pub next_unfinished_retry: Instant,
+}
+
+/// The hand-out rate, measured from the buffer's counter over windows of
+/// at least a second (moving average).
+#[derive(Debug, Default)]
+pub(crate) struct Demand {
+    last: Option<(Instant, usize)>,
+    rate: f64,
+}
+
+impl Demand {
+    /// Takes the count of keys handed out so far.
+    fn observe(&mut self, now: Instant, handed_out: usize) {
+        match self.last {
+            None => self.last = Some((now, handed_out)),
+            Some((then, before)) => {
+                let dt = now.duration_since(then).as_secs_f64();
+                if dt >= 1.0 {
+                    let sample = handed_out.saturating_sub(before) as f64 / dt;
+                    self.rate += 0.5 * (sample - self.rate);
+                    self.last = Some((now, handed_out));
+                }
+            }
+        }
+    }
+}
+
+/// The watermarks in force: the configured ones, or (`adaptive`) at least
+/// the given seconds of the hand-out `rate`, up to the cap.
+pub(crate) fn watermarks(low: usize, high: usize, adaptive: bool, rate: f64) -> (usize, usize) {
+    use crate::config::{ADAPTIVE_HIGH_SECONDS, ADAPTIVE_LOW_SECONDS, ADAPTIVE_MAX_FACTOR};
+    if !adaptive {
+        return (low, high);
+    }
+    let scaled = |base: usize, secs: f64| {
+        ((rate * secs) as usize).clamp(base, base.saturating_mul(ADAPTIVE_MAX_FACTOR))
+    };
+    (
+        scaled(low, ADAPTIVE_LOW_SECONDS),
+        scaled(high, ADAPTIVE_HIGH_SECONDS),
+    )
 }
 
 /// Resolves once a stop is requested or the handle is gone. Safe to call
@@ -378,6 +423,7 @@ impl Intake {
             .inc_by(total.saturating_sub(self.reported_handed_out) as u64);
         self.reported_handed_out = self.reported_handed_out.max(total);
         m.buffered_keys.set(self.shared.buffer.depth() as i64);
+        self.demand.observe(Instant::now(), total);
     }
 
     /// Pauses the assigned partitions at the high watermark, resumes them at
@@ -391,20 +437,27 @@ impl Intake {
         }
         let depth = self.shared.buffer.depth();
         self.shared.metrics.buffered_keys.set(depth as i64);
+        let (low, high) = watermarks(
+            self.low_watermark,
+            self.high_watermark,
+            self.adaptive,
+            self.demand.rate,
+        );
+        self.shared.metrics.high_watermark.set(high as i64);
         let reassigned = self
             .consumer
             .context()
             .assignment_changed
             .swap(false, Ordering::AcqRel);
         let pause = if self.paused {
-            if depth <= self.low_watermark {
+            if depth <= low {
                 false
             } else if reassigned {
                 true
             } else {
                 return;
             }
-        } else if depth >= self.high_watermark {
+        } else if depth >= high {
             true
         } else {
             return;
@@ -482,5 +535,39 @@ impl Intake {
             "consumer stopped"
         );
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermarks_follow_the_rate_between_the_defaults_and_the_cap() {
+        // Fixed: as configured, whatever the rate.
+        assert_eq!(watermarks(10, 50, false, 1e6), (10, 50));
+        // Idle or slow: the configured floor.
+        assert_eq!(watermarks(10_000, 50_000, true, 0.0), (10_000, 50_000));
+        assert_eq!(watermarks(10_000, 50_000, true, 3_000.0), (10_000, 50_000));
+        // 20,000 keys/s: 2 s and 10 s of it.
+        assert_eq!(
+            watermarks(10_000, 50_000, true, 20_000.0),
+            (40_000, 200_000)
+        );
+        // Capped at ten times the floor: a crash loses a bounded number.
+        assert_eq!(watermarks(10_000, 50_000, true, 1e9), (100_000, 500_000));
+    }
+
+    #[test]
+    fn demand_is_measured_over_windows_of_a_second() {
+        let t0 = Instant::now();
+        let mut d = Demand::default();
+        d.observe(t0, 0);
+        d.observe(t0 + Duration::from_millis(500), 5_000);
+        assert_eq!(d.rate, 0.0, "a half-second window is not a sample");
+        d.observe(t0 + Duration::from_secs(1), 10_000);
+        assert_eq!(d.rate, 5_000.0);
+        d.observe(t0 + Duration::from_secs(2), 20_000);
+        assert_eq!(d.rate, 7_500.0);
     }
 }

@@ -179,6 +179,8 @@ impl KeyConsumer {
             format: format.clone(),
             low_watermark: config.low_watermark,
             high_watermark: config.high_watermark,
+            adaptive: config.adaptive_watermarks,
+            demand: intake::Demand::default(),
             shutdown_timeout: config.shutdown_timeout,
             paused: false,
             reported_handed_out: 0,

@@ -49,11 +49,15 @@ pub const RECYCLE_REQUESTS_TOTAL: &str = "kgs_consumer_recycle_requests_total";
 pub const ASSIGNED_PARTITIONS: &str = "kgs_consumer_assigned_partitions";
 /// Gauge: 1 while the assigned partitions are paused (buffer above the high watermark).
 pub const PAUSED: &str = "kgs_consumer_paused";
+/// Gauge: the high watermark in force (it follows the hand-out rate unless
+/// fixed with `KeyConsumerBuilder::watermarks`).
+pub const HIGH_WATERMARK: &str = "kgs_consumer_buffer_high_watermark_keys";
 
 /// The consumer's metrics, registered in the app's registry.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
     pub buffered_keys: IntGauge,
+    pub high_watermark: IntGauge,
     pub keys_buffered: IntCounter,
     pub keys_handed_out: IntCounter,
     pub batches_claimed: IntCounter,
@@ -86,6 +90,13 @@ impl Metrics {
             buffered_keys: reg(
                 registry,
                 IntGauge::new(BUFFERED_KEYS, "Keys buffered, not yet handed out.")?,
+            )?,
+            high_watermark: reg(
+                registry,
+                IntGauge::new(
+                    HIGH_WATERMARK,
+                    "The buffer's high watermark in force, in keys.",
+                )?,
             )?,
             keys_buffered: counter(KEYS_BUFFERED_TOTAL, "Keys claimed and put in the buffer.")?,
             keys_handed_out: counter(KEYS_HANDED_OUT_TOTAL, "Keys handed out.")?,
