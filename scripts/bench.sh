@@ -15,7 +15,8 @@
 #      counted from the response bodies (the run fails if there is one)
 #
 # KGS_BENCH_RATE (default 3000), KGS_BENCH_DURATION (60s), KGS_BENCH_PARTS
-# (default "producer init e2e"), KGS_BENCH_NO_APPEND=1 leaves BENCHMARKS.md alone.
+# (default "producer init e2e"), KGS_BENCH_NO_APPEND=1 leaves BENCHMARKS.md alone,
+# KGS_BENCH_BIN=<dir> uses the binaries of another build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,11 +37,18 @@ if [[ -z "$KGS_KAFKA_BROKERS" ]]; then
   KGS_KAFKA_BROKERS="127.0.0.1:${KGS_KAFKA_PORT:-9092}"
 fi
 
-say "building (release)"
-cargo build --release -q -p kgs-producer --bin kgs-producer --example bench
-cargo build --release -q -p kgs-consumer --example app-server
+# KGS_BENCH_BIN: another build's release directory (e.g. an older commit's,
+# for a before/after table); kgs-load is always this tree's.
 cargo build --release -q -p kgs-tests --bin kgs-load
-BIN="$ROOT/target/release"
+LOAD="$ROOT/target/release/kgs-load"
+if [[ -n "${KGS_BENCH_BIN:-}" ]]; then
+  BIN="$KGS_BENCH_BIN"
+else
+  say "building (release)"
+  cargo build --release -q -p kgs-producer --bin kgs-producer --example bench
+  cargo build --release -q -p kgs-consumer --example app-server
+  BIN="$ROOT/target/release"
+fi
 OUT="$(mktemp -d)"
 report="$OUT/report.md"
 {
@@ -84,14 +92,14 @@ for part in $PARTS; do
       [[ "${gen:-0}" == 238328 ]] || { say "error: the pool was not generated in 300 s (see $OUT)"; exit 1; }
       sleep 10
       set +e
-      "$BIN/kgs-load" --addr "$app" --rate "$RATE" --duration "$DURATION" --warmup 5s >"$OUT/load.txt"
+      "$LOAD" --addr "$app" --rate "$RATE" --duration "$DURATION" --warmup 5s >"$OUT/load.txt"
       load_rc=$?
       set -e
       # Put-back: the app server stops gracefully and returns its buffer;
       # the producer (still running) re-batches those keys.
       kill -TERM $apid 2>/dev/null || true
       wait $apid 2>/dev/null || true
-      back="$(sed -nE 's/.*app server stopped.*keys_returned[^0-9]*([0-9]+).*/\1/p' "$OUT/app-server.log" | tail -1)"
+      back="$(sed -E 's/\x1b\[[0-9;]*m//g' "$OUT/app-server.log" | sed -nE 's/.*app server stopped.*keys_returned=([0-9]+).*/\1/p' | tail -1)"
       t0=$SECONDS
       for _ in $(seq 1 1200); do
         got="$(curl -fsS "http://$prod/metrics" 2>/dev/null | awk '/^kgs_producer_keys_returned_total/ {print $2}')" || true

@@ -51,8 +51,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 # The first batch needs the producer to lead and move it, and the app server
-# to claim it: seconds on a fresh pool (SecantusDB is slow at picking from a
-# large `keys` collection).
+# to claim it: a few seconds on a fresh pool.
 echo "run: waiting for the first batch to reach the app server..."
 first=""
 for _ in $(seq 1 240); do
