@@ -397,33 +397,41 @@ fn fill_plan(
     plan
 }
 
-/// Sets the pool gauges from the pool document (unused keys = positions
-/// generated and not yet passed by the batch window, less reservations);
-/// counts `used_keys` too if `count`.
+/// Sets the pool gauges from the pool document: unused keys = positions
+/// generated and not yet passed by the batch window; used = positions
+/// passed plus reservations ahead of the cursor (both exact but for keys
+/// reserved after generation). If `count`, `used_keys` is counted instead.
 async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: bool) -> Result<()> {
     let pk = store.pool_keys(pool);
     let doc = store.pool(pool).await?;
-    let keys = match doc.moved_to {
-        Some(moved) => doc.cursor.saturating_sub(moved),
-        None => pk
-            .keys
-            .estimated_document_count()
-            .await
-            .map_err(Error::store("count keys"))?,
+    let (keys, used) = match doc.moved_to {
+        Some(moved) if !count => (
+            doc.cursor.saturating_sub(moved),
+            moved + doc.reserved_ahead.len() as u64,
+        ),
+        moved => {
+            let used = pk
+                .used
+                .estimated_document_count()
+                .await
+                .map_err(Error::store("count used keys"))?;
+            let keys = match moved {
+                Some(moved) => doc.cursor.saturating_sub(moved),
+                None => pk
+                    .keys
+                    .estimated_document_count()
+                    .await
+                    .map_err(Error::store("count keys"))?,
+            };
+            (keys, used)
+        }
     };
     metrics.keys_in_pool.set(keys as i64);
     metrics.keys_generated.set(doc.cursor as i64);
-    if count {
-        let used = pk
-            .used
-            .estimated_document_count()
-            .await
-            .map_err(Error::store("count used keys"))?;
-        metrics.keys_used.set(used as i64);
-        metrics
-            .space_used_ppm
-            .set((used as f64 / doc.space as f64 * 1e6) as i64);
-    }
+    metrics.keys_used.set(used as i64);
+    metrics
+        .space_used_ppm
+        .set((used as f64 / doc.space as f64 * 1e6) as i64);
     Ok(())
 }
 

@@ -1,15 +1,13 @@
 //! The `kgs-producer` binary: parses the command line, installs logging, and
 //! runs the command from the library; errors are printed as one line.
 
-use std::process::ExitCode;
-
 use anyhow::Context;
 use clap::Parser;
 use kgs_producer::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn main() {
     let cli = Cli::parse();
     let result = async {
         let (command, config) = cli.resolve().context("configuration")?;
@@ -30,11 +28,18 @@ async fn main() -> ExitCode {
         anyhow::Ok(())
     }
     .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         Err(err) => {
             eprintln!("kgs-producer: {err:#}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exit here, with the runtime still up: dropping it stops the MongoDB
+    // driver's background tasks mid-request, and one of them can panic on
+    // the way out (a second, confusing line after the one-line error). The
+    // command's work is done (and `run` has released its lease) by now.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
 }
