@@ -26,7 +26,7 @@ use futures::TryStreamExt;
 use kgs_producer::config::Config;
 use kgs_producer::generate;
 use kgs_producer::kafka::PoolKafka;
-use kgs_producer::lease::{Lease, LeaseKeeper};
+use kgs_producer::lease::{Lease, LeaseGuard, LeaseKeeper};
 use kgs_producer::metrics::Metrics;
 use kgs_producer::mover::Mover;
 use kgs_producer::pool::{self, PoolSpec};
@@ -70,20 +70,7 @@ async fn main() -> Result<()> {
         config.mongodb_db = format!("bench-{tag:06x}");
         let name = format!("bench-{size}-{tag:06x}");
         let store = Store::connect(&config).await?;
-        let spec = PoolSpec {
-            name: name.clone(),
-            format: KeyFormat::base62(4)?,
-            partitions: 1,
-        };
-        pool::init(&config, &store, &spec).await?;
-        let keeper = LeaseKeeper::spawn(Lease::new(
-            store.clone(),
-            &name,
-            "bench",
-            Duration::from_secs(30),
-        ));
-        let mut guard = keeper.guard();
-        guard.wait_leader().await;
+        let (keeper, guard) = leading_pool(&config, &store, &name, KeyFormat::base62(4)?).await?;
         generate::top_up(&store, &name, 2 * n, 10_000, u64::MAX, &guard, None).await?;
         let pk = store.pool_keys(&name);
         let docs: Vec<KeyDoc> = pk
@@ -175,6 +162,30 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Creates pool `name` (one partition) and waits until this process leads it.
+async fn leading_pool(
+    config: &Config,
+    store: &Store,
+    name: &str,
+    format: KeyFormat,
+) -> Result<(LeaseKeeper, LeaseGuard)> {
+    let spec = PoolSpec {
+        name: name.to_owned(),
+        format,
+        partitions: 1,
+    };
+    pool::init(config, store, &spec).await?;
+    let keeper = LeaseKeeper::spawn(Lease::new(
+        store.clone(),
+        name,
+        "bench",
+        Duration::from_secs(30),
+    ));
+    let mut guard = keeper.guard();
+    guard.wait_leader().await;
+    Ok((keeper, guard))
+}
+
 /// `KGS_BENCH_MODE=init`: the generation of a whole 3-letter base62 pool
 /// (238,328 keys, as `kgs-producer init --length 3` does it: marked steps of
 /// `generate_chunk` keys, inserts of 5,000 documents), next to raw
@@ -185,21 +196,9 @@ async fn bench_init(mut config: Config) -> Result<()> {
     config.mongodb_db = format!("bench-init-{tag:06x}");
     let store = Store::connect(&config).await?;
     let name = format!("init-{tag:06x}");
-    let spec = PoolSpec {
-        name: name.clone(),
-        format: KeyFormat::base62(3)?,
-        partitions: 1,
-    };
-    pool::init(&config, &store, &spec).await?;
-    let keeper = LeaseKeeper::spawn(Lease::new(
-        store.clone(),
-        &name,
-        "bench",
-        Duration::from_secs(30),
-    ));
-    let mut guard = keeper.guard();
-    guard.wait_leader().await;
-    let space = spec.format.space();
+    let format = KeyFormat::base62(3)?;
+    let space = format.space();
+    let (keeper, guard) = leading_pool(&config, &store, &name, format).await?;
     let started = Instant::now();
     let generated = generate::top_up(
         &store,

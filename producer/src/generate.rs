@@ -72,16 +72,7 @@ pub async fn top_up(
         if doc.cursor >= doc.space || generated >= max_keys {
             return Ok(generated);
         }
-        // Positions generated and not yet passed by the batch window: no
-        // collection count (a scan on some MongoDB-wire servers) per step.
-        let in_keys = match doc.moved_to {
-            Some(moved) => doc.cursor.saturating_sub(moved),
-            None => pk
-                .keys
-                .estimated_document_count()
-                .await
-                .map_err(Error::store("count keys"))?,
-        };
+        let in_keys = unused_keys(&pk, &doc).await?;
         if in_keys >= target {
             return Ok(generated);
         }
@@ -113,6 +104,20 @@ pub async fn top_up(
         let doc = store.pool(pool).await?;
         finish_range(store, &pk, &doc, range, false, guard, progress).await?;
         generated += n;
+    }
+}
+
+/// Keys in `keys.<pool>`: the positions generated and not yet passed by the
+/// batch window (no collection count, which is a scan on some MongoDB-wire
+/// servers); counted only in a pool made before `moved_to` existed.
+pub async fn unused_keys(pk: &PoolKeys, doc: &PoolDoc) -> Result<u64> {
+    match doc.moved_to {
+        Some(moved) => Ok(doc.cursor.saturating_sub(moved)),
+        None => pk
+            .keys
+            .estimated_document_count()
+            .await
+            .map_err(Error::store("count keys")),
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::generate::top_up;
+use crate::generate::{top_up, unused_keys};
 use crate::kafka::{PartitionBacklog, PoolKafka};
 use crate::lease::{Lease, LeaseGuard, LeaseKeeper};
 use crate::metrics::Metrics;
@@ -48,6 +48,7 @@ pub async fn run(
     let format = kgs_schemas::KeyFormat::try_from(&doc.format)
         .map_err(|e| Error::Corrupt(format!("pool {pool:?} has a bad format: {e}")))?;
     config.check_batch_fits(&format)?;
+    let max_batch = config.max_batch_for(&format);
     // Fail at start, in one line, if Kafka or the topic is missing.
     if crate::pool::topic_partition_count(&config, &doc.topic)
         .await?
@@ -82,7 +83,15 @@ pub async fn run(
         metrics.leader.set(1);
         metrics.lease_epoch.set(epoch as i64);
         tracing::info!(pool = %pool, epoch, "leading");
-        let leading = lead(&config, &store, &doc, &guard, &metrics, stop_rx.clone());
+        let leading = lead(
+            &config,
+            &store,
+            &doc,
+            max_batch,
+            &guard,
+            &metrics,
+            stop_rx.clone(),
+        );
         let mut leading = std::pin::pin!(leading);
         let result = tokio::select! {
             r = &mut leading => r,
@@ -125,10 +134,12 @@ pub async fn run(
 }
 
 /// One leadership: returns `Ok` on shutdown, an error when it must end.
+/// Batches grow up to `max_batch` keys while demand is high.
 async fn lead(
     config: &Config,
     store: &Store,
     doc: &kgs_schemas::docs::PoolDoc,
+    max_batch: usize,
     guard: &LeaseGuard,
     metrics: &Metrics,
     mut stop: watch::Receiver<bool>,
@@ -144,13 +155,7 @@ async fn lead(
     // without a claim).
     let mut republish = (generation > 0).then_some(generation);
     let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
-    let format = kgs_schemas::KeyFormat::try_from(&doc.format)
-        .map_err(|e| Error::Corrupt(format!("pool {pool:?} has a bad format: {e}")))?;
-    let mut sizer = BatchSizer::new(
-        config.batch_size,
-        config.max_batch_for(&format),
-        doc.partitions,
-    );
+    let mut sizer = BatchSizer::new(config.batch_size, max_batch, doc.partitions);
     let mut filling: HashSet<i32> = HashSet::new();
     let mut last_recovery: Option<Instant> = None;
     let mut last_gauges: Option<Instant> = None;
@@ -192,8 +197,7 @@ async fn lead(
             let generation = mover
                 .topic_generation
                 .load(std::sync::atomic::Ordering::Acquire);
-            let mut backlog = kafka.backlog().await?;
-            exact_backlog(store, pool, generation, &mut backlog).await?;
+            let mut backlog = exact_backlog(&kafka, store, pool, generation).await?;
             sizer.observe(Instant::now(), backlog.iter().map(|b| b.batches).sum());
             metrics.batch_size.set(sizer.size() as i64);
             metrics.demand.set(sizer.rate().unwrap_or(0.0) as i64);
@@ -214,8 +218,7 @@ async fn lead(
             if published > 0 {
                 // Those batches are in the backlog now: the fill plan below
                 // must count them, or it overfills.
-                backlog = kafka.backlog().await?;
-                exact_backlog(store, pool, generation, &mut backlog).await?;
+                backlog = exact_backlog(&kafka, store, pool, generation).await?;
             }
             if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
                 let count = last_count.is_none_or(|t| t.elapsed() >= COUNT_INTERVAL);
@@ -299,18 +302,19 @@ async fn lead(
     }
 }
 
-/// Replaces the offset-based estimate by the number of this pool's published
-/// batches at or after where the group resumes (an index range count on
-/// `{pool, partition, offset}`): aborted transactions then count for nothing.
-/// Only batches of the topic's current generation count: after a
-/// re-creation, the records of the old topic's batches name offsets of a
-/// topic that is gone.
+/// Each partition's backlog: where the group resumes, from Kafka, and the
+/// number of this pool's published batches at or after it (an index range
+/// count on `{pool, partition, offset}`) instead of the offset difference:
+/// aborted transactions then count for nothing. Only batches of the topic's
+/// current generation count: after a re-creation, the records of the old
+/// topic's batches name offsets of a topic that is gone.
 async fn exact_backlog(
+    kafka: &PoolKafka,
     store: &Store,
     pool: &str,
     generation: u64,
-    backlog: &mut [PartitionBacklog],
-) -> Result<()> {
+) -> Result<Vec<PartitionBacklog>> {
+    let mut backlog = kafka.backlog().await?;
     for b in backlog.iter_mut() {
         let n = store
             .batches
@@ -325,7 +329,7 @@ async fn exact_backlog(
             .map_err(Error::store("count backlog"))?;
         b.batches = n;
     }
-    Ok(())
+    Ok(backlog)
 }
 
 /// The topic was re-created: moves the pool to the next topic generation
@@ -404,27 +408,14 @@ fn fill_plan(
 async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: bool) -> Result<()> {
     let pk = store.pool_keys(pool);
     let doc = store.pool(pool).await?;
-    let (keys, used) = match doc.moved_to {
-        Some(moved) if !count => (
-            doc.cursor.saturating_sub(moved),
-            moved + doc.reserved_ahead.len() as u64,
-        ),
-        moved => {
-            let used = pk
-                .used
-                .estimated_document_count()
-                .await
-                .map_err(Error::store("count used keys"))?;
-            let keys = match moved {
-                Some(moved) => doc.cursor.saturating_sub(moved),
-                None => pk
-                    .keys
-                    .estimated_document_count()
-                    .await
-                    .map_err(Error::store("count keys"))?,
-            };
-            (keys, used)
-        }
+    let keys = unused_keys(&pk, &doc).await?;
+    let used = match doc.moved_to {
+        Some(moved) if !count => moved + doc.reserved_ahead.len() as u64,
+        _ => pk
+            .used
+            .estimated_document_count()
+            .await
+            .map_err(Error::store("count used keys"))?,
     };
     metrics.keys_in_pool.set(keys as i64);
     metrics.keys_generated.set(doc.cursor as i64);

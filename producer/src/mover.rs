@@ -204,7 +204,7 @@ impl Mover<'_> {
             };
             // An index range scan of `{n: 1}`: at most one document per
             // position, all in the first reply (no getMore round trips).
-            let mut picked: Vec<KeyDoc> = self
+            let picked: Vec<KeyDoc> = self
                 .pk
                 .keys
                 .find(doc! { "n": { "$gte": window.from as i64, "$lt": window.to as i64 } })
@@ -220,22 +220,16 @@ impl Mover<'_> {
                 self.next_n.store(window.to, Ordering::Release);
                 continue;
             }
-            picked.sort_unstable_by_key(|k| k.n);
             tracing::trace!(
                 pick_ms = started.elapsed().as_millis() as u64,
                 from = window.from,
                 to = window.to,
                 "keys picked"
             );
-            let (keys, ns) = picked.into_iter().map(|k| (k.key, k.n)).unzip();
-            let mut record = self
-                .start_record(epoch, keys, ns, None, Some(window))
+            let record = self
+                .move_found(epoch, picked, Some(window), started)
                 .await?;
-            failpoint::hit("move_after_record");
-            self.finish_move(&mut record).await?;
             self.next_n.store(window.to, Ordering::Release);
-            self.metrics
-                .batch_moved(&record.id, record.keys.len(), started.elapsed());
             return Ok(Some(record));
         }
     }
@@ -304,7 +298,7 @@ impl Mover<'_> {
         }
         let epoch = self.guard.check()?;
         let started = Instant::now();
-        let mut found: Vec<KeyDoc> = self
+        let found: Vec<KeyDoc> = self
             .pk
             .keys
             .find(doc! { "n": { "$lt": below as i64 } })
@@ -325,16 +319,30 @@ impl Mover<'_> {
             below,
             "keys found below the batch window; moving them by id"
         );
-        found.sort_unstable_by_key(|k| k.n);
-        let (keys, ns) = found.into_iter().map(|k| (k.key, k.n)).unzip();
-        let mut record = self.start_record(epoch, keys, ns, None, None).await?;
-        self.finish_move(&mut record).await?;
-        self.metrics
-            .batch_moved(&record.id, record.keys.len(), started.elapsed());
+        let mut record = self.move_found(epoch, found, None, started).await?;
         if !record.keys.is_empty() {
             self.publish(&mut record, partition).await?;
         }
         Ok(count)
+    }
+
+    /// Steps 1–4 for documents `found` in `keys` (a window's, or the
+    /// sweep's), in `n` order; `started` is when their move began.
+    async fn move_found(
+        &self,
+        epoch: u64,
+        mut found: Vec<KeyDoc>,
+        window: Option<GenerationRange>,
+        started: Instant,
+    ) -> Result<BatchRecord> {
+        found.sort_unstable_by_key(|k| k.n);
+        let (keys, ns) = found.into_iter().map(|k| (k.key, k.n)).unzip();
+        let mut record = self.start_record(epoch, keys, ns, None, window).await?;
+        failpoint::hit("move_after_record");
+        self.finish_move(&mut record).await?;
+        self.metrics
+            .batch_moved(&record.id, record.keys.len(), started.elapsed());
+        Ok(record)
     }
 
     /// Step 1: a new `moving` record of this pool and epoch, inserted (the
