@@ -7,8 +7,8 @@
 //!   of `_id` statements from another (the issue's definition of raw);
 //! - raw by range: the same insert + one `delete_many` of an `n` range (the
 //!   floor of the window protocol);
-//! - producer, one batch after the other ([`Mover::next_batch`]);
-//! - producer, pipelined ([`Mover::fill`]: each move overlaps the publish of
+//! - producer, one batch after the other ([`Writer::next_batch`]);
+//! - producer, pipelined ([`Writer::fill`]: each move overlaps the publish of
 //!   the batch before), as the leader runs it.
 //!
 //! ```text
@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bson::doc;
 use futures::TryStreamExt;
+use kgs_producer::cmd::init::{self, PoolSpec};
 use kgs_producer::config::Config;
-use kgs_producer::generate;
 use kgs_producer::kafka::PoolKafka;
-use kgs_producer::lease::{Lease, LeaseGuard, LeaseKeeper};
+use kgs_producer::leader::lease::{Lease, LeaseGuard, LeaseKeeper};
 use kgs_producer::metrics::Metrics;
-use kgs_producer::mover::Mover;
-use kgs_producer::pool::{self, PoolSpec};
 use kgs_producer::store::{delete_by_ids, insert_ignoring_duplicates, Store};
+use kgs_producer::writer::generate;
+use kgs_producer::writer::Writer;
 use kgs_schemas::docs::{KeyDoc, UsedKeyDoc, UsedReason};
 use kgs_schemas::KeyFormat;
 
@@ -128,19 +128,19 @@ async fn main() -> Result<()> {
         let metrics = Metrics::new(&name);
         let pool_doc = store.pool(&name).await?;
         let kafka = PoolKafka::start(&config, &pool_doc).await?;
-        let mover = Mover::new(&store, &pool_doc, 0, &guard, &kafka, &metrics);
+        let writer = Writer::new(&store, &pool_doc, 0, &guard, &kafka, &metrics);
         let batches = (n as usize).div_ceil(size);
         let started = Instant::now();
         for _ in 0..batches {
             anyhow::ensure!(
-                mover.next_batch(size, 0).await.context("batch")?,
+                writer.next_batch(size, 0).await.context("batch")?,
                 "pool empty"
             );
         }
         let sequential = n as f64 / started.elapsed().as_secs_f64();
         let started = Instant::now();
         let plan = vec![0; batches];
-        let (moved, _) = mover
+        let (moved, _) = writer
             .fill(size, &plan, Duration::from_secs(3600))
             .await
             .context("fill")?;
@@ -174,7 +174,7 @@ async fn leading_pool(
         format,
         partitions: 1,
     };
-    pool::init(config, store, &spec).await?;
+    init::create(config, store, &spec).await?;
     let keeper = LeaseKeeper::spawn(Lease::new(
         store.clone(),
         name,

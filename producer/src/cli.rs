@@ -9,10 +9,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kgs_schemas::{KeyFormat, BASE62};
 
+use crate::cmd::init::PoolSpec;
 use crate::config::Config;
 use crate::duration;
 use crate::error::{Error, Result};
-use crate::pool::PoolSpec;
 
 /// kgs producer: keeps a pool of pre-generated keys in MongoDB and publishes
 /// key batches to Kafka.

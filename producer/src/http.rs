@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::lease::{LeaseGuard, LeaseState};
+use crate::leader::lease::{LeaseGuard, LeaseState};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]

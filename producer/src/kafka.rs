@@ -1,19 +1,25 @@
 //! Kafka access of a leading producer: the transactional producer that
 //! publishes batches, the backlog per partition (end offset − the group's
 //! committed offset), and the read_committed search for a batch that may
-//! already be in the topic.
+//! already be in the topic; and the topic administration of `init` and
+//! `run` (metadata, settings, creation).
 //!
 //! Each batch is its own transaction: one data record plus one commit marker,
 //! so a partition's offsets advance by two per batch and half the offset
 //! difference estimates the backlog in batches. An aborted attempt also takes
 //! two offsets, so the leader counts exactly instead, from its batch records
-//! (see `leader.rs`); the estimate serves `stats`.
+//! (see `leader/lead.rs`); the estimate serves `stats`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kgs_schemas::docs::{BatchRecord, PoolDoc};
 use kgs_schemas::{keys_digest, KeyBatch};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
+    TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -327,4 +333,119 @@ fn txn_error(op: &'static str) -> impl FnOnce(KafkaError) -> Error {
             Error::Kafka { op, source: err }
         }
     }
+}
+
+/// Topic settings kgs needs, set when it creates a pool's topic and checked
+/// on an existing one: batches are never deleted by time or size (a
+/// published, unclaimed batch deleted by retention would be lost: its keys
+/// stay in `used_keys`, never handed out), and never compacted away.
+pub const TOPIC_CONFIG: [(&str, &str); 3] = [
+    ("retention.ms", "-1"),
+    ("retention.bytes", "-1"),
+    ("cleanup.policy", "delete"),
+];
+
+/// The value of one setting of `topic`, as the broker reports it.
+pub async fn topic_config(config: &Config, topic: &str, name: &str) -> Result<Option<String>> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .kafka()
+        .create()
+        .map_err(Error::kafka("create admin client"))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(Error::kafka("describe topic config"))?;
+    for r in results {
+        let resource = r.map_err(|code| Error::Kafka {
+            op: "describe topic config",
+            source: rdkafka::error::KafkaError::AdminOp(code),
+        })?;
+        if resource.specifier == OwnedResourceSpecifier::Topic(topic.to_owned()) {
+            return Ok(resource.get(name).and_then(|e| e.value.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// The partition count of `topic`, or `None` if it does not exist.
+pub async fn topic_partition_count(config: &Config, topic: &str) -> Result<Option<u32>> {
+    let consumer: BaseConsumer = config
+        .kafka()
+        .create()
+        .map_err(Error::kafka("create metadata client"))?;
+    let topic = topic.to_owned();
+    let brokers = config.kafka_brokers.clone();
+    let deadline = config.connect_timeout;
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            match consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+                Ok(md) => {
+                    let t = md.topics().iter().find(|t| t.name() == topic);
+                    return Ok(match t {
+                        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                            Some(t.partitions().len() as u32)
+                        }
+                        _ => None,
+                    });
+                }
+                Err(e) if started.elapsed() < deadline => {
+                    tracing::info!(cause = %e, "Kafka not ready");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    return Err(Error::Unreachable {
+                        server: "Kafka",
+                        address: brokers,
+                        detail: e.to_string(),
+                    })
+                }
+            }
+        }
+    })
+    .await
+    .expect("metadata task does not panic")
+}
+
+/// Creates `topic` with `partitions` and [`TOPIC_CONFIG`], and waits until
+/// the metadata shows it.
+pub async fn create_topic(config: &Config, topic: &str, partitions: u32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .kafka()
+        .create()
+        .map_err(Error::kafka("create admin client"))?;
+    // Replication 1 suits the single-broker setups kgs is tested on; a
+    // production cluster pre-creates the topic (init then only checks it).
+    let mut new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    for (name, value) in TOPIC_CONFIG {
+        new = new.set(name, value);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(Error::kafka("create topic"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                tracing::error!(topic = %t, "topic creation failed");
+                return Err(Error::Kafka {
+                    op: "create topic",
+                    source: rdkafka::error::KafkaError::AdminOp(code),
+                });
+            }
+        }
+    }
+    // Wait until the metadata shows it, so `run` finds every partition.
+    for _ in 0..50 {
+        if topic_partition_count(config, topic).await? == Some(partitions) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(Error::Config(format!(
+        "topic {topic} was created but does not show up in metadata"
+    )))
 }

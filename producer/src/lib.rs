@@ -4,218 +4,47 @@
 //! Kafka topic, as the single leader of the pool.
 //!
 //! # Layout
-//! - [`cli`], [`config`], [`duration`]: command line, TOML/env configuration.
-//! - [`pool`]: `init` and `reserve`.
-//! - [`permutation`], [`generate`]: the keyed order and crash-safe generation.
-//! - [`lease`]: one leader per pool.
-//! - [`mover`]: the batch move/publish protocol, its recovery, returned keys.
-//! - [`kafka`]: transactional publishing, backlog, search for a batch.
-//! - [`leader`]: the `run` loop; [`http`] and [`metrics`]: observability.
-//! - [`recycle`]: requests to recycle handed-out keys, and their execution.
-//! - [`stats`]: the `stats` command; [`store`]: MongoDB access.
-//! - [`failpoint`]: test-only fault injection (`KGS_FAILPOINT`).
+//! The life of a key, and the file of each step (the consumer's side is in
+//! the `kgs-consumer` crate):
+//! - **pool**: [`cmd::init`] creates a pool (document, collections,
+//!   indexes, topic); [`cmd::reserve`] takes keys out of circulation.
+//! - **generate**: [`writer::generate`], in the keyed order of
+//!   [`permutation`].
+//! - **move**: [`writer::batch`], a window of keys from `keys` to
+//!   `used_keys` as one batch record (the protocol: [`writer`]).
+//! - **publish**: [`writer::publish`], in a Kafka transaction
+//!   ([`kafka`]); [`writer::recover`] finishes a batch a crash left behind.
+//! - *consume, claim, buffer, hand out*: the consumer library.
+//! - **return**: [`writer::returns`], the unused keys of a consumer that
+//!   stopped, through [`writer::put_back`].
+//! - **recycle**: [`cmd::recycle`] records a request, [`writer::recycles`]
+//!   performs it, through [`writer::put_back`].
+//!
+//! Around them: [`leader`] (`run`: the [`leader::lease`], the
+//! [`leader::lead`] loop and its [`leader::sizer`]); [`cli`], [`config`],
+//! [`duration`]: command line and configuration; [`store`]: MongoDB access;
+//! [`http`] and [`metrics`]: observability; [`cmd::stats`]: the `stats`
+//! command; [`failpoint`]: test-only fault injection (`KGS_FAILPOINT`).
 
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod duration;
 pub mod error;
 pub mod failpoint;
-pub mod generate;
 pub mod http;
 pub mod kafka;
 pub mod leader;
-pub mod lease;
 pub mod metrics;
-pub mod mover;
 pub mod permutation;
-pub mod pool;
-pub mod recycle;
-pub mod sizer;
-pub mod stats;
 pub mod store;
+pub mod writer;
 
-use std::future::Future;
 use std::time::Duration;
 
 pub use cli::{Cli, Command};
 pub use config::Config;
 pub use error::{Error, Result};
-
-use crate::lease::{Lease, LeaseKeeper, LeaseState};
-use crate::store::Store;
-
-/// Runs one command to completion (`run` until `shutdown` resolves).
-pub async fn run(
-    command: Command,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
-    match command {
-        Command::Init { spec, initial_keys } => {
-            config.validate()?;
-            config.check_batch_fits(&spec.format)?;
-            let store = Store::connect(&config).await?;
-            let outcome = pool::init(&config, &store, &spec).await?;
-            let generated = initial_generation(&config, &store, &spec.name, initial_keys).await?;
-            let doc = store.pool(&spec.name).await?;
-            println!(
-                "pool {}: {}; space {}, generated {} ({} now), topic {} ({} partitions)",
-                spec.name,
-                match outcome {
-                    pool::InitOutcome::Created => "created",
-                    pool::InitOutcome::Unchanged => "already exists with these settings",
-                },
-                doc.space,
-                doc.cursor,
-                generated,
-                doc.topic,
-                doc.partitions
-            );
-            Ok(())
-        }
-        Command::Run { pool } => {
-            let metrics = metrics::Metrics::new(&pool);
-            leader::run(config, pool, metrics, shutdown).await
-        }
-        Command::Stats { pool, json } => {
-            let all = stats::stats(&config, pool.as_deref()).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&all).expect("stats serialize")
-                );
-            } else {
-                for s in &all {
-                    print!("{}", stats::render(s));
-                }
-            }
-            Ok(())
-        }
-        Command::Recycle { pool, keys } => recycle_command(&config, &pool, keys).await,
-        Command::Reserve { pool, keys } => {
-            let store = Store::connect(&config).await?;
-            for key in keys {
-                let outcome = pool::reserve(&store, &pool, &key).await?;
-                println!("{key}: {outcome:?}");
-            }
-            Ok(())
-        }
-    }
-}
-
-/// `recycle`: one line per key (`<key>: accepted` or `<key>: refused
-/// (<kind>): <reason>`); an error (non-zero exit) if any was refused. With no
-/// keys, or `-`, reads whitespace-separated keys from stdin.
-async fn recycle_command(config: &Config, pool: &str, keys: Vec<String>) -> Result<()> {
-    let keys = if keys.is_empty() || keys == ["-"] {
-        let mut input = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
-            .map_err(|e| Error::Config(format!("reading keys from stdin: {e}")))?;
-        input.split_whitespace().map(str::to_owned).collect()
-    } else {
-        keys
-    };
-    let store = Store::connect(config).await?;
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
-    let requester = recycle::Requester::new(&store, pool, format!("kgs-producer@{host}")).await?;
-    let mut refused = 0;
-    for key in &keys {
-        match requester.request(key).await? {
-            recycle::RecycleOutcome::Accepted(_) => println!("{key}: accepted"),
-            recycle::RecycleOutcome::BadKey(e) => {
-                refused += 1;
-                println!("{key}: refused (bad_key): {e}");
-            }
-            recycle::RecycleOutcome::Refused(r) => {
-                refused += 1;
-                println!("{key}: refused ({}): {r}", r.kind());
-            }
-        }
-    }
-    if refused > 0 {
-        return Err(Error::Refused(format!(
-            "{refused} of {} keys refused",
-            keys.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Generates a new pool's first keys (up to `initial_keys`, at most the
-/// target size) under the pool's lease, so it never runs next to a leading
-/// producer, which tops the pool up itself.
-async fn initial_generation(
-    config: &Config,
-    store: &Store,
-    pool: &str,
-    initial_keys: Option<u64>,
-) -> Result<u64> {
-    let doc = store.pool(pool).await?;
-    let target = config.target_size.unwrap_or(doc.space.min(1_000_000));
-    let target = initial_keys.map_or(target, |n| n.min(target));
-    let holder = format!(
-        "init-{}-{:06x}",
-        std::process::id(),
-        rand::random::<u32>() & 0xff_ffff
-    );
-    let keeper = LeaseKeeper::spawn(Lease::new(
-        store.clone(),
-        pool,
-        &holder,
-        config.lease_duration,
-    ));
-    let mut guard = keeper.guard();
-    // A crashed init or producer holds the lease until it expires: wait that long.
-    let wait = config.lease_duration + config.lease_duration / 2;
-    // A renewal that comes back late (a slow database) lapses the lease
-    // locally; generation is crash-safe step by step, so take the lease
-    // again and carry on, a bounded number of times.
-    const MAX_LAPSES: u32 = 5;
-    let mut lapses = 0;
-    let result = loop {
-        let leading = tokio::time::timeout(wait, guard.wait_leader())
-            .await
-            .is_ok();
-        if !leading {
-            if guard.state() == LeaseState::Standby {
-                tracing::warn!(
-                    pool,
-                    "a producer leads this pool; it tops the pool up itself"
-                );
-            }
-            break Ok(0);
-        }
-        let doc = store.pool(pool).await?;
-        let bar = generate::progress_bar(
-            target.min(doc.space - doc.cursor.min(doc.space)),
-            "generating",
-        );
-        let r = generate::top_up(
-            store,
-            pool,
-            target,
-            config.generate_chunk,
-            u64::MAX,
-            &guard,
-            Some(&bar),
-        )
-        .await;
-        bar.finish_and_clear();
-        match r {
-            Err(Error::LeaseLost(_)) if lapses < MAX_LAPSES => {
-                lapses += 1;
-                tracing::warn!(
-                    pool,
-                    lapses,
-                    "lease lapsed during generation (slow database?); taking it again"
-                );
-            }
-            other => break other,
-        }
-    };
-    keeper.stop().await;
-    result
-}
 
 /// Waits for Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {

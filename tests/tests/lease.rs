@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use bson::doc;
 use futures::TryStreamExt;
-use kgs_producer::lease::Lease;
+use kgs_producer::leader::lease::Lease;
 use kgs_producer::store::Store;
 use kgs_schemas::docs::{LeaseDoc, LeaseEpochDoc};
 use kgs_tests::{kafka_brokers, mongo_client, mongodb_uri, unique};

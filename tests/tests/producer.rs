@@ -828,7 +828,7 @@ async fn http_endpoints_and_stats_json() -> Result<()> {
 /// two takers once both got the same epoch).
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_takeovers_give_one_leader_per_epoch() -> Result<()> {
-    use kgs_producer::lease::Lease;
+    use kgs_producer::leader::lease::Lease;
     use kgs_producer::store::Store;
 
     let config = kgs_producer::Config {

@@ -622,7 +622,7 @@ async fn a_forged_batch_of_never_generated_keys_is_refused() -> Result<()> {
     let s = Setup::new(2);
     s.init().await?;
     let doc = s.pool_doc().await?;
-    let (format, perm) = kgs_producer::generate::pool_order(&doc)?;
+    let (format, perm) = kgs_producer::writer::generate::pool_order(&doc)?;
     let space = format.space();
     let never: Vec<String> = (space - BATCH_SIZE as u64..space)
         .map(|i| format.key_at(perm.apply(i)))

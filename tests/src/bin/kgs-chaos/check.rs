@@ -131,7 +131,7 @@ pub async fn check(
             range.from, range.to
         ));
     }
-    let (format, perm) = kgs_producer::generate::pool_order(&doc)?;
+    let (format, perm) = kgs_producer::writer::generate::pool_order(&doc)?;
     let mut generated = HashSet::with_capacity(doc.cursor as usize);
     for i in 0..doc.cursor {
         generated.insert(format.key_at(perm.apply(i))?);

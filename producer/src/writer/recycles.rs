@@ -1,18 +1,10 @@
-//! Recycling: putting a handed-out key back into its pool so it is handed
-//! out again later, exactly once.
-//!
-//! Two halves, like the consumers' key return:
-//! - a **request** (this module's [`Requester`], used by `kgs-producer
-//!   recycle`; the consumer library has its own) checks the key with
-//!   [`kgs_schemas::recycle`] and inserts a [`RecycleDoc`] `requested`
-//!   (`_id` = `<pool>:<key>:<batch>`, so a second request for the same
-//!   hand-out is a duplicate-key error: "already recycled");
-//! - the **leader** performs every `requested` document of its pool
-//!   ([`Mover::process_recycles`], in the run loop beside the moves): the
-//!   key goes into a new batch without ever leaving `used_keys` (its
-//!   document moves from the batch that handed it out to the new one, see
-//!   [`Mover::rebatch`]), which is published and handed out once, and the
-//!   request is set `done`.
+//! Recycle requests, performed by the leader: every `requested`
+//! [`RecycleDoc`] of its pool (in the run loop beside the moves) puts its key
+//! back through [`super::put_back`]: the key goes into a new batch without
+//! ever leaving `used_keys` (its document moves from the batch that handed
+//! it out to the new one), which is published and handed out once, and the
+//! request is set `done`. The requests are made by `kgs-producer recycle`
+//! (`cmd/recycle.rs`) and by the consumer library.
 //!
 //! A crash anywhere is finished by the next pass: the `requested` document
 //! is the durable record; a key still in its old batch is re-batched, a key
@@ -20,129 +12,28 @@
 //! `done`, anything else is refused (`changed`). The key is in `used_keys`
 //! throughout, so `keys ∪ used_keys` is the generated set at every step.
 
-use bson::doc;
-use chrono::Utc;
-use futures::TryStreamExt;
 use std::collections::{BTreeMap, HashSet};
 
-use kgs_schemas::docs::{recycle_id, PoolDoc, RecycleDoc, RecycleState, UsedKeyDoc, UsedReason};
-use kgs_schemas::recycle::{check_claim, check_used, ClaimVerdict, Refusal};
-use kgs_schemas::{FormatError, KeyFormat};
+use bson::doc;
+use futures::TryStreamExt;
+use kgs_schemas::docs::{RecycleDoc, RecycleState, UsedReason};
+use kgs_schemas::recycle::Refusal;
 
+use super::Writer;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::mover::Mover;
-use crate::store::{by_id, is_duplicate, Store};
+use crate::store::by_id;
 
-/// What became of one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecycleOutcome {
-    /// Recorded (`_id` given); the leader puts the key back.
-    Accepted(String),
-    /// Not a key of the pool (length or alphabet).
-    BadKey(FormatError),
-    /// Refused; nothing changed.
-    Refused(Refusal),
-}
-
-/// Checks and records recycle requests for one pool.
-#[derive(Debug)]
-pub struct Requester<'a> {
-    store: &'a Store,
-    pool: PoolDoc,
-    format: KeyFormat,
-    by: String,
-}
-
-impl<'a> Requester<'a> {
-    /// A requester of `pool`, recording `by` as who asked.
-    pub async fn new(store: &'a Store, pool: &str, by: String) -> Result<Self> {
-        let pool = store.pool(pool).await?;
-        let format = KeyFormat::try_from(&pool.format)?;
-        Ok(Self {
-            store,
-            pool,
-            format,
-            by,
-        })
-    }
-
-    /// Checks `key` and records the request. Every read is by exact `_id`.
-    /// A batch still open in any instance is refused: the command line
-    /// cannot see a buffer.
-    pub async fn request(&self, key: &str) -> Result<RecycleOutcome> {
-        if let Err(e) = self.format.check(key) {
-            return Ok(RecycleOutcome::BadKey(e));
-        }
-        let pk = self.store.pool_keys(&self.pool.name);
-        let used: Option<UsedKeyDoc> = pk
-            .used
-            .find_one(by_id(key))
-            .await
-            .map_err(Error::store("read used key"))?;
-        let (batch, n) = match check_used(used.as_ref()) {
-            Ok((batch, n)) => (batch.to_owned(), n),
-            Err(r) => return Ok(RecycleOutcome::Refused(r)),
-        };
-        let claim = self
-            .store
-            .claims
-            .find_one(by_id(&batch))
-            .await
-            .map_err(Error::store("read claim"))?;
-        match check_claim(claim.as_ref(), key, &batch, None) {
-            Ok(ClaimVerdict::HandedOut) => {}
-            // Only a consumer asks about its own buffer; `None` never gets here.
-            Ok(ClaimVerdict::AskBuffer) => {
-                return Ok(RecycleOutcome::Refused(Refusal::InBuffer { batch }))
-            }
-            Err(r) => return Ok(RecycleOutcome::Refused(r)),
-        }
-        let doc = RecycleDoc {
-            id: recycle_id(&self.pool.name, key, &batch),
-            pool: self.pool.name.clone(),
-            key: key.to_owned(),
-            batch,
-            n,
-            state: RecycleState::Requested,
-            reason: None,
-            requested_by: self.by.clone(),
-            requested_at: Utc::now(),
-            done_at: None,
-        };
-        match self.store.recycles.insert_one(&doc).await {
-            Ok(_) => {
-                tracing::info!(pool = %self.pool.name, key, batch = %doc.batch, "recycle requested");
-                Ok(RecycleOutcome::Accepted(doc.id))
-            }
-            Err(e) if is_duplicate(&e) => {
-                let stored = self
-                    .store
-                    .recycles
-                    .find_one(by_id(&doc.id))
-                    .await
-                    .map_err(Error::store("read recycle request"))?;
-                if stored.is_some_and(|s| doc.is_same_request(&s)) {
-                    Ok(RecycleOutcome::Accepted(doc.id))
-                } else {
-                    Ok(RecycleOutcome::Refused(Refusal::AlreadyRecycled))
-                }
-            }
-            Err(e) => Err(Error::store("insert recycle request")(e)),
-        }
-    }
-}
-
-impl Mover<'_> {
+impl Writer<'_> {
     /// Performs every `requested` recycle of the pool (see the module docs):
     /// the keys still in the batch their request names are re-batched
-    /// ([`Mover::rebatch`], grouped by that batch, at most `size` keys per
+    /// ([`Writer::put_back`], grouped by that batch, at most `size` keys per
     /// new batch, published to `partition`) and their requests set `done`.
     /// A request whose key's `used_keys` document names something else is
     /// refused (`changed`), changing nothing — unless that is a re-batch of
     /// exactly this key from exactly this batch, which a crashed pass made:
     /// then it is `done`. Returns the number of keys recycled.
-    pub async fn process_recycles(&self, size: usize, partition: i32) -> Result<u64> {
+    pub async fn put_back_recycles(&self, size: usize, partition: i32) -> Result<u64> {
         self.guard.check()?;
         // Served by the `{pool, state}` index.
         let requests: Vec<RecycleDoc> = self
@@ -181,7 +72,7 @@ impl Mover<'_> {
             for chunk in requests.chunks(size.max(1)) {
                 let keys: Vec<(String, u64)> = chunk.iter().map(|r| (r.key.clone(), r.n)).collect();
                 let taken: HashSet<String> = self
-                    .rebatch(&from, &keys, partition)
+                    .put_back(&from, &keys, partition)
                     .await?
                     .into_iter()
                     .collect();

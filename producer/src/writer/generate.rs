@@ -23,7 +23,7 @@ use kgs_schemas::KeyFormat;
 
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::lease::LeaseGuard;
+use crate::leader::lease::LeaseGuard;
 use crate::permutation::Permutation;
 use crate::store::{insert_ignoring_duplicates, PoolKeys, Store};
 
