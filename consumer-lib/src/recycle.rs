@@ -13,8 +13,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
-use kgs_schemas::docs::{recycle_id, RecycleDoc, RecycleState};
+use kgs_schemas::docs::{RecycleDoc, RecycleState};
 use kgs_schemas::recycle::{check_claim, check_used, ClaimVerdict, Refusal};
 
 use crate::buffer::BufferedKey;
@@ -112,18 +111,7 @@ impl KeyConsumer {
                 }
             },
         }
-        let request = RecycleDoc {
-            id: recycle_id(&self.pool, key, batch),
-            pool: self.pool.clone(),
-            key: key.to_owned(),
-            batch: batch.to_owned(),
-            n,
-            state: RecycleState::Requested,
-            reason: None,
-            requested_by: self.instance.clone(),
-            requested_at: Utc::now(),
-            done_at: None,
-        };
+        let request = RecycleDoc::request(&self.pool, key, batch, n, &self.instance);
         if !self.store.request_recycle(&request).await? {
             return Err(refused(Refusal::AlreadyRecycled));
         }

@@ -13,15 +13,12 @@ use kgs_schemas::docs::{
     used_keys_collection, ClaimDoc, ClaimState, PoolDoc, RecycleDoc, UsedKeyDoc, BATCHES, CLAIMS,
     POOLS, RECYCLES,
 };
+use kgs_schemas::mongo::is_duplicate_key;
 use kgs_schemas::BatchProof;
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, CollectionOptions, WriteConcern};
 use mongodb::{Collection, Database};
 
 use crate::error::{Error, Result};
-
-/// MongoDB's duplicate-key error code.
-const DUPLICATE_KEY: i32 = 11000;
 
 /// Result of trying to claim a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,11 +152,10 @@ impl Store {
         } else {
             ClaimState::Returning
         };
-        let state = bson::to_bson(&state).expect("claim state serializes");
         let r = self
             .claims
             .update_one(
-                doc! { "_id": batch, "state": "open", "token": token },
+                doc! { "_id": batch, "state": ClaimState::Open, "token": token },
                 doc! { "$set": {
                     "state": state,
                     "return_keys": return_keys,
@@ -246,17 +242,5 @@ impl Store {
                 op: "counting documents",
                 source,
             })
-    }
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match e.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::InsertMany(i) => i
-            .write_errors
-            .as_ref()
-            .is_some_and(|ws| ws.iter().any(|w| w.code == DUPLICATE_KEY)),
-        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
-        _ => false,
     }
 }

@@ -147,9 +147,9 @@ async fn main() -> Result<()> {
         let pipelined = n as f64 / started.elapsed().as_secs_f64();
         anyhow::ensure!(moved == batches, "moved {moved} of {batches} batches");
         anyhow::ensure!(
-            metrics.keys_published.get() == 2 * n,
+            metrics.keys_published() == 2 * n,
             "published {} keys",
-            metrics.keys_published.get()
+            metrics.keys_published()
         );
         println!(
             "| {size} | {n} | {raw_id:.0} | {raw_range:.0} | {sequential:.0} | {pipelined:.0} | {:.2} | {:.2} |",

@@ -11,8 +11,8 @@ use kgs_schemas::{KeyFormat, BASE62};
 
 use crate::cmd::init::PoolSpec;
 use crate::config::Config;
-use crate::duration;
 use crate::error::{Error, Result};
+use kgs_schemas::duration;
 
 /// kgs producer: keeps a pool of pre-generated keys in MongoDB and publishes
 /// key batches to Kafka.

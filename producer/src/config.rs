@@ -45,20 +45,20 @@ pub struct Config {
     /// Keys generated per crash-safe generation step.
     pub generate_chunk: u64,
     /// How long a lease lasts without renewal; renewed every third of it.
-    #[serde(with = "crate::duration")]
+    #[serde(with = "kgs_schemas::duration")]
     pub lease_duration: Duration,
     /// How often the leader re-checks backlog and returns when idle.
-    #[serde(with = "crate::duration")]
+    #[serde(with = "kgs_schemas::duration")]
     pub poll_interval: Duration,
     /// How often the leader looks for unfinished batches of older epochs
     /// and for keys below the batch window (late writes of a stale leader).
-    #[serde(with = "crate::duration")]
+    #[serde(with = "kgs_schemas::duration")]
     pub recovery_interval: Duration,
     /// How long a graceful shutdown may take before it is forced.
-    #[serde(with = "crate::duration")]
+    #[serde(with = "kgs_schemas::duration")]
     pub shutdown_timeout: Duration,
     /// How long to keep retrying servers at start before giving up.
-    #[serde(with = "crate::duration")]
+    #[serde(with = "kgs_schemas::duration")]
     pub connect_timeout: Duration,
     /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`); none if absent.
     pub http_addr: Option<SocketAddr>,
@@ -100,10 +100,7 @@ impl fmt::Debug for KafkaOptions {
 impl KafkaOptions {
     /// Parses `name=value` pairs (flags, `KGS_KAFKA_OPTIONS` split on `,`).
     pub fn parse_pair(pair: &str) -> std::result::Result<(String, String), String> {
-        match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-            _ => Err(format!("expected name=value, got {pair:?}")),
-        }
+        kgs_schemas::process::parse_name_value(pair)
     }
 }
 

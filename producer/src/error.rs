@@ -43,6 +43,15 @@ pub enum Error {
         /// The driver error.
         source: mongodb::error::Error,
     },
+    /// A MongoDB write command answered with write errors or a write
+    /// concern error (the command itself went through).
+    #[error("MongoDB {op} failed: {detail}")]
+    StoreWrite {
+        /// What was being done.
+        op: &'static str,
+        /// The server's errors.
+        detail: String,
+    },
     /// A Kafka operation failed.
     #[error("Kafka {op} failed: {source}")]
     Kafka {
@@ -50,6 +59,14 @@ pub enum Error {
         op: &'static str,
         /// The client error.
         source: KafkaError,
+    },
+    /// An operation did not finish in time (a slow or stalled server).
+    #[error("{op} did not finish within {after:?}")]
+    Timeout {
+        /// What was being done.
+        op: &'static str,
+        /// How long it was given.
+        after: std::time::Duration,
     },
     /// The lease is not (or no longer certainly) held: a newer producer took
     /// it, or its renewal did not come back in time (slow or unreachable
@@ -80,7 +97,7 @@ pub enum Error {
 impl Error {
     /// Every value [`Error::kind`] returns, so the `errors_total{kind}`
     /// series exist (at 0) before the first error and dashboards show them.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 13] = [
         "config",
         "unreachable",
         "conflict",
@@ -88,6 +105,7 @@ impl Error {
         "bad_key",
         "mongodb",
         "kafka",
+        "timeout",
         "lease_lost",
         "fenced",
         "topic",
@@ -103,8 +121,9 @@ impl Error {
             Self::Conflict { .. } => "conflict",
             Self::NoSuchPool(_) => "no_such_pool",
             Self::BadKey(_) => "bad_key",
-            Self::Store { .. } => "mongodb",
+            Self::Store { .. } | Self::StoreWrite { .. } => "mongodb",
             Self::Kafka { .. } => "kafka",
+            Self::Timeout { .. } => "timeout",
             Self::LeaseLost(_) => "lease_lost",
             Self::Fenced(_) => "fenced",
             Self::Topic { .. } => "topic",
@@ -116,6 +135,15 @@ impl Error {
     /// A `map_err` adapter for MongoDB calls.
     pub fn store(op: &'static str) -> impl FnOnce(mongodb::error::Error) -> Self {
         move |source| Self::Store { op, source }
+    }
+
+    /// The pool's topic does not exist: the same error at start and while
+    /// running.
+    pub fn topic_missing(topic: &str) -> Self {
+        Self::Topic {
+            topic: topic.to_owned(),
+            detail: "does not exist (deleted?); recreate it with `kgs-producer init` and the pool's settings".into(),
+        }
     }
 
     /// A `map_err` adapter for Kafka calls.

@@ -6,10 +6,11 @@
 //! let another producer take over, then resume it with SIGCONT, so every
 //! write it had been about to make arrives late, from a stale leader.
 //!
-//! **Never set `KGS_FAILPOINT` in production**: the process dies on purpose.
-//! The names are listed in [`ALL`]; an unknown name simply never fires.
-
-use std::sync::OnceLock;
+//! Compiled in only with the cargo feature `failpoints` (the integration
+//! tests' build enables it, as TiKV's fail-rs advises); without it [`hit`]
+//! is empty and `KGS_FAILPOINT` means nothing, so a release binary cannot be
+//! made to die by its environment. The names are listed in [`ALL`]; an
+//! unknown name simply never fires.
 
 /// Every failpoint, in protocol order.
 pub const ALL: &[&str] = &[
@@ -51,7 +52,10 @@ pub const ALL: &[&str] = &[
     "checked_recycle_done",
 ];
 
+#[cfg(feature = "failpoints")]
 fn armed() -> Option<&'static str> {
+    use std::sync::OnceLock;
+
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     ARMED
         .get_or_init(|| {
@@ -62,7 +66,15 @@ fn armed() -> Option<&'static str> {
         .as_deref()
 }
 
+/// Without the `failpoints` feature: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(name: &'static str) {
+    debug_assert!(ALL.contains(&name), "unlisted failpoint {name}");
+}
+
 /// Aborts (or stops) the process if `KGS_FAILPOINT` names this point.
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &'static str) {
     debug_assert!(ALL.contains(&name), "unlisted failpoint {name}");
     match armed() {
@@ -80,6 +92,7 @@ pub fn hit(name: &'static str) {
 /// Sends SIGSTOP to this process, once: it continues where it stopped when
 /// the test sends SIGCONT. (`kill` rather than a libc call: the crate
 /// forbids unsafe code.)
+#[cfg(feature = "failpoints")]
 fn stop_once(name: &'static str) {
     static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if STOPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {

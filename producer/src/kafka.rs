@@ -136,10 +136,7 @@ impl PoolKafka {
                     self.partitions
                 ),
             }),
-            None => Err(Error::Topic {
-                topic: self.topic.clone(),
-                detail: "does not exist (deleted?); recreate it with `kgs-producer init` and the pool's settings".into(),
-            }),
+            None => Err(Error::topic_missing(&self.topic)),
         }
     }
 
@@ -249,9 +246,10 @@ impl PoolKafka {
                     }
                 }
             }
-            Err(Error::Corrupt(format!(
-                "could not read partition {partition} of {topic} up to {end} within {CALL_TIMEOUT:?}"
-            )))
+            Err(Error::Timeout {
+                op: "reading the partition a batch may be in",
+                after: CALL_TIMEOUT,
+            })
         })
         .await
     }
@@ -430,7 +428,7 @@ pub async fn create_topic(config: &Config, topic: &str, partitions: u32) -> Resu
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
-                tracing::error!(topic = %t, "topic creation failed");
+                tracing::debug!(topic = %t, "topic creation failed");
                 return Err(Error::Kafka {
                     op: "create topic",
                     source: rdkafka::error::KafkaError::AdminOp(code),

@@ -22,14 +22,13 @@
 //!
 //! Around them: [`leader`] (`run`: the [`leader::lease`], the
 //! [`leader::lead`] loop and its [`leader::sizer`]); [`cli`], [`config`],
-//! [`duration`]: command line and configuration; [`store`]: MongoDB access;
+//! [`kgs_schemas::duration`]: command line and configuration; [`store`]: MongoDB access;
 //! [`http`] and [`metrics`]: observability; [`cmd::stats`]: the `stats`
 //! command; [`failpoint`]: test-only fault injection (`KGS_FAILPOINT`).
 
 pub mod cli;
 pub mod cmd;
 pub mod config;
-pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod http;
@@ -40,33 +39,6 @@ pub mod permutation;
 pub mod store;
 pub mod writer;
 
-use std::time::Duration;
-
 pub use cli::{Cli, Command};
 pub use config::Config;
 pub use error::{Error, Result};
-
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    tracing::info!("shutdown requested");
-    // Give log lines a moment to flush before the drain starts.
-    tokio::time::sleep(Duration::from_millis(1)).await;
-}

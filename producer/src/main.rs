@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use kgs_producer::cmd::{self, init::InitOutcome, recycle::RecycleOutcome};
 use kgs_producer::{Cli, Command, Config, Error};
-use tracing_subscriber::EnvFilter;
+use kgs_schemas::process::shutdown_signal;
 
 #[tokio::main]
 async fn main() {
@@ -20,12 +20,7 @@ async fn main() {
         } else {
             "warn"
         };
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                EnvFilter::try_from_env("KGS_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
-            )
-            .with_writer(std::io::stderr)
-            .init();
+        kgs_schemas::process::init_logging(default);
         run(command, config).await?;
         anyhow::Ok(())
     }
@@ -69,8 +64,7 @@ async fn run(command: Command, config: Config) -> kgs_producer::Result<()> {
         }
         Command::Run { pool } => {
             let metrics = kgs_producer::metrics::Metrics::new(&pool);
-            kgs_producer::leader::run(config, pool, metrics, kgs_producer::shutdown_signal())
-                .await?;
+            kgs_producer::leader::run(config, pool, metrics, shutdown_signal()).await?;
         }
         Command::Stats { pool, json } => {
             let all = cmd::stats::stats(&config, pool.as_deref()).await?;

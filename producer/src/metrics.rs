@@ -1,5 +1,6 @@
-//! Every metric of the producer, named in one place, and the small event
-//! functions that pair each log line with its metric update.
+//! Every metric of the producer, named in one place (the constants), and
+//! the event methods that pair each log line with its metric update: the
+//! rest of the producer updates metrics only through them.
 //!
 //! Labels are bounded: `partition` (the topic's partition count) and `kind`
 //! (the fixed [`crate::Error::kind`] labels). Nothing is updated per key.
@@ -11,6 +12,53 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Gauge: keys in `keys.<pool>` (refreshed periodically).
+pub const KEYS_IN_POOL: &str = "kgs_producer_keys_in_pool";
+/// Gauge: keys in `used_keys.<pool>` (refreshed periodically).
+pub const KEYS_USED: &str = "kgs_producer_keys_used";
+/// Gauge: keys generated so far (the pool cursor).
+pub const KEYS_GENERATED: &str = "kgs_producer_keys_generated";
+/// Gauge: size of the key space.
+pub const KEY_SPACE: &str = "kgs_producer_key_space";
+/// Gauge: used / space, in parts per million.
+pub const SPACE_USED_PPM: &str = "kgs_producer_space_used_ppm";
+/// Counter: batches published to Kafka by this process.
+pub const BATCHES_PUBLISHED_TOTAL: &str = "kgs_producer_batches_published_total";
+/// Counter: keys in those batches.
+pub const KEYS_PUBLISHED_TOTAL: &str = "kgs_producer_keys_published_total";
+/// Counter: batches moved from `keys` to `used_keys` by this process.
+pub const BATCHES_MOVED_TOTAL: &str = "kgs_producer_batches_moved_total";
+/// Counter: keys returned unused by consumers and put into new batches.
+pub const KEYS_RETURNED_TOTAL: &str = "kgs_producer_keys_returned_total";
+/// Counter: claims that matched no batch record of this pool incarnation,
+/// set aside (`rejected`) instead of being put back.
+pub const CLAIMS_REJECTED_TOTAL: &str = "kgs_producer_claims_rejected_total";
+/// Counter: keys recycled (handed-out keys put into new batches on request).
+pub const KEYS_RECYCLED_TOTAL: &str = "kgs_producer_keys_recycled_total";
+/// Counter, label `reason` ([`kgs_schemas::recycle::Refusal::KINDS`]):
+/// recycle requests the leader refused.
+pub const RECYCLES_REFUSED_TOTAL: &str = "kgs_producer_recycles_refused_total";
+/// Counter: unfinished batches finished by recovery.
+pub const BATCHES_RECOVERED_TOTAL: &str = "kgs_producer_batches_recovered_total";
+/// Histogram: seconds to move one batch (record, used_keys, delete, state).
+pub const MOVE_SECONDS: &str = "kgs_producer_move_seconds";
+/// Histogram: seconds to publish one batch in a Kafka transaction.
+pub const PUBLISH_SECONDS: &str = "kgs_producer_publish_seconds";
+/// Gauge, label `partition`: batches not yet consumed.
+pub const BACKLOG_BATCHES: &str = "kgs_producer_backlog_batches";
+/// Gauge: 1 while the leader finds the whole key space used.
+pub const POOL_EXHAUSTED: &str = "kgs_producer_pool_exhausted";
+/// Gauge: 1 while this process holds the pool's lease.
+pub const LEASE_LEADER: &str = "kgs_producer_lease_leader";
+/// Gauge: keys per batch the leader moves now ([`crate::leader::sizer`]).
+pub const BATCH_SIZE: &str = "kgs_producer_batch_size";
+/// Gauge: keys consumed per second, as the leader measures it from the backlog.
+pub const DEMAND_KEYS_PER_SECOND: &str = "kgs_producer_demand_keys_per_second";
+/// Gauge: the lease epoch this process last held.
+pub const LEASE_EPOCH: &str = "kgs_producer_lease_epoch";
+/// Counter, label `kind` ([`crate::Error::KINDS`]): errors.
+pub const ERRORS_TOTAL: &str = "kgs_producer_errors_total";
+
 /// Buckets for move and publish latency: 1 ms .. ~16 s.
 fn latency_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.001, 2.0, 15).expect("valid buckets")
@@ -21,60 +69,58 @@ fn latency_buckets() -> Vec<f64> {
 pub struct Metrics {
     registry: Registry,
     /// Keys in `keys.<pool>` (refreshed periodically).
-    pub keys_in_pool: IntGauge,
+    keys_in_pool: IntGauge,
     /// Keys in `used_keys.<pool>` (refreshed periodically).
-    pub keys_used: IntGauge,
+    keys_used: IntGauge,
     /// Keys generated so far (the pool cursor).
-    pub keys_generated: IntGauge,
+    keys_generated: IntGauge,
     /// Size of the key space.
-    pub key_space: IntGauge,
+    key_space: IntGauge,
     /// used / space, in parts per million (a gauge of integers).
-    pub space_used_ppm: IntGauge,
+    space_used_ppm: IntGauge,
     /// Batches published to Kafka by this process.
-    pub batches_published: IntCounter,
+    batches_published: IntCounter,
     /// Keys in those batches.
-    pub keys_published: IntCounter,
+    keys_published: IntCounter,
     /// Batches moved from `keys` to `used_keys` by this process.
-    pub batches_moved: IntCounter,
+    batches_moved: IntCounter,
     /// Keys returned unused by consumers and put into new batches.
-    pub keys_returned: IntCounter,
+    keys_returned: IntCounter,
     /// Claims that matched no batch record of this pool incarnation, set
     /// aside (`rejected`) instead of being processed.
-    pub claims_rejected: IntCounter,
+    claims_rejected: IntCounter,
     /// Keys recycled (handed-out keys put into new batches on request).
-    pub keys_recycled: IntCounter,
+    keys_recycled: IntCounter,
     /// Recycle requests the leader refused, by reason.
-    pub recycles_refused: IntCounterVec,
+    recycles_refused: IntCounterVec,
     /// Unfinished batches finished by recovery.
-    pub batches_recovered: IntCounter,
+    batches_recovered: IntCounter,
     /// Time to move one batch (record, used_keys, delete, state).
-    pub move_seconds: Histogram,
+    move_seconds: Histogram,
     /// Time to publish one batch in a Kafka transaction.
-    pub publish_seconds: Histogram,
+    publish_seconds: Histogram,
     /// Batches waiting per partition (end offset − committed offset).
-    pub backlog: IntGaugeVec,
+    backlog: IntGaugeVec,
     /// 1 while the leader finds the whole key space used (nothing left to publish).
-    pub pool_exhausted: IntGauge,
+    pool_exhausted: IntGauge,
     /// 1 while this process holds the pool's lease.
-    pub leader: IntGauge,
+    leader: IntGauge,
     /// Keys per batch the leader moves now ([`crate::sizer`]).
-    pub batch_size: IntGauge,
+    batch_size: IntGauge,
     /// Keys consumed per second, as the leader measures it from the backlog.
-    pub demand: IntGauge,
+    demand: IntGauge,
     /// The lease epoch this process last held.
-    pub lease_epoch: IntGauge,
+    lease_epoch: IntGauge,
     /// Errors by kind.
-    pub errors: IntCounterVec,
+    errors: IntCounterVec,
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new(pool: &str) -> Self {
-        let registry = Registry::new_custom(
-            Some("kgs_producer".into()),
-            Some([("pool".to_owned(), pool.to_owned())].into()),
-        )
-        .expect("valid registry");
+        let registry =
+            Registry::new_custom(None, Some([("pool".to_owned(), pool.to_owned())].into()))
+                .expect("valid registry");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid gauge");
             registry
@@ -98,14 +144,14 @@ impl Metrics {
             h
         };
         let backlog = IntGaugeVec::new(
-            Opts::new("backlog_batches", "Batches not yet consumed, per partition"),
+            Opts::new(BACKLOG_BATCHES, "Batches not yet consumed, per partition"),
             &["partition"],
         )
         .expect("valid gauge vec");
         registry
             .register(Box::new(backlog.clone()))
             .expect("unique metric");
-        let errors = IntCounterVec::new(Opts::new("errors_total", "Errors by kind"), &["kind"])
+        let errors = IntCounterVec::new(Opts::new(ERRORS_TOTAL, "Errors by kind"), &["kind"])
             .expect("valid counter vec");
         registry
             .register(Box::new(errors.clone()))
@@ -117,7 +163,7 @@ impl Metrics {
         }
         let recycles_refused = IntCounterVec::new(
             Opts::new(
-                "recycles_refused_total",
+                RECYCLES_REFUSED_TOTAL,
                 "Recycle requests refused by the leader, by reason",
             ),
             &["reason"],
@@ -130,42 +176,42 @@ impl Metrics {
             recycles_refused.with_label_values(&[reason]);
         }
         Self {
-            keys_in_pool: gauge("keys_in_pool", "Keys in keys.<pool>"),
-            keys_used: gauge("keys_used", "Keys in used_keys.<pool>"),
-            keys_generated: gauge("keys_generated", "Keys generated (pool cursor)"),
-            key_space: gauge("key_space", "Size of the key space"),
-            space_used_ppm: gauge("space_used_ppm", "Fraction of the key space used, in ppm"),
-            batches_published: counter("batches_published_total", "Batches published"),
-            keys_published: counter("keys_published_total", "Keys in published batches"),
-            batches_moved: counter("batches_moved_total", "Batches moved to used_keys"),
+            keys_in_pool: gauge(KEYS_IN_POOL, "Keys in keys.<pool>"),
+            keys_used: gauge(KEYS_USED, "Keys in used_keys.<pool>"),
+            keys_generated: gauge(KEYS_GENERATED, "Keys generated (pool cursor)"),
+            key_space: gauge(KEY_SPACE, "Size of the key space"),
+            space_used_ppm: gauge(SPACE_USED_PPM, "Fraction of the key space used, in ppm"),
+            batches_published: counter(BATCHES_PUBLISHED_TOTAL, "Batches published"),
+            keys_published: counter(KEYS_PUBLISHED_TOTAL, "Keys in published batches"),
+            batches_moved: counter(BATCHES_MOVED_TOTAL, "Batches moved to used_keys"),
             keys_returned: counter(
-                "keys_returned_total",
+                KEYS_RETURNED_TOTAL,
                 "Keys returned unused by consumers, handed out again in new batches",
             ),
             claims_rejected: counter(
-                "claims_rejected_total",
+                CLAIMS_REJECTED_TOTAL,
                 "Claims matching no batch record of the pool, set aside",
             ),
             keys_recycled: counter(
-                "keys_recycled_total",
+                KEYS_RECYCLED_TOTAL,
                 "Handed-out keys recycled into new batches",
             ),
             recycles_refused,
-            batches_recovered: counter("batches_recovered_total", "Unfinished batches recovered"),
-            move_seconds: histogram("move_seconds", "Time to move one batch"),
-            publish_seconds: histogram("publish_seconds", "Time to publish one batch"),
+            batches_recovered: counter(BATCHES_RECOVERED_TOTAL, "Unfinished batches recovered"),
+            move_seconds: histogram(MOVE_SECONDS, "Time to move one batch"),
+            publish_seconds: histogram(PUBLISH_SECONDS, "Time to publish one batch"),
             backlog,
             pool_exhausted: gauge(
-                "pool_exhausted",
+                POOL_EXHAUSTED,
                 "1 while every key of the space is used (nothing left to publish)",
             ),
-            leader: gauge("lease_leader", "1 while this process holds the lease"),
-            batch_size: gauge("batch_size", "Keys per batch the leader moves now"),
+            leader: gauge(LEASE_LEADER, "1 while this process holds the lease"),
+            batch_size: gauge(BATCH_SIZE, "Keys per batch the leader moves now"),
             demand: gauge(
-                "demand_keys_per_second",
+                DEMAND_KEYS_PER_SECOND,
                 "Keys consumed per second, measured by the leader from the backlog",
             ),
-            lease_epoch: gauge("lease_epoch", "Lease epoch last held"),
+            lease_epoch: gauge(LEASE_EPOCH, "Lease epoch last held"),
             errors,
             registry,
         }
@@ -178,6 +224,101 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("Prometheus text is UTF-8")
+    }
+
+    /// The size of the pool's key space (known to a standby too).
+    pub fn key_space(&self, space: u64) {
+        self.key_space.set(space as i64);
+    }
+
+    /// Keys published by this process so far.
+    pub fn keys_published(&self) -> u64 {
+        self.keys_published.get()
+    }
+
+    /// This process leads the pool at `epoch`.
+    pub fn leading(&self, pool: &str, epoch: u64) {
+        self.leader.set(1);
+        self.lease_epoch.set(epoch as i64);
+        tracing::info!(pool, epoch, "leading");
+    }
+
+    /// This process no longer leads (shutdown, or stepped down).
+    pub fn not_leading(&self) {
+        self.leader.set(0);
+    }
+
+    /// The leader's batch size and the demand it follows.
+    pub fn sizing(&self, batch_size: usize, keys_per_second: f64) {
+        self.batch_size.set(batch_size as i64);
+        self.demand.set(keys_per_second as i64);
+    }
+
+    /// The backlog of one partition, in batches.
+    pub fn backlog(&self, partition: i32, batches: u64) {
+        self.backlog
+            .with_label_values(&[&partition.to_string()])
+            .set(batches as i64);
+    }
+
+    /// The pool's key figures: `keys` unused, `used`, of `space`, with
+    /// `generated` positions.
+    pub fn pool_figures(&self, keys: u64, used: u64, generated: u64, space: u64) {
+        self.key_space.set(space as i64);
+        self.keys_in_pool.set(keys as i64);
+        self.keys_generated.set(generated as i64);
+        self.keys_used.set(used as i64);
+        self.space_used_ppm
+            .set((used as f64 / space.max(1) as f64 * 1e6) as i64);
+    }
+
+    /// The key space of `pool` is used up: an operator must add a pool or
+    /// recycle keys. Said once per exhaustion.
+    pub fn pool_exhausted(&self, pool: &str, space: u64) {
+        self.pool_exhausted.set(1);
+        tracing::error!(pool, space, "pool exhausted: every key of the key space has been handed out or reserved; create a pool with longer keys or recycle keys");
+    }
+
+    /// Batches flow again after the pool was exhausted (keys recycled).
+    pub fn pool_refilled(&self, pool: &str) {
+        self.pool_exhausted.set(0);
+        tracing::info!(pool, "pool no longer exhausted");
+    }
+
+    /// An unfinished batch was finished by recovery.
+    pub fn batch_recovered(&self, batch: &str) {
+        self.batches_recovered.inc();
+        tracing::info!(batch, "batch recovered");
+    }
+
+    /// Recovery of one batch failed; the others went on.
+    pub fn batch_not_recovered(&self, batch: &str, err: &crate::Error) {
+        self.error(err, "recovering a batch");
+        tracing::warn!(
+            batch,
+            "batch not recovered this pass; the others go on, it is retried at the next pass"
+        );
+    }
+
+    /// The unused keys of a consumer's claim on `batch` were put back into
+    /// circulation (`keys` of them) and the claim set `returned`.
+    pub fn keys_returned(&self, batch: &str, keys: u64) {
+        self.keys_returned.inc_by(keys);
+        tracing::info!(batch, keys, "returned keys handed out again in new batches");
+    }
+
+    /// A recycle request was performed: the key is in a new batch.
+    pub fn key_recycled(&self, key: &str, batch: &str, by: &str) {
+        self.keys_recycled.inc();
+        tracing::info!(key, batch, by, "key recycled");
+    }
+
+    /// A recycle request was refused; nothing changed.
+    pub fn recycle_refused(&self, key: &str, batch: &str, refusal: &kgs_schemas::recycle::Refusal) {
+        self.recycles_refused
+            .with_label_values(&[refusal.kind()])
+            .inc();
+        tracing::warn!(key, batch, reason = %refusal, "recycle refused");
     }
 
     /// A batch was moved: log and count.

@@ -11,15 +11,14 @@ use bson::{doc, Document};
 use kgs_schemas::docs::{
     self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, LeaseEpochDoc, PoolDoc, RecycleDoc, UsedKeyDoc,
 };
-use mongodb::error::{ErrorKind, WriteFailure};
+use kgs_schemas::mongo::DUPLICATE_KEY;
+pub use kgs_schemas::mongo::{code_of, is_duplicate_key};
+use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-
-/// MongoDB's duplicate key error code.
-const DUPLICATE_KEY: i32 = 11000;
 
 /// The database of kgs and its shared collections.
 #[derive(Debug, Clone)]
@@ -187,20 +186,6 @@ impl Store {
     }
 }
 
-/// The server error code of a single-document write error, if any.
-pub fn code_of(err: &mongodb::error::Error) -> Option<i32> {
-    match err.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
-        ErrorKind::Command(c) => Some(c.code),
-        _ => None,
-    }
-}
-
-/// True for E11000 on a single-document write.
-pub fn is_duplicate(err: &mongodb::error::Error) -> bool {
-    code_of(err) == Some(DUPLICATE_KEY)
-}
-
 /// The outcome of an unordered `insert_many` where duplicates are expected.
 #[derive(Debug, Default)]
 pub struct InsertOutcome {
@@ -321,18 +306,20 @@ pub async fn rebatch_used(
 
 /// The `n` of a `delete` or `update` command's reply (documents deleted /
 /// matched); write errors and write concern errors are errors.
-fn affected(reply: &Document, op: &str) -> Result<u64> {
+fn affected(reply: &Document, op: &'static str) -> Result<u64> {
     if let Ok(errors) = reply.get_array("writeErrors") {
         if !errors.is_empty() {
-            return Err(Error::Corrupt(format!(
-                "{op}: {} write errors, first {:?}",
-                errors.len(),
-                errors[0]
-            )));
+            return Err(Error::StoreWrite {
+                op,
+                detail: format!("{} write errors, first {:?}", errors.len(), errors[0]),
+            });
         }
     }
     if let Ok(wce) = reply.get_document("writeConcernError") {
-        return Err(Error::Corrupt(format!("{op}: write concern error {wce}")));
+        return Err(Error::StoreWrite {
+            op,
+            detail: format!("write concern error {wce}"),
+        });
     }
     Ok(match reply.get("n") {
         Some(bson::Bson::Int32(n)) => *n as u64,

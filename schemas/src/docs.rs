@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+use bson::Bson;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -398,6 +399,42 @@ pub enum RecycleState {
     Refused,
 }
 
+/// The stored name of each state of a document (what serde writes), for
+/// queries and updates: `doc! { "state": BatchState::Moved }` instead of a
+/// string literal beside the enum. A test checks each name against serde.
+macro_rules! stored_names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The name stored in MongoDB (the serde name).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl From<$ty> for Bson {
+            fn from(value: $ty) -> Bson {
+                Bson::String(value.as_str().to_owned())
+            }
+        }
+    };
+}
+
+stored_names!(UsedReason { Batch => "batch", Reserved => "reserved" });
+stored_names!(BatchState { Moving => "moving", Moved => "moved", Published => "published" });
+stored_names!(ClaimState {
+    Open => "open",
+    Drained => "drained",
+    Returning => "returning",
+    Returned => "returned",
+    Rejected => "rejected",
+});
+stored_names!(RecycleState { Requested => "requested", Done => "done", Refused => "refused" });
+
 /// A request to put a handed-out key back into its pool. Collection
 /// [`RECYCLES`], `_id` = [`recycle_id`] (`<pool>:<key>:<batch>`): a key
 /// handed out in one batch can be recycled once, so a second request is a
@@ -457,6 +494,25 @@ impl RecycleDoc {
     }
 }
 
+impl RecycleDoc {
+    /// A new request (state `requested`) to recycle `key` of `pool`, handed
+    /// out by `batch` at position `n`, asked by `by` now.
+    pub fn request(pool: &str, key: &str, batch: &str, n: u64, by: &str) -> Self {
+        Self {
+            id: recycle_id(pool, key, batch),
+            pool: pool.to_owned(),
+            key: key.to_owned(),
+            batch: batch.to_owned(),
+            n,
+            state: RecycleState::Requested,
+            reason: None,
+            requested_by: by.to_owned(),
+            requested_at: Utc::now(),
+            done_at: None,
+        }
+    }
+}
+
 /// The `_id` of the [`RecycleDoc`] of `key`, handed out in `batch`, in `pool`.
 pub fn recycle_id(pool: &str, key: &str, batch: &str) -> String {
     format!("{pool}:{key}:{batch}")
@@ -465,6 +521,20 @@ pub fn recycle_id(pool: &str, key: &str, batch: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every stored state name is what serde writes for that value.
+    #[test]
+    fn stored_names_match_serde() {
+        fn check<T: Serialize + Copy>(all: &[T], name: impl Fn(T) -> &'static str) {
+            for &v in all {
+                assert_eq!(bson::to_bson(&v).unwrap(), Bson::String(name(v).to_owned()));
+            }
+        }
+        check(UsedReason::ALL, UsedReason::as_str);
+        check(BatchState::ALL, BatchState::as_str);
+        check(ClaimState::ALL, ClaimState::as_str);
+        check(RecycleState::ALL, RecycleState::as_str);
+    }
 
     #[test]
     fn pool_names() {

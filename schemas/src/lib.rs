@@ -12,11 +12,19 @@
 //! - [`docs`]: the MongoDB documents and collection names.
 //! - [`stats`]: the `collStats` figures reported for a pool's collections.
 //! - [`recycle`]: the checks a request to recycle a key must pass.
+//! - [`mongo`]: the duplicate-key rule every idempotent write relies on.
+//! - [`duration`]: the one duration grammar of every setting (`250ms`, `10s`).
+//! - [`process`] (feature `process`): what both binaries share as
+//!   processes: the log-filter variable, shutdown signals, `name=value`.
 #![deny(missing_docs)]
 
 pub mod batch;
 pub mod docs;
+pub mod duration;
 pub mod format;
+pub mod mongo;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod recycle;
 pub mod stats;
 

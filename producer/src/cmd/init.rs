@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{create_topic, topic_config, topic_partition_count, TOPIC_CONFIG};
 use crate::leader::lease::{Lease, LeaseKeeper, LeaseState};
-use crate::store::{is_duplicate, Store};
+use crate::store::{is_duplicate_key, Store};
 use crate::writer::generate;
 
 /// What `init` is asked to create.
@@ -123,7 +123,7 @@ pub async fn create(config: &Config, store: &Store, spec: &PoolSpec) -> Result<I
                     doc
                 }
                 // A concurrent init won: compare with what it wrote.
-                Err(e) if is_duplicate(&e) => {
+                Err(e) if is_duplicate_key(&e) => {
                     let doc = store.pool(&spec.name).await?;
                     conflicts(spec, &wanted, &doc)?;
                     doc

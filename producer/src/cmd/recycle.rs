@@ -7,15 +7,13 @@
 //! recycled"). The leader performs it ([`crate::writer::recycles`]). The
 //! consumer library makes the same requests for its app servers.
 
-use chrono::Utc;
-
-use kgs_schemas::docs::{recycle_id, PoolDoc, RecycleDoc, RecycleState, UsedKeyDoc};
+use kgs_schemas::docs::{PoolDoc, RecycleDoc, UsedKeyDoc};
 use kgs_schemas::recycle::{check_claim, check_used, ClaimVerdict, Refusal};
 use kgs_schemas::{FormatError, KeyFormat};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{by_id, is_duplicate, Store};
+use crate::store::{by_id, is_duplicate_key, Store};
 
 /// `kgs-producer recycle`: one request per key, in order, each outcome
 /// given to `outcome` as soon as it is known (so a failure part-way still
@@ -100,24 +98,13 @@ impl<'a> Requester<'a> {
             }
             Err(r) => return Ok(RecycleOutcome::Refused(r)),
         }
-        let doc = RecycleDoc {
-            id: recycle_id(&self.pool.name, key, &batch),
-            pool: self.pool.name.clone(),
-            key: key.to_owned(),
-            batch,
-            n,
-            state: RecycleState::Requested,
-            reason: None,
-            requested_by: self.by.clone(),
-            requested_at: Utc::now(),
-            done_at: None,
-        };
+        let doc = RecycleDoc::request(&self.pool.name, key, &batch, n, &self.by);
         match self.store.recycles.insert_one(&doc).await {
             Ok(_) => {
                 tracing::info!(pool = %self.pool.name, key, batch = %doc.batch, "recycle requested");
                 Ok(RecycleOutcome::Accepted(doc.id))
             }
-            Err(e) if is_duplicate(&e) => {
+            Err(e) if is_duplicate_key(&e) => {
                 let stored = self
                     .store
                     .recycles

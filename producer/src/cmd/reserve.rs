@@ -9,7 +9,7 @@ use kgs_schemas::docs::{UsedKeyDoc, UsedReason};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{is_duplicate, Store};
+use crate::store::{is_duplicate_key, Store};
 use crate::writer::generate::pool_order;
 
 /// `kgs-producer reserve`: reserves each key, in order, each outcome given
@@ -89,7 +89,7 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
     };
     match pk.used.insert_one(&used).await {
         Ok(_) => {}
-        Err(e) if is_duplicate(&e) => {
+        Err(e) if is_duplicate_key(&e) => {
             let existing = pk
                 .used
                 .find_one(doc! { "_id": key })

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kgs_schemas::docs::PoolDoc;
+use kgs_schemas::docs::{BatchState, PoolDoc};
 use tokio::sync::watch;
 
 use super::lease::LeaseGuard;
@@ -166,10 +166,8 @@ impl<'a> Lead<'a> {
         let mut backlog = self.backlog().await?;
         self.sizer
             .observe(Instant::now(), backlog.iter().map(|b| b.batches).sum());
-        self.metrics.batch_size.set(self.sizer.size() as i64);
         self.metrics
-            .demand
-            .set(self.sizer.rate().unwrap_or(0.0) as i64);
+            .sizing(self.sizer.size(), self.sizer.rate().unwrap_or(0.0));
         let size = self.sizer.size();
         let smallest = backlog
             .iter()
@@ -193,7 +191,7 @@ impl<'a> Lead<'a> {
             self.pool_empty().await?;
         } else if moved && self.exhausted {
             self.exhausted = false;
-            self.metrics.pool_exhausted.set(0);
+            self.metrics.pool_refilled(self.pool);
         }
         Ok(moved || generated > 0)
     }
@@ -289,10 +287,7 @@ impl<'a> Lead<'a> {
     async fn refill(&mut self, backlog: &[PartitionBacklog], size: usize) -> Result<(bool, bool)> {
         let (low, high) = (self.config.low_watermark, self.config.high_watermark);
         for b in backlog {
-            self.metrics
-                .backlog
-                .with_label_values(&[&b.partition.to_string()])
-                .set(b.batches as i64);
+            self.metrics.backlog(b.partition, b.batches);
             if b.batches <= low {
                 self.filling.insert(b.partition);
             }
@@ -356,12 +351,10 @@ impl<'a> Lead<'a> {
     /// add a pool or recycle keys) and shown by `kgs_producer_pool_exhausted`;
     /// app servers answer "no keys" once their buffers run dry.
     async fn pool_empty(&mut self) -> Result<()> {
-        let (store, pool, metrics) = (self.store, self.pool, self.metrics);
-        let doc = store.pool(pool).await?;
+        let doc = self.store.pool(self.pool).await?;
         if doc.cursor >= doc.space && doc.generating.is_none() {
             if !self.exhausted {
-                tracing::error!(pool, space = doc.space, "pool exhausted: every key of the key space has been handed out or reserved; create a pool with longer keys or recycle keys");
-                metrics.pool_exhausted.set(1);
+                self.metrics.pool_exhausted(self.pool, doc.space);
             }
             self.exhausted = true;
         }
@@ -389,7 +382,7 @@ async fn exact_backlog(
                 "pool": pool,
                 "partition": b.partition,
                 "offset": { "$gte": b.start },
-                "state": "published",
+                "state": BatchState::Published,
                 "topic_generation": generation as i64,
             })
             .await
@@ -440,12 +433,7 @@ async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: boo
             .await
             .map_err(Error::store("count used keys"))?,
     };
-    metrics.keys_in_pool.set(keys as i64);
-    metrics.keys_generated.set(doc.cursor as i64);
-    metrics.keys_used.set(used as i64);
-    metrics
-        .space_used_ppm
-        .set((used as f64 / doc.space as f64 * 1e6) as i64);
+    metrics.pool_figures(keys, used, doc.cursor, doc.space);
     Ok(())
 }
 

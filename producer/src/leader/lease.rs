@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::store::{is_duplicate, Store};
+use crate::store::{is_duplicate_key, Store};
 
 /// The `_id` of the claim of `epoch` of `pool`.
 fn epoch_id(pool: &str, epoch: u64) -> String {
@@ -158,7 +158,7 @@ impl Lease {
                 };
                 match self.store.lease_epochs.insert_one(&claim).await {
                     Ok(_) => break,
-                    Err(e) if is_duplicate(&e) => {}
+                    Err(e) if is_duplicate_key(&e) => {}
                     Err(e) => return Err(Error::store("claim lease epoch")(e)),
                 }
                 let other = self.epoch_claim(epoch).await?;
@@ -214,7 +214,7 @@ impl Lease {
             Ok(_) => Ok(Some(1)),
             // The lease exists and is held, or another producer won the
             // race, or our own insert was retried after it landed.
-            Err(e) if is_duplicate(&e) => Ok(self.holds(1).await?.then_some(1)),
+            Err(e) if is_duplicate_key(&e) => Ok(self.holds(1).await?.then_some(1)),
             Err(e) => Err(Error::store("create lease")(e)),
         }
     }

@@ -36,12 +36,9 @@ pub async fn run(
     let max_batch = config.max_batch_for(&format);
     // Fail at start, in one line, if Kafka or the topic is missing.
     if topic_partition_count(&config, &doc.topic).await?.is_none() {
-        return Err(Error::Config(format!(
-            "topic {} of pool {pool:?} does not exist: run `kgs-producer init`",
-            doc.topic
-        )));
+        return Err(Error::topic_missing(&doc.topic));
     }
-    metrics.key_space.set(doc.space as i64);
+    metrics.key_space(doc.space);
     let holder = config.instance_id.clone().unwrap_or_else(instance_id);
     tracing::info!(pool = %pool, holder = %holder, "producer started");
     let keeper = LeaseKeeper::spawn(Lease::new(
@@ -62,9 +59,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             epoch = guard.wait_leader() => epoch,
         };
-        metrics.leader.set(1);
-        metrics.lease_epoch.set(epoch as i64);
-        tracing::info!(pool = %pool, epoch, "leading");
+        metrics.leading(&pool, epoch);
         let leading = lead(
             &config,
             &store,
@@ -83,13 +78,13 @@ pub async fn run(
                 match tokio::time::timeout(config.shutdown_timeout, &mut leading).await {
                     Ok(r) => r,
                     Err(_) => {
-                        tracing::error!(timeout_s = config.shutdown_timeout.as_secs(), "shutdown deadline passed; stopping mid-step (recovery will finish it)");
+                        tracing::warn!(timeout_s = config.shutdown_timeout.as_secs(), "shutdown deadline passed; stopping mid-step (recovery will finish it)");
                         Ok(())
                     }
                 }
             }
         };
-        metrics.leader.set(0);
+        metrics.not_leading();
         match result {
             Ok(()) => break,
             Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => {

@@ -182,7 +182,7 @@ impl Writer<'_> {
         } else {
             BatchState::Moved
         };
-        let mut set = doc! { "state": bson::to_bson(&done).expect("state serializes") };
+        let mut set = doc! { "state": done };
         if dropped {
             // The keys were written at step 1; only a change is written again.
             record.digest = keys_digest(&record.keys);
@@ -197,7 +197,7 @@ impl Writer<'_> {
             .store
             .batches
             .update_one(
-                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": "moving" },
+                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": BatchState::Moving },
                 doc! { "$set": set },
             )
             .await

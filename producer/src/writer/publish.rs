@@ -27,7 +27,7 @@ impl Writer<'_> {
             .store
             .batches
             .update_one(
-                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": "moved" },
+                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": BatchState::Moved },
                 doc! { "$set": {
                     "partition": partition,
                     "offset": end,
@@ -73,8 +73,8 @@ impl Writer<'_> {
             .store
             .batches
             .update_one(
-                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": "moved" },
-                doc! { "$set": { "state": "published", "partition": partition, "offset": offset } },
+                doc! { "_id": &record.id, "epoch": record.epoch as i64, "state": BatchState::Moved },
+                doc! { "$set": { "state": BatchState::Published, "partition": partition, "offset": offset } },
             )
             .await
             .map_err(Error::store("mark batch published"))?;
@@ -102,7 +102,7 @@ impl Writer<'_> {
                 .store
                 .batches
                 .find_one(doc! {
-                    "pool": self.pool, "partition": p, "state": "published",
+                    "pool": self.pool, "partition": p, "state": BatchState::Published,
                     "topic_generation": generation,
                 })
                 .sort(doc! { "offset": -1 })
@@ -152,7 +152,7 @@ impl Writer<'_> {
             .store
             .batches
             .find(doc! {
-                "pool": self.pool, "state": "published",
+                "pool": self.pool, "state": BatchState::Published,
                 "topic_generation": { "$lt": generation as i64 },
             })
             .await
@@ -179,8 +179,8 @@ impl Writer<'_> {
                 .store
                 .batches
                 .update_one(
-                    doc! { "_id": &record.id, "state": "published", "epoch": record.epoch as i64 },
-                    doc! { "$set": { "state": "moved", "epoch": epoch as i64, "offset": null } },
+                    doc! { "_id": &record.id, "state": BatchState::Published, "epoch": record.epoch as i64 },
+                    doc! { "$set": { "state": BatchState::Moved, "epoch": epoch as i64, "offset": null } },
                 )
                 .await
                 .map_err(Error::store("re-open a batch of the old topic"))?;

@@ -21,7 +21,7 @@ impl Writer<'_> {
         let unfinished: Vec<BatchRecord> = self
             .store
             .batches
-            .find(doc! { "pool": self.pool, "state": { "$in": ["moving", "moved"] } })
+            .find(doc! { "pool": self.pool, "state": { "$in": [BatchState::Moving, BatchState::Moved] } })
             .await
             .map_err(Error::store("find unfinished batches"))?
             .try_collect()
@@ -38,10 +38,7 @@ impl Writer<'_> {
                 Ok(true) => finished += 1,
                 Ok(false) => {}
                 Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
-                Err(e) => {
-                    self.metrics.error(&e, "recovering a batch");
-                    tracing::warn!(batch = %id, "batch not recovered this pass; the others go on, it is retried at the next pass");
-                }
+                Err(e) => self.metrics.batch_not_recovered(&id, &e),
             }
         }
         Ok(finished)
@@ -87,7 +84,7 @@ impl Writer<'_> {
                 _ => self.publish(&mut record, partition).await?,
             }
         }
-        self.metrics.batches_recovered.inc();
+        self.metrics.batch_recovered(&record.id);
         Ok(true)
     }
 }

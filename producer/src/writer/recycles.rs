@@ -39,7 +39,7 @@ impl Writer<'_> {
         let requests: Vec<RecycleDoc> = self
             .store
             .recycles
-            .find(doc! { "pool": self.pool, "state": "requested" })
+            .find(doc! { "pool": self.pool, "state": RecycleState::Requested })
             .await
             .map_err(Error::store("find recycle requests"))?
             .try_collect()
@@ -119,7 +119,7 @@ impl Writer<'_> {
             RecycleState::Done
         };
         let mut set = doc! {
-            "state": bson::to_bson(&state).expect("state serializes"),
+            "state": state,
             "done_at": bson::DateTime::now(),
         };
         if let Some(refusal) = &refusal {
@@ -129,7 +129,7 @@ impl Writer<'_> {
             .store
             .recycles
             .update_one(
-                doc! { "_id": &r.id, "state": "requested" },
+                doc! { "_id": &r.id, "state": RecycleState::Requested },
                 doc! { "$set": set },
             )
             .await
@@ -138,17 +138,8 @@ impl Writer<'_> {
             return Ok(()); // finished by another pass meanwhile
         }
         match refusal {
-            None => {
-                self.metrics.keys_recycled.inc();
-                tracing::info!(key = %r.key, batch = %r.batch, by = %r.requested_by, "key recycled");
-            }
-            Some(refusal) => {
-                self.metrics
-                    .recycles_refused
-                    .with_label_values(&[refusal.kind()])
-                    .inc();
-                tracing::warn!(key = %r.key, batch = %r.batch, reason = %refusal, "recycle refused");
-            }
+            None => self.metrics.key_recycled(&r.key, &r.batch, &r.requested_by),
+            Some(refusal) => self.metrics.recycle_refused(&r.key, &r.batch, &refusal),
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ impl Writer<'_> {
         let claims: Vec<ClaimDoc> = self
             .store
             .claims
-            .find(doc! { "pool": self.pool, "state": "returning" })
+            .find(doc! { "pool": self.pool, "state": ClaimState::Returning })
             .await
             .map_err(Error::store("find returning claims"))?
             .try_collect()
@@ -61,9 +61,9 @@ impl Writer<'_> {
                     self.store
                         .claims
                         .update_one(
-                            doc! { "_id": &claim.batch_id, "state": "returning" },
+                            doc! { "_id": &claim.batch_id, "state": ClaimState::Returning },
                             doc! { "$set": {
-                                "state": bson::to_bson(&ClaimState::Rejected).expect("serializes"),
+                                "state": ClaimState::Rejected,
                                 "reason": &reason,
                             } },
                         )
@@ -85,10 +85,11 @@ impl Writer<'_> {
             if back.len() < wanted.len() {
                 tracing::warn!(batch = %claim.batch_id, ignored = wanted.len() - back.len(), "returned keys that are not in the batch are ignored");
             }
+            let mut taken = 0;
             for chunk in back.chunks(size.max(1)) {
                 let to = (partition + rotate) % self.kafka.partitions();
                 rotate += 1;
-                returned += self.put_back(&claim.batch_id, chunk, to).await?.len() as u64;
+                taken += self.put_back(&claim.batch_id, chunk, to).await?.len() as u64;
             }
             failpoint::hit("return_after_rebatch");
             self.guard.check()?;
@@ -96,14 +97,14 @@ impl Writer<'_> {
             self.store
                 .claims
                 .update_one(
-                    doc! { "_id": &claim.batch_id, "state": "returning" },
-                    doc! { "$set": { "state": bson::to_bson(&ClaimState::Returned).expect("serializes") } },
+                    doc! { "_id": &claim.batch_id, "state": ClaimState::Returning },
+                    doc! { "$set": { "state": ClaimState::Returned } },
                 )
                 .await
                 .map_err(Error::store("mark claim returned"))?;
-            tracing::info!(batch = %claim.batch_id, keys = back.len(), "returned keys handed out again in new batches");
+            self.metrics.keys_returned(&claim.batch_id, taken);
+            returned += taken;
         }
-        self.metrics.keys_returned.inc_by(returned);
         Ok(returned)
     }
 }
