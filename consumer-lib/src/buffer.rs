@@ -210,7 +210,7 @@ pub struct Leftover {
 
 /// Where a key of a batch stands in the buffer ([`KeyBuffer::key_state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BufferedKey {
+pub enum KeyState {
     /// The batch is not in the buffer (not pushed yet, drained and retired,
     /// or closed), or the key is not one of its keys.
     Untracked,
@@ -392,13 +392,13 @@ impl KeyBuffer {
 
     /// Whether `key` of batch `batch_id` was handed out from this buffer.
     /// Exact: a key is handed out iff its segment's cursor passed it, and a
-    /// cursor only grows, so [`BufferedKey::HandedOut`] stays true. Scans the
+    /// cursor only grows, so [`KeyState::HandedOut`] stays true. Scans the
     /// batch's keys under the batch-list lock (for rare calls such as
     /// recycling, not for the hot path).
-    pub fn key_state(&self, batch_id: &str, key: &str) -> BufferedKey {
+    pub fn key_state(&self, batch_id: &str, key: &str) -> KeyState {
         let batches = self.batches.lock().expect("buffer lock poisoned");
         let Some(b) = batches.iter().find(|b| b.batch.id == batch_id) else {
-            return BufferedKey::Untracked;
+            return KeyState::Untracked;
         };
         let Some(index) = b
             .segments
@@ -406,7 +406,7 @@ impl KeyBuffer {
             .flat_map(|s| s.start..s.start + s.len)
             .find(|&i| b.batch.key(i).as_str() == key)
         else {
-            return BufferedKey::Untracked;
+            return KeyState::Untracked;
         };
         let segment = b
             .segments
@@ -414,9 +414,9 @@ impl KeyBuffer {
             .find(|s| (s.start..s.start + s.len).contains(&index))
             .expect("the index came from a segment");
         if index - segment.start < segment.handed_out() {
-            BufferedKey::HandedOut
+            KeyState::HandedOut
         } else {
-            BufferedKey::Waiting
+            KeyState::Waiting
         }
     }
 
@@ -497,17 +497,17 @@ mod tests {
         let b = KeyBuffer::new(1);
         let ks = keys("k", 3);
         b.push("b1", &ks).unwrap();
-        assert_eq!(b.key_state("b1", &ks[0]), BufferedKey::Waiting);
-        assert_eq!(b.key_state("b2", &ks[0]), BufferedKey::Untracked);
-        assert_eq!(b.key_state("b1", "zzz"), BufferedKey::Untracked);
+        assert_eq!(b.key_state("b1", &ks[0]), KeyState::Waiting);
+        assert_eq!(b.key_state("b2", &ks[0]), KeyState::Untracked);
+        assert_eq!(b.key_state("b1", "zzz"), KeyState::Untracked);
         let first = b.next_key().unwrap().to_string();
-        assert_eq!(b.key_state("b1", &first), BufferedKey::HandedOut);
+        assert_eq!(b.key_state("b1", &first), KeyState::HandedOut);
         let waiting: Vec<_> = ks.iter().filter(|k| **k != first).collect();
         for k in &waiting {
-            assert_eq!(b.key_state("b1", k), BufferedKey::Waiting);
+            assert_eq!(b.key_state("b1", k), KeyState::Waiting);
         }
         b.close();
-        assert_eq!(b.key_state("b1", &first), BufferedKey::Untracked);
+        assert_eq!(b.key_state("b1", &first), KeyState::Untracked);
     }
 
     /// Every pushed key comes out exactly once, then the buffer reports empty.

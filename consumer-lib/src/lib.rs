@@ -45,9 +45,10 @@
 //! [`KeyConsumer::shutdown`] stops hand-out, then for every batch still in
 //! the buffer updates its claim (exact `_id`, only if still `open` and this
 //! instance's): to `returning` with `return_keys` = exactly the keys never
-//! handed out, or to `drained` if all were. The producer, the only writer of
-//! `keys.<pool>`, moves returning keys back (out of `used_keys.<pool>`, into
-//! `keys.<pool>`) and marks the claim `returned`. Offsets need no final
+//! handed out, or to `drained` if all were. The producer leader puts the
+//! returned keys into new batches (they never leave `used_keys.<pool>`: each
+//! key's document moves from the old batch to the new one) and marks the
+//! claim `returned`. Offsets need no final
 //! commit (each was committed before its keys were buffered); the consumer
 //! then leaves the group.
 //!
@@ -59,28 +60,41 @@
 //! the runtime ends to return keys reliably.
 //!
 //! # Layout
-//! - [`KeyConsumer`] (this file): the handle apps use.
-//! - [`config`]: the builder, defaults and the rdkafka configuration.
-//! - `intake`: the consume loop (claim, commit, buffer, backpressure, shutdown).
-//! - [`buffer`]: the lock-free key buffer; [`key`]: the inline [`Key`].
-//! - [`recycle`]: [`KeyConsumer::recycle`], putting a handed-out key back;
-//!   [`stats`]: [`KeyConsumer::pool_stats`] and [`KeyConsumer::keys_left`].
-//! - `store`: claim records in MongoDB; [`metrics`]: metric names and events.
-//! - [`error`]: the [`Error`] type.
+//! The consumer's part of a key's life, and the file of each step (the
+//! producer's part is in the `kgs-producer` crate):
+//! - **consume**: `consume.rs`, the loop that reads the pool topic (and
+//!   pauses it around the watermarks).
+//! - **claim**: `claim.rs`, verify a batch against the producer's record,
+//!   claim it, commit its offset; `store.rs` holds the MongoDB side.
+//! - **buffer**: [`buffer`], the lock-free key buffer; [`key`]: the inline
+//!   [`Key`].
+//! - **hand out**: `hand_out.rs`, [`KeyConsumer::next_key`] and
+//!   [`KeyConsumer::next_key_wait`].
+//! - **return**: `returns.rs`, ending claims (`drained`, or `returning`
+//!   with the unused keys) and the shutdown that returns what is buffered.
+//! - **recycle**: [`recycle`], [`KeyConsumer::recycle`], a request to put a
+//!   handed-out key back.
+//!
+//! Around them: [`KeyConsumer`] (this file), the handle apps use;
+//! [`config`]: the builder, defaults and the rdkafka configuration;
+//! [`stats`]: [`KeyConsumer::pool_stats`] and [`KeyConsumer::keys_left`];
+//! [`metrics`]: metric names and events; [`error`]: the [`Error`] type.
 #![deny(missing_docs)]
 
 pub mod buffer;
+mod claim;
 pub mod config;
+mod consume;
 pub mod error;
-mod intake;
+mod hand_out;
 pub mod key;
 pub mod metrics;
 pub mod recycle;
+mod returns;
 pub mod stats;
 mod store;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use kgs_schemas::KeyFormat;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -90,12 +104,12 @@ use tokio::task::JoinHandle;
 pub use buffer::KeyBuffer;
 pub use config::KeyConsumerBuilder;
 pub use error::{Error, Result};
-pub use intake::ShutdownReport;
 pub use key::Key;
 pub use recycle::RecycleOutcome;
+pub use returns::ShutdownReport;
 pub use stats::{CollStats, PoolStats};
 
-use intake::{Context, Intake, Shared};
+use consume::{ConsumeLoop, Context, Shared};
 use store::Store;
 
 /// A running consumer of one pool: hands out keys from its local buffer.
@@ -166,7 +180,7 @@ impl KeyConsumer {
             metrics,
             arrived: tokio::sync::Notify::new(),
         });
-        let intake = Intake {
+        let consume_loop = ConsumeLoop {
             consumer: Arc::new(consumer),
             store: store.clone(),
             shared: Arc::clone(&shared),
@@ -180,7 +194,7 @@ impl KeyConsumer {
             low_watermark: config.low_watermark,
             high_watermark: config.high_watermark,
             adaptive: config.adaptive_watermarks,
-            demand: intake::Demand::default(),
+            demand: consume::Demand::default(),
             shutdown_timeout: config.shutdown_timeout,
             paused: false,
             reported_handed_out: 0,
@@ -188,7 +202,7 @@ impl KeyConsumer {
             next_unfinished_retry: tokio::time::Instant::now(),
         };
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(intake.run(stop_rx));
+        let task = tokio::spawn(consume_loop.run(stop_rx));
         Ok(Self {
             shared,
             stop,
@@ -200,55 +214,6 @@ impl KeyConsumer {
             store,
             format,
         })
-    }
-
-    /// Takes one key from the local buffer. Never waits: returns
-    /// [`Error::Empty`] when no key is buffered, [`Error::ShutDown`] after
-    /// shutdown. Takes no lock and allocates nothing.
-    #[inline]
-    pub fn next_key(&self) -> Result<Key> {
-        match self.shared.buffer.next_key() {
-            Some(key) => Ok(key),
-            None => Err(self.no_key()),
-        }
-    }
-
-    #[cold]
-    fn no_key(&self) -> Error {
-        if self.shared.buffer.is_closed() {
-            Error::ShutDown
-        } else {
-            self.shared.metrics.empty.inc();
-            Error::Empty
-        }
-    }
-
-    /// Takes one key, waiting up to `timeout` for a batch to arrive if the
-    /// buffer is empty. [`Error::Empty`] on timeout.
-    pub async fn next_key_wait(&self, timeout: Duration) -> Result<Key> {
-        if let Some(key) = self.shared.buffer.next_key() {
-            return Ok(key);
-        }
-        let m = &self.shared.metrics;
-        m.waits.inc();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            // Register for the wake-up before looking, so a batch buffered in
-            // between is not missed.
-            let arrived = self.shared.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            if let Some(key) = self.shared.buffer.next_key() {
-                return Ok(key);
-            }
-            if self.shared.buffer.is_closed() {
-                return Err(Error::ShutDown);
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                m.wait_timeouts.inc();
-                return Err(Error::Empty);
-            }
-        }
     }
 
     /// Keys buffered and not yet handed out.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use kgs_schemas::docs::{RecycleDoc, RecycleState};
 use kgs_schemas::recycle::{check_claim, check_used, ClaimVerdict, Refusal};
 
-use crate::buffer::BufferedKey;
+use crate::buffer::KeyState;
 use crate::error::{Error, Result};
 use crate::{metrics, KeyConsumer};
 
@@ -100,11 +100,11 @@ impl KeyConsumer {
         match check_claim(claim.as_ref(), key, batch, Some(&self.token)).map_err(refused)? {
             ClaimVerdict::HandedOut => {}
             ClaimVerdict::AskBuffer => match self.shared.buffer.key_state(batch, key) {
-                BufferedKey::HandedOut => {}
+                KeyState::HandedOut => {}
                 // Untracked: not pushed yet (claim written, commit pending),
                 // or retired a moment before its claim becomes `drained`;
                 // either way the claim says open, so refuse (a retry works).
-                BufferedKey::Waiting | BufferedKey::Untracked => {
+                KeyState::Waiting | KeyState::Untracked => {
                     return Err(refused(Refusal::InBuffer {
                         batch: batch.to_owned(),
                     }))

@@ -146,7 +146,12 @@ impl Store {
     /// a repeated call changes nothing and another process with the same
     /// instance id cannot end it.
     /// Returns whether this call changed the claim.
-    pub async fn finish(&self, batch: &str, token: &str, return_keys: Vec<String>) -> Result<bool> {
+    pub async fn end_claim(
+        &self,
+        batch: &str,
+        token: &str,
+        return_keys: Vec<String>,
+    ) -> Result<bool> {
         let state = if return_keys.is_empty() {
             ClaimState::Drained
         } else {

@@ -26,7 +26,7 @@ use futures::TryStreamExt;
 use kgs_producer::cmd::init::{self, PoolSpec};
 use kgs_producer::config::Config;
 use kgs_producer::kafka::PoolKafka;
-use kgs_producer::leader::lease::{Lease, LeaseGuard, LeaseKeeper};
+use kgs_producer::leader::lease::{Lease, LeaseCheck, LeaseKeeper};
 use kgs_producer::metrics::Metrics;
 use kgs_producer::store::{delete_by_ids, insert_ignoring_duplicates, Store};
 use kgs_producer::writer::generate;
@@ -70,10 +70,10 @@ async fn main() -> Result<()> {
         config.mongodb_db = format!("bench-{tag:06x}");
         let name = format!("bench-{size}-{tag:06x}");
         let store = Store::connect(&config).await?;
-        let (keeper, guard) = leading_pool(&config, &store, &name, KeyFormat::base62(4)?).await?;
-        generate::top_up(&store, &name, 2 * n, 10_000, u64::MAX, &guard, None).await?;
-        let pk = store.pool_keys(&name);
-        let docs: Vec<KeyDoc> = pk
+        let (keeper, lease) = leading_pool(&config, &store, &name, KeyFormat::base62(4)?).await?;
+        generate::top_up(&store, &name, 2 * n, 10_000, u64::MAX, &lease, None).await?;
+        let colls = store.key_collections(&name);
+        let docs: Vec<KeyDoc> = colls
             .keys
             .find(doc! {})
             .sort(doc! { "n": 1 })
@@ -128,7 +128,7 @@ async fn main() -> Result<()> {
         let metrics = Metrics::new(&name);
         let pool_doc = store.pool(&name).await?;
         let kafka = PoolKafka::start(&config, &pool_doc).await?;
-        let writer = Writer::new(&store, &pool_doc, 0, &guard, &kafka, &metrics);
+        let writer = Writer::new(&store, &pool_doc, 0, &lease, &kafka, &metrics);
         let batches = (n as usize).div_ceil(size);
         let started = Instant::now();
         for _ in 0..batches {
@@ -168,7 +168,7 @@ async fn leading_pool(
     store: &Store,
     name: &str,
     format: KeyFormat,
-) -> Result<(LeaseKeeper, LeaseGuard)> {
+) -> Result<(LeaseKeeper, LeaseCheck)> {
     let spec = PoolSpec {
         name: name.to_owned(),
         format,
@@ -181,9 +181,9 @@ async fn leading_pool(
         "bench",
         Duration::from_secs(30),
     ));
-    let mut guard = keeper.guard();
-    guard.wait_leader().await;
-    Ok((keeper, guard))
+    let mut lease = keeper.lease_check();
+    lease.wait_leader().await;
+    Ok((keeper, lease))
 }
 
 /// `KGS_BENCH_MODE=init`: the generation of a whole 3-letter base62 pool
@@ -198,7 +198,7 @@ async fn bench_init(mut config: Config) -> Result<()> {
     let name = format!("init-{tag:06x}");
     let format = KeyFormat::base62(3)?;
     let space = format.space();
-    let (keeper, guard) = leading_pool(&config, &store, &name, format).await?;
+    let (keeper, lease) = leading_pool(&config, &store, &name, format).await?;
     let started = Instant::now();
     let generated = generate::top_up(
         &store,
@@ -206,7 +206,7 @@ async fn bench_init(mut config: Config) -> Result<()> {
         space,
         config.generate_chunk,
         u64::MAX,
-        &guard,
+        &lease,
         None,
     )
     .await?;

@@ -12,13 +12,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::leader::lease::{LeaseGuard, LeaseState};
+use crate::leader::lease::{LeaseCheck, LeaseState};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 struct AppState {
     metrics: Metrics,
-    lease: LeaseGuard,
+    lease: LeaseCheck,
 }
 
 /// The running HTTP server.
@@ -29,7 +29,7 @@ pub struct HttpServer {
 }
 
 /// Binds `addr` (failing at start if it is taken) and serves in the background.
-pub async fn spawn(addr: SocketAddr, metrics: Metrics, lease: LeaseGuard) -> Result<HttpServer> {
+pub async fn spawn(addr: SocketAddr, metrics: Metrics, lease: LeaseCheck) -> Result<HttpServer> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;

@@ -41,7 +41,7 @@ pub struct Store {
 
 /// The two key collections of one pool.
 #[derive(Debug, Clone)]
-pub struct PoolKeys {
+pub struct KeyCollections {
     /// `keys.<pool>`: unused keys.
     pub keys: Collection<KeyDoc>,
     /// `used_keys.<pool>`: moved and reserved keys.
@@ -100,8 +100,8 @@ impl Store {
     }
 
     /// The key collections of `pool`.
-    pub fn pool_keys(&self, pool: &str) -> PoolKeys {
-        PoolKeys {
+    pub fn key_collections(&self, pool: &str) -> KeyCollections {
+        KeyCollections {
             keys: self.db.collection(&docs::keys_collection(pool)),
             used: self.db.collection(&docs::used_keys_collection(pool)),
         }
@@ -143,7 +143,7 @@ impl Store {
             }
         }
         // Batches are taken smallest `n` first: an index scan, not a sort.
-        let keys = self.pool_keys(pool).keys;
+        let keys = self.key_collections(pool).keys;
         keys.create_index(IndexModel::builder().keys(doc! { "n": 1 }).build())
             .await
             .map_err(Error::store("create index keys.n"))?;

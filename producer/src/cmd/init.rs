@@ -224,7 +224,7 @@ async fn initial_generation(
         &holder,
         config.lease_duration,
     ));
-    let mut guard = keeper.guard();
+    let mut lease = keeper.lease_check();
     // A crashed init or producer holds the lease until it expires: wait that long.
     let wait = config.lease_duration + config.lease_duration / 2;
     // A renewal that comes back late (a slow database) lapses the lease
@@ -233,11 +233,11 @@ async fn initial_generation(
     const MAX_LAPSES: u32 = 5;
     let mut lapses = 0;
     let result = loop {
-        let leading = tokio::time::timeout(wait, guard.wait_leader())
+        let leading = tokio::time::timeout(wait, lease.wait_leader())
             .await
             .is_ok();
         if !leading {
-            if guard.state() == LeaseState::Standby {
+            if lease.state() == LeaseState::Standby {
                 tracing::warn!(
                     pool,
                     "a producer leads this pool; it tops the pool up itself"
@@ -256,7 +256,7 @@ async fn initial_generation(
             target,
             config.generate_chunk,
             u64::MAX,
-            &guard,
+            &lease,
             Some(&bar),
         )
         .await;

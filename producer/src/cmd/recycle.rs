@@ -74,8 +74,8 @@ impl<'a> Requester<'a> {
         if let Err(e) = self.format.check(key) {
             return Ok(RecycleOutcome::BadKey(e));
         }
-        let pk = self.store.pool_keys(&self.pool.name);
-        let used: Option<UsedKeyDoc> = pk
+        let colls = self.store.key_collections(&self.pool.name);
+        let used: Option<UsedKeyDoc> = colls
             .used
             .find_one(by_id(key))
             .await

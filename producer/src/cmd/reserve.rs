@@ -53,7 +53,7 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
     let doc = store.pool(pool).await?;
     let (format, perm) = pool_order(&doc)?;
     let n = perm.invert(format.index_of(key)?);
-    let pk = store.pool_keys(pool);
+    let colls = store.key_collections(pool);
     if n >= doc.cursor {
         // Not generated yet (unless a range is pending: then wait for it).
         for attempt in 0..50 {
@@ -87,10 +87,10 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
         batch: None,
         at: Utc::now(),
     };
-    match pk.used.insert_one(&used).await {
+    match colls.used.insert_one(&used).await {
         Ok(_) => {}
         Err(e) if is_duplicate_key(&e) => {
-            let existing = pk
+            let existing = colls
                 .used
                 .find_one(doc! { "_id": key })
                 .await
@@ -114,7 +114,7 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
 
 async fn delete_key(store: &Store, pool: &str, key: &str) -> Result<()> {
     store
-        .pool_keys(pool)
+        .key_collections(pool)
         .keys
         .delete_one(doc! { "_id": key })
         .await

@@ -75,7 +75,7 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
     let used_keys = coll_stats(store, &docs::used_keys_collection(&p.name)).await?;
     // An operator command: a filtered count is acceptable here.
     let reserved = store
-        .pool_keys(&p.name)
+        .key_collections(&p.name)
         .used
         .count_documents(doc! { "reason": "reserved" })
         .await

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kgs_schemas::docs::{BatchState, PoolDoc};
 use tokio::sync::watch;
 
-use super::lease::LeaseGuard;
+use super::lease::LeaseCheck;
 use super::sizer::BatchSizer;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -51,12 +51,12 @@ pub(super) async fn lead(
     store: &Store,
     doc: &PoolDoc,
     max_batch: usize,
-    guard: &LeaseGuard,
+    lease: &LeaseCheck,
     metrics: &Metrics,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let kafka = PoolKafka::start(config, doc).await?;
-    let mut lead = Lead::start(config, store, doc, max_batch, guard, &kafka, metrics).await?;
+    let mut lead = Lead::start(config, store, doc, max_batch, lease, &kafka, metrics).await?;
     let mut errors_in_a_row = 0u32;
     loop {
         if *stop.borrow() {
@@ -124,14 +124,14 @@ impl<'a> Lead<'a> {
         store: &'a Store,
         doc: &'a PoolDoc,
         max_batch: usize,
-        guard: &'a LeaseGuard,
+        lease: &'a LeaseCheck,
         kafka: &'a PoolKafka,
         metrics: &'a Metrics,
     ) -> Result<Self> {
         let pool = doc.name.as_str();
         // The topic generation may have moved on since `run` started.
         let generation = store.pool(pool).await?.topic_generation;
-        let writer = Writer::new(store, doc, generation, guard, kafka, metrics);
+        let writer = Writer::new(store, doc, generation, lease, kafka, metrics);
         writer.load_last_offsets().await?;
         Ok(Self {
             config,
@@ -315,7 +315,7 @@ impl<'a> Lead<'a> {
             self.target,
             chunk,
             chunk,
-            self.writer.guard,
+            self.writer.lease,
             None,
         )
         .await
@@ -329,7 +329,7 @@ impl<'a> Lead<'a> {
             .writer
             .topic_generation
             .load(std::sync::atomic::Ordering::Acquire);
-        self.writer.guard.check()?;
+        self.writer.lease.check()?;
         store
             .pools
             .update_one(
@@ -422,12 +422,12 @@ fn fill_plan(
 /// passed plus reservations ahead of the cursor (both exact but for keys
 /// reserved after generation). If `count`, `used_keys` is counted instead.
 async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: bool) -> Result<()> {
-    let pk = store.pool_keys(pool);
+    let colls = store.key_collections(pool);
     let doc = store.pool(pool).await?;
-    let keys = unused_keys(&pk, &doc).await?;
+    let keys = unused_keys(&colls, &doc).await?;
     let used = match doc.moved_to {
         Some(moved) if !count => moved + doc.reserved_ahead.len() as u64,
-        _ => pk
+        _ => colls
             .used
             .estimated_document_count()
             .await

@@ -7,7 +7,7 @@
 //! epoch; the very first lease is an insert that loses to a concurrent insert
 //! with E11000. Only inserts decide races, because a conditional update is
 //! not an atomic compare-and-set on every MongoDB-wire server. Every batch carries the epoch, and every
-//! protocol step first checks [`LeaseGuard::check`], which fails once the
+//! protocol step first checks [`LeaseCheck::check`], which fails once the
 //! local validity (the last renewal's start + duration − a safety margin) has
 //! passed, so a paused process stops before a successor may start.
 //!
@@ -264,12 +264,12 @@ impl Lease {
 
 /// Checks, before each protocol step, that this process still leads.
 #[derive(Debug, Clone)]
-pub struct LeaseGuard {
+pub struct LeaseCheck {
     pool: String,
     state: watch::Receiver<LeaseState>,
 }
 
-impl LeaseGuard {
+impl LeaseCheck {
     /// The epoch held, or [`Error::LeaseLost`] if the lease is not (or no
     /// longer certainly) held.
     pub fn check(&self) -> Result<u64> {
@@ -360,9 +360,9 @@ impl LeaseKeeper {
         }
     }
 
-    /// A guard for the protocol steps.
-    pub fn guard(&self) -> LeaseGuard {
-        LeaseGuard {
+    /// A check of this keeper's lease, for the protocol steps.
+    pub fn lease_check(&self) -> LeaseCheck {
+        LeaseCheck {
             pool: self.lease.pool.clone(),
             state: self.state.clone(),
         }

@@ -47,9 +47,9 @@ pub async fn run(
         &holder,
         config.lease_duration,
     ));
-    let mut guard = keeper.guard();
+    let mut lease = keeper.lease_check();
     let http = match config.http_addr {
-        Some(addr) => Some(crate::http::spawn(addr, metrics.clone(), keeper.guard()).await?),
+        Some(addr) => Some(crate::http::spawn(addr, metrics.clone(), keeper.lease_check()).await?),
         None => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -57,7 +57,7 @@ pub async fn run(
     loop {
         let epoch = tokio::select! {
             _ = &mut shutdown => break,
-            epoch = guard.wait_leader() => epoch,
+            epoch = lease.wait_leader() => epoch,
         };
         metrics.leading(&pool, epoch);
         let leading = lead(
@@ -65,7 +65,7 @@ pub async fn run(
             &store,
             &doc,
             max_batch,
-            &guard,
+            &lease,
             &metrics,
             stop_rx.clone(),
         );

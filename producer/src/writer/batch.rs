@@ -85,7 +85,7 @@ impl Writer<'_> {
     /// next window of at most `size` generation positions. `None` if no
     /// generated key is left; the caller publishes the record.
     pub async fn move_new(&self, size: usize) -> Result<Option<BatchRecord>> {
-        let epoch = self.guard.check()?;
+        let epoch = self.lease.check()?;
         let started = Instant::now();
         loop {
             let Some(window) = self.next_window(size).await? else {
@@ -94,7 +94,7 @@ impl Writer<'_> {
             // An index range scan of `{n: 1}`: at most one document per
             // position, all in the first reply (no getMore round trips).
             let picked: Vec<KeyDoc> = self
-                .pk
+                .colls
                 .keys
                 .find(doc! { "n": { "$gte": window.from as i64, "$lt": window.to as i64 } })
                 .batch_size(size as u32 + 1)
@@ -152,7 +152,7 @@ impl Writer<'_> {
     /// before `moved_to` existed: read once per leadership, then recorded.
     async fn smallest_n(&self, end: u64) -> Result<u64> {
         let first = self
-            .pk
+            .colls
             .keys
             .find_one(doc! {})
             .sort(doc! { "n": 1 })
@@ -185,10 +185,10 @@ impl Writer<'_> {
         if below == UNKNOWN {
             return Ok(0);
         }
-        let epoch = self.guard.check()?;
+        let epoch = self.lease.check()?;
         let started = Instant::now();
         let found: Vec<KeyDoc> = self
-            .pk
+            .colls
             .keys
             .find(doc! { "n": { "$lt": below as i64 } })
             .limit(size as i64)
@@ -237,7 +237,7 @@ impl Writer<'_> {
     /// Steps 2–3 of a batch of new keys: into `used_keys`, out of `keys`.
     /// Returns the positions of keys that are used by something else.
     pub(super) async fn take_from_keys(&self, record: &BatchRecord) -> Result<Vec<usize>> {
-        self.guard.check()?;
+        self.lease.check()?;
         failpoint::hit("checked_insert_used");
         let started = Instant::now();
         let at = Utc::now();
@@ -253,14 +253,15 @@ impl Writer<'_> {
                 at,
             })
             .collect();
-        let outcome = insert_ignoring_duplicates(&self.pk.used, &used, "insert used keys").await?;
+        let outcome =
+            insert_ignoring_duplicates(&self.colls.used, &used, "insert used keys").await?;
         // A duplicate is a retry of this batch, or a key taken by something
         // else (a reservation): `used_keys` wins, the key leaves this batch.
         let mut foreign = Vec::new();
         for i in outcome.duplicates {
             let key = &record.keys[i];
             let existing = self
-                .pk
+                .colls
                 .used
                 .find_one(by_id(key))
                 .await
@@ -275,14 +276,14 @@ impl Writer<'_> {
             "used keys inserted"
         );
         failpoint::hit("move_after_used");
-        self.guard.check()?;
+        self.lease.check()?;
         failpoint::hit("checked_delete_keys");
         // Every key leaves `keys`, the dropped ones too: they are used.
         match record.window {
             Some(window) => {
                 // Everything in the window is in `used_keys` by now (see
                 // `BatchRecord::window`): one range statement on `{n: 1}`.
-                self.pk
+                self.colls
                     .keys
                     .delete_many(doc! {
                         "n": { "$gte": window.from as i64, "$lt": window.to as i64 },
@@ -305,7 +306,7 @@ impl Writer<'_> {
             None => {
                 delete_by_ids(
                     &self.store.db,
-                    self.pk.keys.name(),
+                    self.colls.keys.name(),
                     &record.keys,
                     "delete moved keys",
                 )

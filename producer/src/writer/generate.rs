@@ -23,9 +23,9 @@ use kgs_schemas::KeyFormat;
 
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::leader::lease::LeaseGuard;
+use crate::leader::lease::LeaseCheck;
 use crate::permutation::Permutation;
-use crate::store::{insert_ignoring_duplicates, PoolKeys, Store};
+use crate::store::{insert_ignoring_duplicates, KeyCollections, Store};
 
 /// Documents per `insert_many`: keeps each request well under the 48 MB
 /// message limit and gives the progress bar a steady pace.
@@ -52,10 +52,10 @@ pub async fn top_up(
     target: u64,
     chunk: u64,
     max_keys: u64,
-    guard: &LeaseGuard,
+    lease: &LeaseCheck,
     progress: Option<&ProgressBar>,
 ) -> Result<u64> {
-    let pk = store.pool_keys(pool);
+    let colls = store.key_collections(pool);
     let mut generated = 0;
     loop {
         let doc = store.pool(pool).await?;
@@ -66,13 +66,13 @@ pub async fn top_up(
                 to = range.to,
                 "recovering an unfinished generation step"
             );
-            finish_range(store, &pk, &doc, range, true, guard, progress).await?;
+            finish_range(store, &colls, &doc, range, true, lease, progress).await?;
             continue;
         }
         if doc.cursor >= doc.space || generated >= max_keys {
             return Ok(generated);
         }
-        let in_keys = unused_keys(&pk, &doc).await?;
+        let in_keys = unused_keys(&colls, &doc).await?;
         if in_keys >= target {
             return Ok(generated);
         }
@@ -84,7 +84,7 @@ pub async fn top_up(
             from: doc.cursor,
             to: doc.cursor + n,
         };
-        guard.check()?;
+        lease.check()?;
         // Conditional on the cursor: a concurrent generator (there should be
         // none under the lease) makes this a no-op and the loop re-reads.
         let marked = store
@@ -102,7 +102,7 @@ pub async fn top_up(
         // Re-read after marking: `reserve` only adds to `reserved_ahead` while
         // nothing is marked, so this copy has every reservation in the range.
         let doc = store.pool(pool).await?;
-        finish_range(store, &pk, &doc, range, false, guard, progress).await?;
+        finish_range(store, &colls, &doc, range, false, lease, progress).await?;
         generated += n;
     }
 }
@@ -110,10 +110,10 @@ pub async fn top_up(
 /// Keys in `keys.<pool>`: the positions generated and not yet passed by the
 /// batch window (no collection count, which is a scan on some MongoDB-wire
 /// servers); counted only in a pool made before `moved_to` existed.
-pub async fn unused_keys(pk: &PoolKeys, doc: &PoolDoc) -> Result<u64> {
+pub async fn unused_keys(colls: &KeyCollections, doc: &PoolDoc) -> Result<u64> {
     match doc.moved_to {
         Some(moved) => Ok(doc.cursor.saturating_sub(moved)),
-        None => pk
+        None => colls
             .keys
             .estimated_document_count()
             .await
@@ -125,11 +125,11 @@ pub async fn unused_keys(pk: &PoolKeys, doc: &PoolDoc) -> Result<u64> {
 /// in `used_keys`) and advances the cursor past it.
 async fn finish_range(
     store: &Store,
-    pk: &PoolKeys,
+    colls: &KeyCollections,
     doc: &PoolDoc,
     range: GenerationRange,
     recovering: bool,
-    guard: &LeaseGuard,
+    lease: &LeaseCheck,
     progress: Option<&ProgressBar>,
 ) -> Result<()> {
     let (format, perm) = pool_order(doc)?;
@@ -147,18 +147,18 @@ async fn finish_range(
             })
             .collect();
         if recovering {
-            docs = not_used(pk, docs).await?;
+            docs = not_used(colls, docs).await?;
         }
-        guard.check()?;
+        lease.check()?;
         failpoint::hit("checked_insert_generated");
-        insert_ignoring_duplicates(&pk.keys, &docs, "insert generated keys").await?;
+        insert_ignoring_duplicates(&colls.keys, &docs, "insert generated keys").await?;
         if let Some(bar) = progress {
             bar.inc(to - from);
         }
         from = to;
     }
     failpoint::hit("gen_after_insert");
-    guard.check()?;
+    lease.check()?;
     store
         .pools
         .update_one(
@@ -177,9 +177,9 @@ async fn finish_range(
 }
 
 /// The documents whose key is not in `used_keys` (exact `_id` lookups).
-async fn not_used(pk: &PoolKeys, docs: Vec<KeyDoc>) -> Result<Vec<KeyDoc>> {
+async fn not_used(colls: &KeyCollections, docs: Vec<KeyDoc>) -> Result<Vec<KeyDoc>> {
     // Only the `_id` is fetched, so read plain documents.
-    let used_ids = pk.used.clone_with_type::<bson::Document>();
+    let used_ids = colls.used.clone_with_type::<bson::Document>();
     let used_ids = &used_ids;
     futures::stream::iter(docs)
         .map(|d| async move {

@@ -59,9 +59,9 @@ use kgs_schemas::keys_digest;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::kafka::PoolKafka;
-use crate::leader::lease::LeaseGuard;
+use crate::leader::lease::LeaseCheck;
 use crate::metrics::Metrics;
-use crate::store::{by_id, PoolKeys, Store};
+use crate::store::{by_id, KeyCollections, Store};
 
 /// Concurrent `_id` reads when checking which keys a re-batch took.
 const READ_BACKS: usize = 32;
@@ -75,13 +75,13 @@ pub struct Writer<'a> {
     /// The database.
     pub store: &'a Store,
     /// The pool's key collections.
-    pub pk: PoolKeys,
+    pub colls: KeyCollections,
     /// Pool name.
     pub pool: &'a str,
     /// The pool's incarnation, carried by every batch record.
     pub incarnation: &'a str,
     /// Lease check before every step.
-    pub guard: &'a LeaseGuard,
+    pub lease: &'a LeaseCheck,
     /// The leader's Kafka clients.
     pub kafka: &'a PoolKafka,
     /// Metrics.
@@ -102,22 +102,22 @@ pub struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    /// The mover of pool `doc` for a leader of `guard`'s lease, publishing
+    /// The mover of pool `doc` for a leader of `lease`'s lease, publishing
     /// into topic generation `topic_generation`.
     pub fn new(
         store: &'a Store,
         doc: &'a PoolDoc,
         topic_generation: u64,
-        guard: &'a LeaseGuard,
+        lease: &'a LeaseCheck,
         kafka: &'a PoolKafka,
         metrics: &'a Metrics,
     ) -> Self {
         Self {
             store,
-            pk: store.pool_keys(&doc.name),
+            colls: store.key_collections(&doc.name),
             pool: &doc.name,
             incarnation: &doc.incarnation,
-            guard,
+            lease,
             kafka,
             metrics,
             topic_generation: topic_generation.into(),
@@ -155,7 +155,7 @@ impl Writer<'_> {
             window,
             created_at: Utc::now(),
         };
-        self.guard.check()?;
+        self.lease.check()?;
         self.store
             .batches
             .insert_one(&record)
@@ -175,7 +175,7 @@ impl Writer<'_> {
             record.keys.remove(i);
             record.ns.remove(i);
         }
-        self.guard.check()?;
+        self.lease.check()?;
         failpoint::hit("checked_mark_moved");
         let done = if record.keys.is_empty() {
             BatchState::Published // nothing left to publish

@@ -19,10 +19,10 @@ use crate::store::by_id;
 impl Writer<'_> {
     /// Steps 5–7 for a `moved` batch.
     pub(super) async fn publish(&self, record: &mut BatchRecord, partition: i32) -> Result<()> {
-        self.guard.check()?;
+        self.lease.check()?;
         let started = Instant::now();
         let end = self.kafka.end_offset(partition).await?;
-        self.guard.check()?;
+        self.lease.check()?;
         let r = self
             .store
             .batches
@@ -42,7 +42,7 @@ impl Writer<'_> {
         record.partition = Some(partition);
         record.offset = Some(end);
         failpoint::hit("publish_after_offset");
-        self.guard.check()?;
+        self.lease.check()?;
         let batch = KeyBatch::new(
             record.id.clone(),
             record.pool.clone(),
@@ -145,7 +145,7 @@ impl Writer<'_> {
     /// message read before the deletion is a replay on the consumers' side:
     /// never handed out twice. Returns how many were published again.
     pub async fn republish_unclaimed(&self, generation: u64, partition: i32) -> Result<u64> {
-        let epoch = self.guard.check()?;
+        let epoch = self.lease.check()?;
         self.topic_generation.store(generation, Ordering::Release);
         self.last_offsets.lock().expect("not poisoned").clear();
         let old: Vec<BatchRecord> = self
@@ -174,7 +174,7 @@ impl Writer<'_> {
             if claimed.is_some() {
                 continue;
             }
-            self.guard.check()?;
+            self.lease.check()?;
             let r = self
                 .store
                 .batches

@@ -29,7 +29,7 @@ impl Writer<'_> {
         keys: &[(String, u64)],
         partition: i32,
     ) -> Result<Vec<String>> {
-        let epoch = self.guard.check()?;
+        let epoch = self.lease.check()?;
         let started = Instant::now();
         let mut record = self
             .start_record(
@@ -60,11 +60,11 @@ impl Writer<'_> {
         record: &BatchRecord,
         from: &str,
     ) -> Result<Vec<usize>> {
-        self.guard.check()?;
+        self.lease.check()?;
         failpoint::hit("checked_rebatch_used");
         let matched = rebatch_used(
             &self.store.db,
-            self.pk.used.name(),
+            self.colls.used.name(),
             &record.keys,
             from,
             &record.id,
@@ -74,7 +74,7 @@ impl Writer<'_> {
         if matched as usize == record.keys.len() {
             return Ok(Vec::new());
         }
-        let used = &self.pk.used;
+        let used = &self.colls.used;
         let id = record.id.as_str();
         let foreign: Vec<usize> = futures::stream::iter(record.keys.iter().enumerate())
             .map(|(i, key)| async move {

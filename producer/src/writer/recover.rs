@@ -17,7 +17,7 @@ impl Writer<'_> {
     /// be published never blocks the pool. It is tried again at the next
     /// recovery pass.
     pub async fn recover(&self, partition: i32) -> Result<u64> {
-        let epoch = self.guard.check()?;
+        let epoch = self.lease.check()?;
         let unfinished: Vec<BatchRecord> = self
             .store
             .batches
@@ -53,7 +53,7 @@ impl Writer<'_> {
         partition: i32,
     ) -> Result<bool> {
         if record.epoch < epoch {
-            self.guard.check()?;
+            self.lease.check()?;
             let adopted = self
                 .store
                 .batches

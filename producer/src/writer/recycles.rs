@@ -34,7 +34,7 @@ impl Writer<'_> {
     /// exactly this key from exactly this batch, which a crashed pass made:
     /// then it is `done`. Returns the number of keys recycled.
     pub async fn put_back_recycles(&self, size: usize, partition: i32) -> Result<u64> {
-        self.guard.check()?;
+        self.lease.check()?;
         // Served by the `{pool, state}` index.
         let requests: Vec<RecycleDoc> = self
             .store
@@ -48,9 +48,9 @@ impl Writer<'_> {
         let mut recycled = 0;
         let mut by_batch: BTreeMap<String, Vec<RecycleDoc>> = BTreeMap::new();
         for r in requests {
-            self.guard.check()?;
+            self.lease.check()?;
             let used = self
-                .pk
+                .colls
                 .used
                 .find_one(by_id(&r.key))
                 .await
@@ -111,7 +111,7 @@ impl Writer<'_> {
 
     /// Marks a request `done`, or `refused` with the reason; logs and counts.
     async fn finish_recycle(&self, r: &RecycleDoc, refusal: Option<Refusal>) -> Result<()> {
-        self.guard.check()?;
+        self.lease.check()?;
         failpoint::hit("checked_recycle_done");
         let state = if refusal.is_some() {
             RecycleState::Refused

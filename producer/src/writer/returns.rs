@@ -21,7 +21,7 @@ impl Writer<'_> {
     /// re-batched is no longer in the claim's batch, so the next pass leaves
     /// it where it is. Returns the number of keys re-batched.
     pub async fn put_back_returns(&self, size: usize, partition: i32) -> Result<u64> {
-        self.guard.check()?;
+        self.lease.check()?;
         let mut rotate = 0;
         let claims: Vec<ClaimDoc> = self
             .store
@@ -57,7 +57,7 @@ impl Writer<'_> {
                 (Some(record), None) => record,
                 (_, reason) => {
                     let reason = reason.unwrap_or_default();
-                    self.guard.check()?;
+                    self.lease.check()?;
                     self.store
                         .claims
                         .update_one(
@@ -92,7 +92,7 @@ impl Writer<'_> {
                 taken += self.put_back(&claim.batch_id, chunk, to).await?.len() as u64;
             }
             failpoint::hit("return_after_rebatch");
-            self.guard.check()?;
+            self.lease.check()?;
             failpoint::hit("checked_claim_returned");
             self.store
                 .claims

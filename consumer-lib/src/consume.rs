@@ -1,7 +1,8 @@
-//! The consume loop: reads batches from the pool's topic, claims them in
-//! MongoDB, commits their offsets, and only then puts their keys in the
-//! buffer. Also pauses/resumes the partitions around the watermarks, and
-//! runs the shutdown that hands unused keys back.
+//! The consume loop: reads batches from the pool's topic and claims each
+//! ([`super::claim`]: verify, claim in MongoDB, commit the offset, and only
+//! then buffer the keys); between messages it ends the claims of drained
+//! batches, pauses/resumes the partitions around the watermarks, and at
+//! the end runs the shutdown that returns unused keys ([`super::returns`]).
 //!
 //! # Why this order is safe
 //! Nothing read from Kafka is trusted: before a batch is claimed, its
@@ -18,40 +19,34 @@
 //! (claimed but not committed) is refused by the claim's unique `_id`.
 //! Bad messages are committed past, so they never block a partition.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use kgs_schemas::docs::{ClaimDoc, ClaimState};
-use kgs_schemas::{BatchCheck, KeyBatch, KeyFormat};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use kgs_schemas::KeyFormat;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::buffer::KeyBuffer;
-use crate::error::Error;
-use crate::metrics::{self, Metrics, Position};
-use crate::store::{ClaimOutcome, Store};
+use crate::metrics::{self, Metrics};
+use crate::returns::ShutdownReport;
+use crate::store::Store;
 
 /// How often the loop updates metrics, marks drained claims and checks the
 /// low watermark: often enough that a paused consumer resumes well before
 /// a busy app drains the low watermark.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(20);
+pub(crate) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(20);
 
 /// First and longest wait between retries of a failed claim write.
-const CLAIM_RETRY_FIRST: Duration = Duration::from_millis(100);
-const CLAIM_RETRY_MAX: Duration = Duration::from_secs(5);
+pub(crate) const CLAIM_RETRY_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const CLAIM_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How often claim endings that could not be written (the database was
 /// away) are tried again.
-const UNFINISHED_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const UNFINISHED_RETRY: Duration = Duration::from_secs(1);
 
 /// State shared by the [`crate::KeyConsumer`] handle and the loop.
 #[derive(Debug)]
@@ -60,20 +55,6 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// Woken whenever a batch is buffered (and at shutdown).
     pub arrived: Notify,
-}
-
-/// What [`crate::KeyConsumer::shutdown`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShutdownReport {
-    /// Claims set to `returning` (some keys unused).
-    pub batches_returning: usize,
-    /// Claims set to `drained` (every key handed out).
-    pub batches_drained: usize,
-    /// Keys handed back (in `return_keys` of the `returning` claims).
-    pub keys_returned: usize,
-    /// Batches whose claim could not be updated before the deadline; they
-    /// stay `open`, as after a crash.
-    pub failed: Vec<String>,
 }
 
 /// librdkafka callbacks: rebalances are logged and counted, and a new
@@ -134,7 +115,7 @@ fn partitions(tpl: &TopicPartitionList) -> String {
 }
 
 /// The loop's own state.
-pub(crate) struct Intake {
+pub(crate) struct ConsumeLoop {
     pub consumer: Arc<StreamConsumer<Context>>,
     pub store: Store,
     pub shared: Arc<Shared>,
@@ -207,15 +188,14 @@ pub(crate) fn watermarks(low: usize, high: usize, adaptive: bool, rate: f64) -> 
 
 /// Resolves once a stop is requested or the handle is gone. Safe to call
 /// again after it resolved (it checks the current value first).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow_and_update() {
         if stop.changed().await.is_err() {
             return;
         }
     }
 }
-
-impl Intake {
+impl ConsumeLoop {
     /// Runs until `stop` says so (or its sender is dropped), then shuts down.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> ShutdownReport {
         info!(pool = %self.pool, group = %self.group, instance = %self.instance, topic = %self.topic, "consumer started");
@@ -240,183 +220,19 @@ impl Intake {
         self.shut_down().await
     }
 
-    async fn handle(&mut self, m: OwnedMessage, stop: &mut watch::Receiver<bool>) {
-        let at = Position {
-            partition: m.partition(),
-            offset: m.offset(),
-        };
-        let check = BatchCheck {
-            pool: &self.pool,
-            format: &self.format,
-        };
-        let batch = match KeyBatch::decode(m.payload().unwrap_or_default(), &check) {
-            Ok(b) => b,
-            Err(e) => {
-                metrics::bad_message(&self.shared.metrics, at, &e);
-                self.commit_past(at).await;
-                return;
-            }
-        };
-        let started = std::time::Instant::now();
-        // Verified before anything is written, so a forged batch leaves no
-        // claim behind (a claim names a batch as this pool's).
-        let Some(proof) = self
-            .retry(stop, &batch.batch_id, || {
-                self.store.batch_proof(&batch.batch_id)
-            })
-            .await
-        else {
-            // Stopping: nothing written, not committed; the next reader verifies it.
-            return;
-        };
-        if let Err(e) = batch.verify(at.partition, proof.as_ref(), &self.incarnation) {
-            metrics::unverified(&self.shared.metrics, at, &batch.batch_id, &e);
-            self.commit_past(at).await;
-            return;
-        }
-        let claim = ClaimDoc {
-            batch_id: batch.batch_id.clone(),
-            pool: self.pool.clone(),
-            group: self.group.clone(),
-            instance: self.instance.clone(),
-            token: self.token.clone(),
-            partition: at.partition,
-            offset: at.offset,
-            keys: batch.keys.len() as u64,
-            state: ClaimState::Open,
-            return_keys: Vec::new(),
-            reason: None,
-            claimed_at: Utc::now(),
-        };
-        let Some(outcome) = self
-            .retry(stop, &batch.batch_id, || self.store.claim(&claim))
-            .await
-        else {
-            // Stopping mid-retry. Not committed, but an earlier attempt may
-            // have landed (a write that failed on the way back): its next
-            // reader would skip a batch claimed by us, so hand the keys back.
-            // Conditional on our token: a no-op if no attempt landed.
-            self.give_back(&batch.batch_id, batch.keys).await;
-            return;
-        };
-        if let ClaimOutcome::AlreadyClaimed { holder } = outcome {
-            metrics::replay(&self.shared.metrics, at, &batch.batch_id, &holder);
-            self.commit_past(at).await;
-            return;
-        }
-        if let Err(e) = self.commit(at, &batch.batch_id).await {
-            metrics::commit_failed(&self.shared.metrics, at, &batch.batch_id, &e);
-            // Not handed out. Whoever reads the batch next finds our claim and
-            // skips it, so give its keys back for the producer to republish.
-            self.give_back(&batch.batch_id, batch.keys).await;
-            return;
-        }
-        match self.shared.buffer.push(&batch.batch_id, &batch.keys) {
-            Ok(()) => {
-                metrics::batch_claimed(&self.shared.metrics, batch.keys.len(), started.elapsed());
-                self.shared.arrived.notify_waiters();
-            }
-            Err(e) => {
-                // Only `Closed` is possible for a decoded batch.
-                warn!(batch = %batch.batch_id, cause = %e, "batch not buffered");
-                self.give_back(&batch.batch_id, batch.keys).await;
-            }
-        }
-        self.apply_backpressure();
-    }
-
-    /// Runs `op` until it succeeds, backing off between attempts; `None` if
-    /// a stop was requested first.
-    async fn retry<T, F, Fut>(
-        &self,
-        stop: &mut watch::Receiver<bool>,
-        batch: &str,
-        mut op: F,
-    ) -> Option<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = crate::Result<T>>,
-    {
-        let mut backoff = CLAIM_RETRY_FIRST;
-        loop {
-            match op().await {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    metrics::claim_failed(&self.shared.metrics, batch, &e);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = stopped(stop) => return None,
-                    }
-                    backoff = (backoff * 2).min(CLAIM_RETRY_MAX);
-                }
-            }
-        }
-    }
-
-    /// Commits `at.offset + 1` synchronously (off the async threads).
-    async fn commit(&self, at: Position, batch: &str) -> crate::Result<()> {
-        let mut tpl = TopicPartitionList::new();
-        let commit_error = |source| Error::Commit {
-            batch: batch.to_owned(),
-            source,
-        };
-        tpl.add_partition_offset(&self.topic, at.partition, Offset::Offset(at.offset + 1))
-            .map_err(commit_error)?;
-        let consumer = Arc::clone(&self.consumer);
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(Error::Task)?
-            .map_err(commit_error)
-    }
-
-    /// Commits past a skipped message. A failure only means the partition's
-    /// next reader skips it again.
-    async fn commit_past(&self, at: Position) {
-        if let Err(e) = self.commit(at, "<skipped message>").await {
-            warn!(partition = at.partition, offset = at.offset, cause = %metrics::error_chain(&e), "commit past a skipped message failed");
-        }
-    }
-
-    /// Marks our claim `returning` with `keys` (none handed out), or
-    /// `drained` with none; a failed write is queued and retried.
-    async fn give_back(&mut self, batch: &str, keys: Vec<String>) {
-        let n = keys.len();
-        match self.store.finish(batch, &self.token, keys.clone()).await {
-            Ok(true) if n > 0 => metrics::keys_returned(&self.shared.metrics, batch, n),
-            Ok(_) => {}
-            Err(e) => {
-                warn!(batch, keys = n, cause = %metrics::error_chain(&e), "could not end the claim; retrying");
-                self.unfinished.push((batch.to_owned(), keys));
-            }
-        }
-    }
-
     async fn housekeeping(&mut self) {
         let drained = self.shared.buffer.take_drained();
         self.report_handed_out();
         for batch in drained {
-            self.give_back(&batch, Vec::new()).await;
+            self.end_claim(&batch, Vec::new()).await;
         }
-        if !self.unfinished.is_empty() && Instant::now() >= self.next_unfinished_retry {
-            self.next_unfinished_retry = Instant::now() + UNFINISHED_RETRY;
-            // Stop at the first failure: while the database is away each
-            // attempt waits for server selection, and the loop must go on.
-            let mut queued = std::mem::take(&mut self.unfinished).into_iter();
-            while let Some((batch, keys)) = queued.next() {
-                let before = self.unfinished.len();
-                self.give_back(&batch, keys).await;
-                if self.unfinished.len() > before {
-                    self.unfinished.extend(queued);
-                    break;
-                }
-            }
-        }
+        self.retry_unfinished().await;
         self.apply_backpressure();
     }
 
     /// Adds the keys handed out since the last call to the counter. Read
     /// from the buffer's cursors, so the hot path updates no metric.
-    fn report_handed_out(&mut self) {
+    pub(crate) fn report_handed_out(&mut self) {
         let total = self.shared.buffer.handed_out();
         let m = &self.shared.metrics;
         m.keys_handed_out
@@ -428,7 +244,7 @@ impl Intake {
 
     /// Pauses the assigned partitions at the high watermark, resumes them at
     /// the low one, and pauses partitions assigned while paused.
-    fn apply_backpressure(&mut self) {
+    pub(crate) fn apply_backpressure(&mut self) {
         if let Ok(tpl) = self.consumer.assignment() {
             self.shared
                 .metrics
@@ -480,61 +296,6 @@ impl Intake {
             }
             Err(e) => warn!(pause, cause = %e, "pause/resume failed; retrying on the next tick"),
         }
-    }
-
-    /// Stops hand-out, records what each open claim left unused, and leaves
-    /// the group. Every buffered batch's offset was committed before its
-    /// keys were buffered, so there is nothing left to commit.
-    async fn shut_down(mut self) -> ShutdownReport {
-        let leftovers = self.shared.buffer.close();
-        self.shared.arrived.notify_waiters();
-        self.report_handed_out();
-        let deadline = Instant::now() + self.shutdown_timeout;
-        let mut report = ShutdownReport::default();
-        // Claim endings still queued from earlier failures come first.
-        let endings: Vec<(String, Vec<String>)> = std::mem::take(&mut self.unfinished)
-            .into_iter()
-            .chain(leftovers.into_iter().map(|l| (l.batch_id, l.unhanded)))
-            .collect();
-        for (batch_id, unhanded) in endings {
-            let n = unhanded.len();
-            let mut done = false;
-            while !done && Instant::now() < deadline {
-                let write = self.store.finish(&batch_id, &self.token, unhanded.clone());
-                match tokio::time::timeout_at(deadline, write).await {
-                    // `false`: an earlier attempt that reported an error had landed.
-                    Ok(Ok(_)) => done = true,
-                    Ok(Err(e)) => {
-                        warn!(batch = %batch_id, cause = %metrics::error_chain(&e), "claim update failed, retrying");
-                        tokio::time::sleep(CLAIM_RETRY_FIRST).await;
-                    }
-                    Err(_) => break,
-                }
-            }
-            if !done {
-                error!(batch = %batch_id, keys = n, "shutdown deadline passed; the claim stays open and its keys are lost");
-                report.failed.push(batch_id);
-            } else if n == 0 {
-                report.batches_drained += 1;
-            } else {
-                metrics::keys_returned(&self.shared.metrics, &batch_id, n);
-                report.batches_returning += 1;
-                report.keys_returned += n;
-            }
-        }
-        self.consumer.unsubscribe();
-        // Closing the consumer (leaving the group) blocks in librdkafka.
-        let consumer = self.consumer;
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-        info!(
-            instance = %self.instance,
-            returning = report.batches_returning,
-            drained = report.batches_drained,
-            keys_returned = report.keys_returned,
-            failed = report.failed.len(),
-            "consumer stopped"
-        );
-        report
     }
 }
 

@@ -1,0 +1,162 @@
+//! Claiming one batch read from the topic: decode, verify against the
+//! producer's record, record the claim, commit the offset, and only then
+//! buffer the keys (why this order is safe: [`super::consume`]). Anything
+//! that fails after the claim may have landed ends the claim again
+//! ([`super::returns`]), so its keys are handed out by nobody twice and by
+//! the producer once more.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::Utc;
+use kgs_schemas::docs::{ClaimDoc, ClaimState};
+use kgs_schemas::{BatchCheck, KeyBatch};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::consume::{stopped, ConsumeLoop, CLAIM_RETRY_FIRST, CLAIM_RETRY_MAX};
+use crate::error::Error;
+use crate::metrics::{self, Position};
+use crate::store::ClaimOutcome;
+
+impl ConsumeLoop {
+    pub(crate) async fn handle(&mut self, m: OwnedMessage, stop: &mut watch::Receiver<bool>) {
+        let at = Position {
+            partition: m.partition(),
+            offset: m.offset(),
+        };
+        let check = BatchCheck {
+            pool: &self.pool,
+            format: &self.format,
+        };
+        let batch = match KeyBatch::decode(m.payload().unwrap_or_default(), &check) {
+            Ok(b) => b,
+            Err(e) => {
+                metrics::bad_message(&self.shared.metrics, at, &e);
+                self.commit_past(at).await;
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        // Verified before anything is written, so a forged batch leaves no
+        // claim behind (a claim names a batch as this pool's).
+        let Some(proof) = self
+            .retry(stop, &batch.batch_id, || {
+                self.store.batch_proof(&batch.batch_id)
+            })
+            .await
+        else {
+            // Stopping: nothing written, not committed; the next reader verifies it.
+            return;
+        };
+        if let Err(e) = batch.verify(at.partition, proof.as_ref(), &self.incarnation) {
+            metrics::unverified(&self.shared.metrics, at, &batch.batch_id, &e);
+            self.commit_past(at).await;
+            return;
+        }
+        let claim = ClaimDoc {
+            batch_id: batch.batch_id.clone(),
+            pool: self.pool.clone(),
+            group: self.group.clone(),
+            instance: self.instance.clone(),
+            token: self.token.clone(),
+            partition: at.partition,
+            offset: at.offset,
+            keys: batch.keys.len() as u64,
+            state: ClaimState::Open,
+            return_keys: Vec::new(),
+            reason: None,
+            claimed_at: Utc::now(),
+        };
+        let Some(outcome) = self
+            .retry(stop, &batch.batch_id, || self.store.claim(&claim))
+            .await
+        else {
+            // Stopping mid-retry. Not committed, but an earlier attempt may
+            // have landed (a write that failed on the way back): its next
+            // reader would skip a batch claimed by us, so hand the keys back.
+            // Conditional on our token: a no-op if no attempt landed.
+            self.end_claim(&batch.batch_id, batch.keys).await;
+            return;
+        };
+        if let ClaimOutcome::AlreadyClaimed { holder } = outcome {
+            metrics::replay(&self.shared.metrics, at, &batch.batch_id, &holder);
+            self.commit_past(at).await;
+            return;
+        }
+        if let Err(e) = self.commit(at, &batch.batch_id).await {
+            metrics::commit_failed(&self.shared.metrics, at, &batch.batch_id, &e);
+            // Not handed out. Whoever reads the batch next finds our claim and
+            // skips it, so give its keys back for the producer to republish.
+            self.end_claim(&batch.batch_id, batch.keys).await;
+            return;
+        }
+        match self.shared.buffer.push(&batch.batch_id, &batch.keys) {
+            Ok(()) => {
+                metrics::batch_claimed(&self.shared.metrics, batch.keys.len(), started.elapsed());
+                self.shared.arrived.notify_waiters();
+            }
+            Err(e) => {
+                // Only `Closed` is possible for a decoded batch.
+                warn!(batch = %batch.batch_id, cause = %e, "batch not buffered");
+                self.end_claim(&batch.batch_id, batch.keys).await;
+            }
+        }
+        self.apply_backpressure();
+    }
+
+    /// Runs `op` until it succeeds, backing off between attempts; `None` if
+    /// a stop was requested first.
+    async fn retry<T, F, Fut>(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        batch: &str,
+        mut op: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = crate::Result<T>>,
+    {
+        let mut backoff = CLAIM_RETRY_FIRST;
+        loop {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    metrics::claim_failed(&self.shared.metrics, batch, &e);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stopped(stop) => return None,
+                    }
+                    backoff = (backoff * 2).min(CLAIM_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Commits `at.offset + 1` synchronously (off the async threads).
+    async fn commit(&self, at: Position, batch: &str) -> crate::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        let commit_error = |source| Error::Commit {
+            batch: batch.to_owned(),
+            source,
+        };
+        tpl.add_partition_offset(&self.topic, at.partition, Offset::Offset(at.offset + 1))
+            .map_err(commit_error)?;
+        let consumer = Arc::clone(&self.consumer);
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(Error::Task)?
+            .map_err(commit_error)
+    }
+
+    /// Commits past a skipped message. A failure only means the partition's
+    /// next reader skips it again.
+    async fn commit_past(&self, at: Position) {
+        if let Err(e) = self.commit(at, "<skipped message>").await {
+            warn!(partition = at.partition, offset = at.offset, cause = %metrics::error_chain(&e), "commit past a skipped message failed");
+        }
+    }
+}
