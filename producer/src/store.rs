@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
+use futures::TryStreamExt;
 use kgs_schemas::docs::{
     self, BatchRecord, ClaimDoc, KeyDoc, LeaseDoc, LeaseEpochDoc, PoolDoc, RecycleDoc, UsedKeyDoc,
 };
@@ -326,6 +327,20 @@ fn affected(reply: &Document, op: &'static str) -> Result<u64> {
         Some(bson::Bson::Int64(n)) => *n as u64,
         _ => 0,
     })
+}
+
+/// Every document of `coll` matching `filter` (the caller makes sure an
+/// index serves it), read to the end; `op` names the read in errors.
+pub async fn find_all<T>(coll: &Collection<T>, filter: Document, op: &'static str) -> Result<Vec<T>>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    coll.find(filter)
+        .await
+        .map_err(Error::store(op))?
+        .try_collect()
+        .await
+        .map_err(Error::store(op))
 }
 
 /// `{ _id: id }`.

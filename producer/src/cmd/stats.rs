@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use bson::{doc, Document};
-use futures::TryStreamExt;
 use kgs_schemas::docs::{self, LeaseDoc, PoolDoc};
 pub use kgs_schemas::stats::CollStats;
 use rdkafka::consumer::BaseConsumer;
@@ -14,7 +13,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{backlog, PartitionBacklog};
-use crate::store::Store;
+use crate::store::{find_all, Store};
 
 /// Everything `stats` reports about a pool.
 #[derive(Debug, Clone, Serialize)]
@@ -54,14 +53,7 @@ pub async fn stats(config: &Config, pool: Option<&str>) -> Result<Vec<PoolStats>
     let store = Store::connect(config).await?;
     let pools: Vec<PoolDoc> = match pool {
         Some(p) => vec![store.pool(p).await?],
-        None => store
-            .pools
-            .find(doc! {})
-            .await
-            .map_err(Error::store("list pools"))?
-            .try_collect()
-            .await
-            .map_err(Error::store("list pools"))?,
+        None => find_all(&store.pools, doc! {}, "list pools").await?,
     };
     let mut out = Vec::new();
     for p in pools {

@@ -7,14 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bson::doc;
-use futures::TryStreamExt;
 use kgs_schemas::docs::{BatchRecord, BatchState};
 use kgs_schemas::KeyBatch;
 
 use super::Writer;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::store::by_id;
+use crate::store::{by_id, find_all};
 
 impl Writer<'_> {
     /// Steps 5–7 for a `moved` batch.
@@ -148,18 +147,15 @@ impl Writer<'_> {
         let epoch = self.lease.check()?;
         self.topic_generation.store(generation, Ordering::Release);
         self.last_offsets.lock().expect("not poisoned").clear();
-        let old: Vec<BatchRecord> = self
-            .store
-            .batches
-            .find(doc! {
+        let old: Vec<BatchRecord> = find_all(
+            &self.store.batches,
+            doc! {
                 "pool": self.pool, "state": BatchState::Published,
                 "topic_generation": { "$lt": generation as i64 },
-            })
-            .await
-            .map_err(Error::store("find batches of the old topic"))?
-            .try_collect()
-            .await
-            .map_err(Error::store("find batches of the old topic"))?;
+            },
+            "find batches of the old topic",
+        )
+        .await?;
         let mut republished = 0;
         for mut record in old {
             if record.keys.is_empty() {

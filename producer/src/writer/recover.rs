@@ -2,11 +2,11 @@
 //! leader or of an older epoch (adopted first), after a crash at any step.
 
 use bson::doc;
-use futures::TryStreamExt;
 use kgs_schemas::docs::{BatchRecord, BatchState};
 
 use super::Writer;
 use crate::error::{Error, Result};
+use crate::store::find_all;
 
 impl Writer<'_> {
     /// Finishes every unfinished batch of the pool; `partition` is where a
@@ -18,15 +18,12 @@ impl Writer<'_> {
     /// recovery pass.
     pub async fn recover(&self, partition: i32) -> Result<u64> {
         let epoch = self.lease.check()?;
-        let unfinished: Vec<BatchRecord> = self
-            .store
-            .batches
-            .find(doc! { "pool": self.pool, "state": { "$in": [BatchState::Moving, BatchState::Moved] } })
-            .await
-            .map_err(Error::store("find unfinished batches"))?
-            .try_collect()
-            .await
-            .map_err(Error::store("find unfinished batches"))?;
+        let unfinished: Vec<BatchRecord> = find_all(
+            &self.store.batches,
+            doc! { "pool": self.pool, "state": { "$in": [BatchState::Moving, BatchState::Moved] } },
+            "find unfinished batches",
+        )
+        .await?;
         let mut finished = 0;
         for record in unfinished {
             if record.epoch > epoch {

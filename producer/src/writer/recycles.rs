@@ -15,14 +15,13 @@
 use std::collections::{BTreeMap, HashSet};
 
 use bson::doc;
-use futures::TryStreamExt;
 use kgs_schemas::docs::{RecycleDoc, RecycleState, UsedReason};
 use kgs_schemas::recycle::Refusal;
 
 use super::Writer;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::store::by_id;
+use crate::store::{by_id, find_all};
 
 impl Writer<'_> {
     /// Performs every `requested` recycle of the pool (see the module docs):
@@ -36,15 +35,12 @@ impl Writer<'_> {
     pub async fn put_back_recycles(&self, size: usize, partition: i32) -> Result<u64> {
         self.lease.check()?;
         // Served by the `{pool, state}` index.
-        let requests: Vec<RecycleDoc> = self
-            .store
-            .recycles
-            .find(doc! { "pool": self.pool, "state": RecycleState::Requested })
-            .await
-            .map_err(Error::store("find recycle requests"))?
-            .try_collect()
-            .await
-            .map_err(Error::store("find recycle requests"))?;
+        let requests: Vec<RecycleDoc> = find_all(
+            &self.store.recycles,
+            doc! { "pool": self.pool, "state": RecycleState::Requested },
+            "find recycle requests",
+        )
+        .await?;
         let mut recycled = 0;
         let mut by_batch: BTreeMap<String, Vec<RecycleDoc>> = BTreeMap::new();
         for r in requests {

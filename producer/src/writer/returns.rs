@@ -5,13 +5,12 @@
 use std::collections::HashSet;
 
 use bson::doc;
-use futures::TryStreamExt;
 use kgs_schemas::docs::{ClaimDoc, ClaimState};
 
 use super::Writer;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::store::by_id;
+use crate::store::{by_id, find_all};
 
 impl Writer<'_> {
     /// Hands the unused keys of consumers' `returning` claims out again: in
@@ -23,15 +22,12 @@ impl Writer<'_> {
     pub async fn put_back_returns(&self, size: usize, partition: i32) -> Result<u64> {
         self.lease.check()?;
         let mut rotate = 0;
-        let claims: Vec<ClaimDoc> = self
-            .store
-            .claims
-            .find(doc! { "pool": self.pool, "state": ClaimState::Returning })
-            .await
-            .map_err(Error::store("find returning claims"))?
-            .try_collect()
-            .await
-            .map_err(Error::store("find returning claims"))?;
+        let claims: Vec<ClaimDoc> = find_all(
+            &self.store.claims,
+            doc! { "pool": self.pool, "state": ClaimState::Returning },
+            "find returning claims",
+        )
+        .await?;
         let mut returned = 0;
         for claim in claims {
             let record = self
