@@ -3,8 +3,12 @@
 #   kafka  - Apache Kafka (official broker jars from Maven Central), KRaft, single node, :9092
 #   mongo  - SecantusDB (a MongoDB-wire server from PyPI), single-node replica set, :27017
 #   ferretdb - FerretDB v1 (MongoDB-compatible, SQLite backend), built with Go, :27018
+#   kafka-secure - a second Kafka for the least-privilege tests: SASL_SSL only
+#            (local CA, SCRAM-SHA-512 users admin, kgs-producer, kgs-app), ACLs
+#            enforced, :9094; CA in .cache/kafka-secure/tls/ca.pem, passwords
+#            in .cache/kafka-secure/users/<user>
 #
-# Usage: scripts/servers.sh {install|up|down|restart|status|logs} [kafka|mongo|ferretdb|all]
+# Usage: scripts/servers.sh {install|up|down|restart|status|logs} [kafka|mongo|ferretdb|kafka-secure|all]
 # (`all` is kafka + mongo; ferretdb is the second MongoDB-wire target, KGS_MONGO_IMPL=ferretdb)
 #
 # Everything lives in the git-ignored folder .cache/ (override with KGS_CACHE_DIR):
@@ -33,6 +37,8 @@ KAFKA_LIB="$CACHE/kafka/lib"
 KAFKA_HOME="$STATE/kafka"
 KAFKA_PORT="${KGS_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KGS_KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_TEMPLATE="$ROOT/servers/kafka/server.properties"
+KAFKA_SECURE=0
 
 SECANTUS_VERSION="0.7.0b3"
 MONGO_VENV="$CACHE/secantus/venv"
@@ -54,6 +60,93 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # ---------------------------------------------------------------- kafka
+
+# The kafka functions below serve both brokers; this points them at the
+# secured one.
+use_secure_kafka() {
+  KAFKA_HOME="$STATE/kafka-secure"
+  KAFKA_PORT="${KGS_KAFKA_SECURE_PORT:-9094}"
+  KAFKA_CONTROLLER_PORT="${KGS_KAFKA_SECURE_CONTROLLER_PORT:-9095}"
+  KAFKA_TEMPLATE="$ROOT/servers/kafka/server-secure.properties"
+  KAFKA_SECURE=1
+}
+
+# The SCRAM users of the secured broker: `admin` is the broker itself (and
+# sets the ACLs); `kgs-producer` and `kgs-app` get only what kgs needs.
+SECURE_USERS=(admin kgs-producer kgs-app)
+
+# Once per secured instance: a local CA, the broker's key and certificate
+# (SAN 127.0.0.1 and localhost) in Kafka's PEM keystore layout, and a random
+# password per user (files readable by this user only).
+kafka_secure_credentials() {
+  local tls="$KAFKA_HOME/tls" users="$KAFKA_HOME/users"
+  [[ -f "$tls/broker-keystore.pem" && -f "$users/admin" ]] && return 0
+  command -v openssl >/dev/null || die "kafka-secure: openssl not found (it makes the local certificates)"
+  rm -rf "$tls" "$users"
+  mkdir -p "$tls" "$users"
+  chmod 700 "$users"
+  local out="$KAFKA_HOME/logs/tls.log"
+  mkdir -p "$KAFKA_HOME/logs"
+  {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kgs local test CA" \
+      -keyout "$tls/ca.key" -out "$tls/ca.pem" &&
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$tls/broker.key" -out "$tls/broker.csr" &&
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext" &&
+      openssl x509 -req -in "$tls/broker.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$tls/san.ext" -out "$tls/broker.pem" &&
+      openssl pkcs8 -topk8 -nocrypt -in "$tls/broker.key" -out "$tls/broker.pk8"
+  } >"$out" 2>&1 || die "kafka-secure: making the certificates failed, see $out"
+  cat "$tls/broker.pk8" "$tls/broker.pem" "$tls/ca.pem" >"$tls/broker-keystore.pem"
+  chmod 600 "$tls"/*.key "$tls/broker.pk8" "$tls/broker-keystore.pem"
+  local u
+  for u in "${SECURE_USERS[@]}"; do
+    (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$users/$u")
+  done
+  log "kafka-secure: made a local CA, the broker certificate and ${#SECURE_USERS[@]} SCRAM users"
+}
+
+# The least-privilege ACLs of the secured broker (see README, Security),
+# set once per instance with the admin user.
+kafka_secure_acls() {
+  [[ -f "$KAFKA_HOME/acls.done" ]] && return 0
+  local cfg="$KAFKA_HOME/admin.properties"
+  (
+    umask 077
+    cat >"$cfg" <<EOF2
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(cat "$KAFKA_HOME/users/admin")";
+ssl.truststore.type=PEM
+ssl.truststore.location=$KAFKA_HOME/tls/ca.pem
+EOF2
+  )
+  local out="$KAFKA_HOME/logs/acls.log"
+  acl() {
+    kafka_java org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+      --command-config "$cfg" --add --force "$@" >>"$out" 2>&1 \
+      || die "kafka-secure: setting ACLs failed ($*), see $out"
+  }
+  # The producer: create, check and write the pool topics (kgs.<pool>.<incarnation>),
+  # read them back (recovery's search), its transactional ids, the committed
+  # offsets of the app servers' groups (backlog) and its own reader group.
+  acl --allow-principal User:kgs-producer --operation Create --operation Describe \
+    --operation DescribeConfigs --operation Write --operation Read \
+    --topic kgs. --resource-pattern-type prefixed
+  acl --allow-principal User:kgs-producer --operation Write --operation Describe \
+    --transactional-id kgs-producer. --resource-pattern-type prefixed
+  acl --allow-principal User:kgs-producer --operation Describe \
+    --group kgs. --resource-pattern-type prefixed
+  acl --allow-principal User:kgs-producer --operation Read --operation Describe \
+    --group kgs-producer. --resource-pattern-type prefixed
+  # App servers: read the pool topics in their groups; nothing else.
+  acl --allow-principal User:kgs-app --operation Read --operation Describe \
+    --topic kgs. --resource-pattern-type prefixed
+  acl --allow-principal User:kgs-app --operation Read --operation Describe \
+    --group kgs. --resource-pattern-type prefixed
+  touch "$KAFKA_HOME/acls.done"
+  log "kafka-secure: ACLs set (producer and app-server principals)"
+}
 
 kafka_install() {
   command -v java >/dev/null || die "java not found: Kafka needs a Java 17+ runtime"
@@ -92,14 +185,27 @@ kafka_java() {
 kafka_configure() {
   local data="$KAFKA_HOME/data"
   mkdir -p "$data" "$KAFKA_HOME/logs"
-  sed -e "s|@DATA_DIR@|$data|" -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
-    "$ROOT/servers/kafka/server.properties" >"$KAFKA_HOME/server.properties"
+  local scram=()
+  if ((KAFKA_SECURE)); then
+    kafka_secure_credentials
+    local u
+    for u in "${SECURE_USERS[@]}"; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$u,password=$(cat "$KAFKA_HOME/users/$u")]")
+    done
+  fi
+  (
+    umask 077
+    sed -e "s|@DATA_DIR@|$data|" -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+      -e "s|@TLS_DIR@|$KAFKA_HOME/tls|g" \
+      -e "s|@ADMIN_PASSWORD@|$( ((KAFKA_SECURE)) && cat "$KAFKA_HOME/users/admin")|g" \
+      "$KAFKA_TEMPLATE" >"$KAFKA_HOME/server.properties"
+  )
   # Format the storage once; a formatted log dir keeps its cluster id across restarts.
   if [[ ! -f "$data/meta.properties" ]]; then
     local cluster_id
     cluster_id="$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$KAFKA_HOME/logs/format.log" | tail -n1)"
     [[ -n "$cluster_id" ]] || die "kafka: StorageTool random-uuid failed, see $KAFKA_HOME/logs/format.log"
-    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_HOME/server.properties" \
+    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_HOME/server.properties" "${scram[@]}" \
       >>"$KAFKA_HOME/logs/format.log" 2>&1 \
       || die "kafka: storage format failed, see $KAFKA_HOME/logs/format.log"
     log "kafka: formatted storage (cluster id $cluster_id)"
@@ -293,8 +399,13 @@ status_of() {
 
 cmd="${1:-}"
 which="${2:-all}"
-case "$which" in kafka | mongo | ferretdb | all) ;; *) die "unknown server '$which' (expected kafka, mongo, ferretdb or all)" ;; esac
-want() { [[ "$which" == "$1" || ("$which" == all && "$1" != ferretdb) ]]; }
+case "$which" in kafka | mongo | ferretdb | kafka-secure | all) ;; *) die "unknown server '$which' (expected kafka, mongo, ferretdb, kafka-secure or all)" ;; esac
+want() { [[ "$which" == "$1" || ("$which" == all && "$1" != ferretdb && "$1" != kafka-secure) ]]; }
+# The secured broker runs the same kafka functions with its own home and ports.
+if [[ "$which" == kafka-secure ]]; then
+  use_secure_kafka
+  want() { [[ "$1" == kafka ]]; }
+fi
 
 case "$cmd" in
   install)
@@ -306,6 +417,7 @@ case "$cmd" in
     # Mongo first: its start is quicker, and Kafka's JVM start overlaps nothing else.
     want mongo && mongo_up
     want kafka && kafka_up
+    want kafka && ((KAFKA_SECURE)) && kafka_secure_acls
     want ferretdb && ferretdb_up
     ;;
   down)

@@ -37,6 +37,10 @@ pub const ADAPTIVE_LOW_SECONDS: f64 = 2.0;
 /// See [`DEFAULT_HIGH_WATERMARK`]: at most 500,000 buffered keys by default
 /// (about 8 MB), so a crash loses at most that plus one batch.
 pub const ADAPTIVE_MAX_FACTOR: usize = 10;
+/// How long the start-up check waits for Kafka to answer before
+/// [`crate::Error::KafkaUnreachable`] (a refused client fails at once).
+pub const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Default time allowed to record returned keys at shutdown before giving
 /// up (the claims then stay `open`, as after a crash).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);

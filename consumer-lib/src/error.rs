@@ -48,6 +48,24 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// Kafka refused this client at start: bad credentials, a broker
+    /// certificate it does not trust, or no ACL allowing it to describe the
+    /// pool's topic. Not retried: it stays so until the configuration changes.
+    #[error("Kafka at {brokers} refused this client: {detail}")]
+    KafkaRefused {
+        /// The bootstrap servers.
+        brokers: String,
+        /// What it said.
+        detail: String,
+    },
+    /// Kafka did not answer within [`crate::config::KAFKA_CHECK_TIMEOUT`] at start.
+    #[error("cannot reach Kafka at {brokers}: {detail}")]
+    KafkaUnreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// The last error seen.
+        detail: String,
+    },
     /// Registering the metrics in the app's registry failed (e.g. registered twice).
     #[error("registering metrics")]
     Metrics(#[source] prometheus::Error),

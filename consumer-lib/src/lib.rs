@@ -96,6 +96,7 @@ mod store;
 
 use std::sync::{Arc, Mutex};
 
+use kgs_schemas::kafka::MetadataError;
 use kgs_schemas::KeyFormat;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::watch;
@@ -162,6 +163,7 @@ impl KeyConsumer {
         // New at every start: the claims of this process are the ones that
         // carry it (the instance id may be shared or reused).
         let token = uuid::Uuid::new_v4().simple().to_string();
+        check_kafka(&config, &group, &instance, &pool_doc.topic).await?;
         let consumer: StreamConsumer<Context> = config
             .kafka_config(&group, &instance)?
             .create_with_context(Context::new(metrics.clone()))
@@ -271,6 +273,37 @@ impl Drop for KeyConsumer {
 }
 
 /// `$HOSTNAME-<uuid>`, or a bare UUID.
+/// Before joining the group: one metadata request for the pool's topic with
+/// the consumer's own settings, so a refused login, an untrusted broker
+/// certificate or a missing ACL is one clear error at start rather than a
+/// warning the consume loop repeats forever. A topic that does not exist
+/// (yet) is only logged: the subscription waits for it.
+async fn check_kafka(
+    config: &KeyConsumerBuilder,
+    group: &str,
+    instance: &str,
+    topic: &str,
+) -> Result<()> {
+    let client = config.kafka_config(group, instance)?;
+    let name = topic.to_owned();
+    let found = tokio::task::spawn_blocking(move || {
+        kgs_schemas::kafka::topic_partitions(&client, &name, config::KAFKA_CHECK_TIMEOUT)
+    })
+    .await
+    .map_err(Error::Task)?;
+    let brokers = config.brokers.clone();
+    match found {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => {
+            tracing::warn!(topic, "the pool's topic does not exist yet; waiting for it");
+            Ok(())
+        }
+        Err(MetadataError::Refused(detail)) => Err(Error::KafkaRefused { brokers, detail }),
+        Err(MetadataError::Unreachable(detail)) => Err(Error::KafkaUnreachable { brokers, detail }),
+        Err(MetadataError::Client(detail)) => Err(Error::Config(format!("Kafka client: {detail}"))),
+    }
+}
+
 fn default_instance_id() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     match std::env::var("HOSTNAME") {

@@ -21,6 +21,17 @@ pub enum Error {
         /// The last error seen.
         detail: String,
     },
+    /// A server refused this client: bad credentials, a TLS certificate it
+    /// does not trust, or an ACL that does not allow the operation.
+    #[error("{server} at {address} refused this client: {detail}")]
+    Unauthorized {
+        /// `MongoDB` or `Kafka`.
+        server: &'static str,
+        /// Where it was.
+        address: String,
+        /// What it said.
+        detail: String,
+    },
     /// `init` found the pool (or its topic) with other settings.
     #[error("pool {pool:?} already exists with other settings ({detail}); nothing was changed")]
     Conflict {
@@ -36,7 +47,9 @@ pub enum Error {
     #[error("bad key: {0}")]
     BadKey(#[from] FormatError),
     /// A MongoDB operation failed.
-    #[error("MongoDB {op} failed: {source}")]
+    // The cause is the error's source: `{:#}` (the binary) and
+    // [`chain`] (the logs) print it after the message, once.
+    #[error("MongoDB {op} failed")]
     Store {
         /// What was being done.
         op: &'static str,
@@ -53,7 +66,7 @@ pub enum Error {
         detail: String,
     },
     /// A Kafka operation failed.
-    #[error("Kafka {op} failed: {source}")]
+    #[error("Kafka {op} failed")]
     Kafka {
         /// What was being done.
         op: &'static str,
@@ -97,9 +110,10 @@ pub enum Error {
 impl Error {
     /// Every value [`Error::kind`] returns, so the `errors_total{kind}`
     /// series exist (at 0) before the first error and dashboards show them.
-    pub const KINDS: [&'static str; 13] = [
+    pub const KINDS: [&'static str; 14] = [
         "config",
         "unreachable",
+        "unauthorized",
         "conflict",
         "no_such_pool",
         "bad_key",
@@ -118,6 +132,7 @@ impl Error {
         match self {
             Self::Config(_) => "config",
             Self::Unreachable { .. } => "unreachable",
+            Self::Unauthorized { .. } => "unauthorized",
             Self::Conflict { .. } => "conflict",
             Self::NoSuchPool(_) => "no_such_pool",
             Self::BadKey(_) => "bad_key",
@@ -150,6 +165,19 @@ impl Error {
     pub fn kafka(op: &'static str) -> impl FnOnce(KafkaError) -> Self {
         move |source| Self::Kafka { op, source }
     }
+}
+
+/// `err` with its causes, `a: b: c` (what `{:#}` of anyhow prints), for
+/// log fields.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// The producer's result type.

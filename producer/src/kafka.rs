@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kgs_schemas::docs::{BatchRecord, PoolDoc};
+use kgs_schemas::kafka::{topic_partitions, MetadataError};
 use kgs_schemas::{keys_digest, KeyBatch};
 use rdkafka::admin::{
     AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
@@ -367,40 +368,30 @@ pub async fn topic_config(config: &Config, topic: &str, name: &str) -> Result<Op
 }
 
 /// The partition count of `topic`, or `None` if it does not exist.
+///
+/// A refused login or TLS handshake fails at once (retrying cannot help);
+/// a broker that does not answer is retried for the connect timeout, and the
+/// error then names the last reason librdkafka gave (e.g. a listener that
+/// speaks another `security.protocol`).
 pub async fn topic_partition_count(config: &Config, topic: &str) -> Result<Option<u32>> {
-    let consumer: BaseConsumer = config
-        .kafka()
-        .create()
-        .map_err(Error::kafka("create metadata client"))?;
+    let client = config.kafka();
     let topic = topic.to_owned();
-    let brokers = config.kafka_brokers.clone();
     let deadline = config.connect_timeout;
+    let brokers = config.kafka_brokers.clone();
     tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        loop {
-            match consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
-                Ok(md) => {
-                    let t = md.topics().iter().find(|t| t.name() == topic);
-                    return Ok(match t {
-                        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                            Some(t.partitions().len() as u32)
-                        }
-                        _ => None,
-                    });
-                }
-                Err(e) if started.elapsed() < deadline => {
-                    tracing::info!(cause = %e, "Kafka not ready");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    return Err(Error::Unreachable {
-                        server: "Kafka",
-                        address: brokers,
-                        detail: e.to_string(),
-                    })
-                }
-            }
-        }
+        topic_partitions(&client, &topic, deadline).map_err(|e| match e {
+            MetadataError::Refused(detail) => Error::Unauthorized {
+                server: "Kafka",
+                address: brokers,
+                detail,
+            },
+            MetadataError::Unreachable(detail) => Error::Unreachable {
+                server: "Kafka",
+                address: brokers,
+                detail,
+            },
+            MetadataError::Client(detail) => Error::Config(format!("Kafka client: {detail}")),
+        })
     })
     .await
     .expect("metadata task does not panic")

@@ -369,9 +369,11 @@ impl Metrics {
         match err {
             // Nothing heals these by retrying: an operator must act.
             crate::Error::Topic { .. } | crate::Error::Corrupt(_) => {
-                tracing::error!(cause = %err, during, "operator action needed; publishing paused")
+                tracing::error!(cause = %crate::error::chain(err), during, "operator action needed; publishing paused")
             }
-            _ => tracing::warn!(cause = %err, during, "step failed, will retry"),
+            _ => {
+                tracing::warn!(cause = %crate::error::chain(err), during, "step failed, will retry")
+            }
         }
     }
 }

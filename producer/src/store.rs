@@ -56,7 +56,7 @@ impl Store {
     pub async fn connect(config: &Config) -> Result<Self> {
         let unreachable = |detail: String| Error::Unreachable {
             server: "MongoDB",
-            address: config.mongodb_uri.clone(),
+            address: kgs_schemas::mongo::redact_uri(&config.mongodb_uri),
             detail,
         };
         let mut opts = ClientOptions::parse(&config.mongodb_uri)
@@ -80,6 +80,14 @@ impl Store {
                 .await
             {
                 Ok(_) => break,
+                // Bad credentials (or a user without access) stay bad.
+                Err(e) if matches!(*e.kind, mongodb::error::ErrorKind::Authentication { .. }) => {
+                    return Err(Error::Unauthorized {
+                        server: "MongoDB",
+                        address: kgs_schemas::mongo::redact_uri(&config.mongodb_uri),
+                        detail: e.to_string(),
+                    });
+                }
                 Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::info!(cause = %e, retry_in_ms = backoff.as_millis() as u64, "MongoDB not ready");
                     tokio::time::sleep(backoff).await;

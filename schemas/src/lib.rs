@@ -14,6 +14,7 @@
 //! - [`recycle`]: the checks a request to recycle a key must pass.
 //! - [`mongo`]: the duplicate-key rule every idempotent write relies on.
 //! - [`duration`]: the one duration grammar of every setting (`250ms`, `10s`).
+//! - [`kafka`] (feature `kafka`): the start-up metadata check of both components.
 //! - [`process`] (feature `process`): what both binaries share as
 //!   processes: the log-filter variable, shutdown signals, `name=value`.
 #![deny(missing_docs)]
@@ -22,6 +23,8 @@ pub mod batch;
 pub mod docs;
 pub mod duration;
 pub mod format;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod mongo;
 #[cfg(feature = "process")]
 pub mod process;

@@ -338,7 +338,7 @@ impl LeaseKeeper {
                     Err(err) => {
                         // Keep the old validity: it runs out on its own if the
                         // database stays away.
-                        tracing::warn!(cause = %err, pool = %lease.pool, "lease attempt failed");
+                        tracing::warn!(cause = %crate::error::chain(&err), pool = %lease.pool, "lease attempt failed");
                         match *state_tx.borrow() {
                             s @ LeaseState::Leader { .. } => s,
                             _ => LeaseState::Unknown,
@@ -377,7 +377,7 @@ impl LeaseKeeper {
             match self.lease.release(epoch).await {
                 Ok(()) => tracing::info!(pool = %self.lease.pool, epoch, "lease released"),
                 Err(err) => {
-                    tracing::warn!(cause = %err, "could not release the lease; it expires on its own")
+                    tracing::warn!(cause = %crate::error::chain(&err), "could not release the lease; it expires on its own")
                 }
             }
         }
