@@ -46,7 +46,7 @@ if [[ -n "${KGS_BENCH_BIN:-}" ]]; then
 else
   say "building (release)"
   cargo build --release -q -p kgs-producer --bin kgs-producer --example bench
-  cargo build --release -q -p kgs-consumer --example app-server
+  cargo build --release -q -p kgs-consumer --features app-server --bin kgs-app-server
   BIN="$ROOT/target/release"
 fi
 OUT="$(mktemp -d)"
@@ -79,7 +79,7 @@ for part in $PARTS; do
       "$BIN/kgs-producer" init --length 3 --partitions 4 --initial-keys 10000 >"$OUT/init.log" 2>&1
       "$BIN/kgs-producer" run --http-addr "$prod" >"$OUT/producer.log" 2>&1 &
       ppid=$!
-      KGS_HTTP_ADDR="$app" "$BIN/examples/app-server" >"$OUT/app-server.log" 2>&1 &
+      KGS_HTTP_ADDR="$app" "$BIN/kgs-app-server" >"$OUT/app-server.log" 2>&1 &
       apid=$!
       trap 'kill -TERM $ppid $apid 2>/dev/null || true' EXIT
       # Settled: the pool fully generated (238,328 keys) and the app

@@ -5,8 +5,8 @@ Run by `make test` (after the binaries are built) and `make check-compose`.
 Every claim the compose file makes about kgs is checked against the real
 thing:
 
-- every KGS_* variable and every --flag given to kgs-producer or the example
-  app server appears in that binary's own `--help` (clap prints `[env: X=]`);
+- every KGS_* variable and every --flag given to kgs-producer or kgs-app-server
+  appears in that binary's own `--help` (clap prints `[env: X=]`);
 - the HTTP port of each kgs service (KGS_HTTP_ADDR) is the one its health
   check, `ports`/`expose`, the Dockerfile's EXPOSE and docker/prometheus.yml
   use, and the health-check paths are routes in the code;
@@ -20,7 +20,7 @@ thing:
   the repo), and `docker compose config` (or docker-compose v1) accepts the
   file when such a tool is installed; otherwise that step is reported skipped.
 
-Binaries: $CARGO_TARGET_DIR (default target)/debug/{kgs-producer,examples/app-server}.
+Binaries: $CARGO_TARGET_DIR (default target)/debug/{kgs-producer,kgs-app-server}.
 """
 import json
 import os
@@ -41,7 +41,7 @@ TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "de
 # Dockerfile target -> (binary in the target dir, source files with its HTTP routes).
 BINARIES = {
     "producer": (TARGET / "kgs-producer", [ROOT / "producer/src/http.rs"]),
-    "app-server": (TARGET / "examples/app-server", [ROOT / "consumer-lib/examples/app-server.rs"]),
+    "app-server": (TARGET / "kgs-app-server", [ROOT / "consumer-lib/src/bin/kgs-app-server.rs"]),
 }
 
 problems = []
@@ -99,7 +99,7 @@ def main():
         svc = services[name]
         binary, route_files = BINARIES[target]
         if not binary.is_file():
-            problem(f"{binary} not built (cargo build --workspace --bins --examples)")
+            problem(f"{binary} not built (cargo build --workspace --bins)")
             continue
         command = svc.get("command", [])
         sub = command[0] if target == "producer" and command else None

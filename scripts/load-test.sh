@@ -72,7 +72,7 @@ if [[ -z "$TARGET" ]]; then
   [[ -n "${KGS_KAFKA_BROKERS:-}" ]] || port_open 9092 || scripts/servers.sh up kafka
   flags=()
   [[ "$PROFILE" == release ]] && flags=(--release)
-  cargo build "${flags[@]}" --bin kgs-producer --example app-server
+  cargo build "${flags[@]}" -p kgs-producer -p kgs-consumer --bin kgs-producer --bin kgs-app-server --features kgs-consumer/app-server
   BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
 
   free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -94,8 +94,8 @@ if [[ -z "$TARGET" ]]; then
     >"$OUT/producer.log" 2>&1 &
   pids+=($!)
   # Buffer up to 6,000 keys: the whole run is served from memory.
-  KGS_HTTP_ADDR="$app_addr" KGS_BUFFER_LOW_WATERMARK=2000 KGS_BUFFER_HIGH_WATERMARK=6000 RUST_LOG=warn \
-    "$BIN/examples/app-server" >"$OUT/app-server.log" 2>&1 &
+  KGS_HTTP_ADDR="$app_addr" KGS_BUFFER_LOW_WATERMARK=2000 KGS_BUFFER_HIGH_WATERMARK=6000 KGS_LOG=warn \
+    "$BIN/kgs-app-server" >"$OUT/app-server.log" 2>&1 &
   pids+=($!)
   say "producer on $producer_addr, app server on $app_addr (logs in $OUT)"
   for _ in $(seq 1 240); do

@@ -20,7 +20,7 @@ scripts/prereqs.sh run
 [[ -n "${KGS_MONGODB_URI:-}" ]] || scripts/servers.sh up mongo
 [[ -n "${KGS_KAFKA_BROKERS:-}" ]] || scripts/servers.sh up kafka
 
-cargo build --release --bin kgs-producer --example app-server
+cargo build --release -p kgs-producer -p kgs-consumer --bin kgs-producer --bin kgs-app-server --features kgs-consumer/app-server
 BIN="$ROOT/target/release"
 
 built=$SECONDS
@@ -43,7 +43,7 @@ trap 'cleanup; exit 0' INT TERM
 
 "$BIN/kgs-producer" run --pool "$POOL" --http-addr "$HTTP_PRODUCER" >"$LOGS/producer.log" 2>&1 &
 pids+=($!)
-KGS_POOL="$POOL" KGS_HTTP_ADDR="$HTTP_APP" "$BIN/examples/app-server" >"$LOGS/app-server.log" 2>&1 &
+KGS_POOL="$POOL" KGS_HTTP_ADDR="$HTTP_APP" "$BIN/kgs-app-server" >"$LOGS/app-server.log" 2>&1 &
 pids+=($!)
 
 for _ in $(seq 1 120); do

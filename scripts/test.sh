@@ -29,11 +29,14 @@ if [[ -z "${KGS_MONGODB_URI:-}" ]]; then
   [[ -z "$local_uri" ]] || export KGS_MONGODB_URI="$local_uri"
 fi
 if [[ -z "${KGS_KAFKA_BROKERS:-}" ]]; then started+=(kafka); fi
+# The secured Kafka of the least-privilege tests (tests/tests/security.rs).
+if [[ -z "${KGS_KAFKA_SECURE_BROKERS:-}" ]]; then started+=(kafka-secure); fi
 for server in "${started[@]}"; do
   scripts/servers.sh up "$server"
 done
 
-# Tests spawn kgs-producer and the example app server as separate processes.
+# Tests spawn kgs-producer and kgs-app-server as separate processes (the
+# tests crate enables kgs-consumer's `app-server` feature, so --bins builds it).
 cargo build --workspace --bins --examples
 echo "test: MongoDB-wire server: ${KGS_MONGODB_URI:-local $KGS_MONGO_IMPL (default URI)}" >&2
 cargo test --workspace --no-fail-fast "$@"

@@ -37,7 +37,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "KGS_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
     /// MongoDB connection string.
-    #[arg(long, global = true, env = "KGS_MONGODB_URI")]
+    #[arg(long, global = true, env = "KGS_MONGODB_URI", hide_env_values = true)]
     pub mongodb_uri: Option<String>,
     /// Database holding every pool [default: kgs].
     #[arg(long, global = true, env = "KGS_MONGODB_DB")]
@@ -60,6 +60,7 @@ pub struct GlobalArgs {
         long = "kafka-option",
         global = true,
         env = "KGS_KAFKA_OPTIONS",
+        hide_env_values = true,
         value_delimiter = ',',
         value_parser = crate::config::KafkaOptions::parse_pair
     )]

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use bson::doc;
 use kgs_schemas::docs::{PoolDoc, POOLS};
+use kgs_tests::metrics::first_value;
+use kgs_tests::process::signal;
 use kgs_tests::{
-    free_addr, http_get, kafka_brokers, mongo_client, mongodb_uri, unique, wait_for,
-    workspace_binary,
+    free_addr, http_get, mongo_client, unique, wait_for, wait_healthy, AppServerCmd, ProducerCmd,
+    Signal,
 };
-use tokio::process::{Child, Command};
 
 /// How long a start-up failure may take: the binaries retry servers that are
 /// merely slow for a bounded time (the driver's 30 s server selection).
@@ -36,43 +37,19 @@ impl Setup {
     }
 
     /// `kgs-producer` with this setup's servers, database and pool.
-    fn producer(&self, args: &[&str]) -> Result<Command> {
-        let mut c = Command::new(workspace_binary("kgs-producer")?);
-        c.args(args)
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &self.db)
-            .env("KGS_POOL", &self.pool)
-            .env("KGS_LEASE_DURATION", "3s")
-            .env("KGS_CONNECT_TIMEOUT", "5s")
-            .env_remove("KGS_FAILPOINT")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        Ok(c)
+    fn producer(&self, args: &[&str]) -> Result<ProducerCmd> {
+        Ok(ProducerCmd::new(&self.db, &self.pool)?
+            .args(args)
+            .env("KGS_CONNECT_TIMEOUT", "5s"))
     }
 
-    /// The example app server for this pool on `addr`.
-    fn app_server(&self, addr: &str) -> Result<Command> {
-        let mut c = Command::new(workspace_binary("app-server")?);
-        c.args(["--pool", &self.pool, "--http-addr", addr])
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &self.db)
-            .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        Ok(c)
+    /// The app server for this pool (in the pool's default group).
+    fn app_server(&self) -> Result<AppServerCmd> {
+        AppServerCmd::new(&self.db, &self.pool)
     }
 
     async fn init(&self, extra: &[&str]) -> Result<()> {
-        let mut args = vec!["init"];
-        args.extend_from_slice(extra);
-        let out = self.producer(&args)?.output().await?;
-        ensure!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.producer(&["init"])?.args(extra).success().await?;
         Ok(())
     }
 
@@ -93,13 +70,11 @@ impl Setup {
     }
 }
 
-/// Runs `cmd` to completion within [`START_FAILURE`].
-async fn output(mut cmd: Command) -> Result<Output> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    tokio::time::timeout(START_FAILURE, cmd.output())
+/// Runs a start that must fail to completion within [`START_FAILURE`].
+async fn output(run: impl std::future::Future<Output = Result<Output>>) -> Result<Output> {
+    tokio::time::timeout(START_FAILURE, run)
         .await
         .context("the process did not exit")?
-        .context("spawning")
 }
 
 /// Asserts a failed start: non-zero exit and exactly one line on stderr,
@@ -120,47 +95,33 @@ fn one_line_failure(out: &Output, prefix: &str, needle: &str) {
     );
 }
 
-/// Sends SIGTERM (a graceful stop, so the logs include shutdown).
-fn terminate(child: &Child) -> Result<()> {
-    let pid = child.id().context("process already reaped")?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill -TERM {pid} failed");
-    Ok(())
-}
-
-async fn healthy(addr: &str) -> Result<()> {
-    wait_for(
-        &format!("/healthz on {addr}"),
-        Duration::from_secs(60),
-        || async {
-            Ok(http_get(addr, "/healthz")
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200)
-                .map(|_| ()))
-        },
-    )
-    .await
-}
-
 /// Contradictory settings, an unknown TOML key and a missing config file
 /// each stop `kgs-producer` with one line naming the problem.
 #[tokio::test(flavor = "multi_thread")]
 async fn producer_config_errors_are_one_line() -> Result<()> {
     let s = Setup::new();
-    let out =
-        output(s.producer(&["run", "--low-watermark", "5", "--high-watermark", "2"])?).await?;
+    let out = output(
+        s.producer(&["run", "--low-watermark", "5", "--high-watermark", "2"])?
+            .output(),
+    )
+    .await?;
     one_line_failure(&out, "kgs-producer:", "low_watermark");
 
     let toml = std::env::temp_dir().join(format!("{}.toml", unique("bad")));
     std::fs::write(&toml, "batch_sise = 7\n")?;
-    let out = output(s.producer(&["stats", "--config", toml.to_str().unwrap()])?).await?;
+    let out = output(
+        s.producer(&["stats", "--config", toml.to_str().unwrap()])?
+            .output(),
+    )
+    .await?;
     one_line_failure(&out, "kgs-producer:", "batch_sise");
     let _ = std::fs::remove_file(&toml);
 
-    let out = output(s.producer(&["stats", "--config", "/nonexistent/kgs.toml"])?).await?;
+    let out = output(
+        s.producer(&["stats", "--config", "/nonexistent/kgs.toml"])?
+            .output(),
+    )
+    .await?;
     one_line_failure(&out, "kgs-producer:", "/nonexistent/kgs.toml");
     Ok(())
 }
@@ -170,21 +131,22 @@ async fn producer_config_errors_are_one_line() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_servers_at_start_are_one_line() -> Result<()> {
     let s = Setup::new();
-    let mut c = s.producer(&["init", "--length", "1", "--partitions", "1"])?;
-    c.env("KGS_KAFKA_BROKERS", "127.0.0.1:1");
-    one_line_failure(&output(c).await?, "kgs-producer:", "Kafka");
+    let c = s
+        .producer(&[])?
+        .init(1, 1)
+        .env("KGS_KAFKA_BROKERS", "127.0.0.1:1");
+    one_line_failure(&output(c.output()).await?, "kgs-producer:", "Kafka");
 
-    let mut c = s.app_server(&free_addr()?)?;
-    c.env(
+    let c = s.app_server()?.env(
         "KGS_MONGODB_URI",
         "mongodb://127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=3000",
     );
-    one_line_failure(&output(c).await?, "app-server:", "127.0.0.1:1");
+    one_line_failure(&output(c.output()).await?, "kgs-app-server:", "127.0.0.1:1");
 
     // A pool that does not exist is a configuration error too.
     one_line_failure(
-        &output(s.app_server(&free_addr()?)?).await?,
-        "app-server:",
+        &output(s.app_server()?.output()).await?,
+        "kgs-app-server:",
         "not found",
     );
     Ok(())
@@ -199,28 +161,20 @@ async fn an_exhausted_pool_is_a_prompt_503_and_a_metric() -> Result<()> {
     s.init(&["--length", "1", "--partitions", "1"]).await?;
     let producer_http = free_addr()?;
     let log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
-    let mut producer = s.producer(&[
-        "run",
-        "--batch-size",
-        "10",
-        "--low-watermark",
-        "1",
-        "--high-watermark",
-        "3",
-        "--poll-interval",
-        "100ms",
-    ])?;
-    producer
+    let mut producer = s
+        .producer(&[])?
+        .run(10, 3)
         .env("KGS_HTTP_ADDR", &producer_http)
         .env("KGS_HTTP_LISTEN", &producer_http)
+        .log_to(&log)?
+        .spawn()?;
+    let app = s
+        .app_server()?
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?);
-    let mut producer: Child = producer.spawn()?;
-    let addr = free_addr()?;
-    let mut app = s.app_server(&addr)?;
-    app.stdout(Stdio::null()).stderr(Stdio::null());
-    let mut app = app.spawn()?;
-    healthy(&addr).await?;
+        .stderr(Stdio::null())
+        .start()
+        .await?;
+    let addr = app.addr().to_owned();
 
     let mut served = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -246,26 +200,22 @@ async fn an_exhausted_pool_is_a_prompt_503_and_a_metric() -> Result<()> {
             started.elapsed()
         );
     }
-    let metric = |text: &str, name: &str| {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-    };
     wait_for(
         "producer metrics of an exhausted pool",
         Duration::from_secs(30),
         || async {
             let (_, text) = http_get(&producer_http, "/metrics").await?;
-            Ok((metric(&text, "kgs_producer_keys_in_pool") == Some(0.0)
-                && metric(&text, "kgs_producer_space_used_ppm") == Some(1e6)
-                && metric(&text, "kgs_producer_pool_exhausted") == Some(1.0))
-            .then_some(()))
+            Ok(
+                (first_value(&text, "kgs_producer_keys_in_pool") == Some(0.0)
+                    && first_value(&text, "kgs_producer_space_used_ppm") == Some(1e6)
+                    && first_value(&text, "kgs_producer_pool_exhausted") == Some(1.0))
+                .then_some(()),
+            )
         },
     )
     .await?;
-    app.start_kill()?;
+    let _ = app.stop(Signal::Kill).await;
     producer.start_kill()?;
-    let _ = app.wait().await;
     let _ = producer.wait().await;
     s.drop_db().await;
     Ok(())
@@ -282,41 +232,39 @@ async fn the_pool_secret_never_leaks() -> Result<()> {
     ensure!(secret.len() >= 16, "secret too short to search for");
     let mut seen = String::new();
     for args in [&["stats"][..], &["stats", "--json"][..]] {
-        let mut c = s.producer(args)?;
-        c.env("KGS_LOG", "trace");
-        let out = output(c).await?;
+        let c = s.producer(args)?.env("KGS_LOG", "trace");
+        let out = output(c.output()).await?;
         ensure!(out.status.success(), "stats failed");
         seen.push_str(&String::from_utf8_lossy(&out.stdout));
         seen.push_str(&String::from_utf8_lossy(&out.stderr));
     }
     let producer_http = free_addr()?;
     let producer_log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
-    let mut producer = s.producer(&["run", "--batch-size", "10", "--high-watermark", "2"])?;
-    producer
+    let mut producer = s
+        .producer(&["run", "--batch-size", "10", "--high-watermark", "2"])?
         .env("KGS_LOG", "trace")
         .env("KGS_HTTP_ADDR", &producer_http)
         .env("KGS_HTTP_LISTEN", &producer_http)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&producer_log)?);
-    let mut producer = producer.spawn()?;
-    let addr = free_addr()?;
+        .log_to(&producer_log)?
+        .spawn()?;
     let app_log = std::env::temp_dir().join(format!("{}-app.log", s.pool));
-    let mut app = s.app_server(&addr)?;
-    app.env("RUST_LOG", "trace")
-        .stdout(std::fs::File::create(&app_log)?)
-        .stderr(Stdio::null());
-    let mut app = app.spawn()?;
-    healthy(&addr).await?;
+    let app = s
+        .app_server()?
+        .env("KGS_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&app_log)?)
+        .start()
+        .await?;
     wait_for("a key served", Duration::from_secs(60), || async {
-        Ok((http_get(&addr, "/keys").await?.0 == 200).then_some(()))
+        Ok((app.get("/keys").await?.0 == 200).then_some(()))
     })
     .await?;
-    healthy(&producer_http).await?;
+    wait_healthy(&producer_http, "/healthz", Duration::from_secs(60)).await?;
     seen.push_str(&http_get(&producer_http, "/metrics").await?.1);
-    seen.push_str(&http_get(&addr, "/metrics").await?.1);
-    terminate(&app)?;
-    terminate(&producer)?;
-    let _ = app.wait().await;
+    seen.push_str(&app.get("/metrics").await?.1);
+    // SIGTERM, a graceful stop, so the logs include shutdown.
+    signal(&producer, Signal::Term)?;
+    let _ = app.stop(Signal::Term).await;
     let _ = producer.wait().await;
     seen.push_str(&std::fs::read_to_string(&producer_log)?);
     seen.push_str(&std::fs::read_to_string(&app_log)?);
@@ -345,12 +293,11 @@ async fn a_changed_or_deleted_topic_is_detected() -> Result<()> {
     let topic = s.pool_doc().await?.topic;
     let producer_http = free_addr()?;
     let log = std::env::temp_dir().join(format!("{}-producer.log", s.pool));
-    let mut producer = s.producer(&["run", "--batch-size", "5", "--poll-interval", "100ms"])?;
-    producer
+    let mut producer = s
+        .producer(&["run", "--batch-size", "5", "--poll-interval", "100ms"])?
         .env("KGS_HTTP_ADDR", &producer_http)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?);
-    let mut producer: Child = producer.spawn()?;
+        .log_to(&log)?
+        .spawn()?;
 
     let topic_errors = |text: &str| {
         text.lines()
@@ -366,11 +313,8 @@ async fn a_changed_or_deleted_topic_is_detected() -> Result<()> {
             let Ok((_, text)) = http_get(&producer_http, "/metrics").await else {
                 return Ok(None);
             };
-            let published = text
-                .lines()
-                .find(|l| l.starts_with("kgs_producer_batches_published_total"))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0);
+            let published =
+                first_value(&text, "kgs_producer_batches_published_total").unwrap_or(0.0);
             Ok((published > 0.0).then_some(text))
         },
     )

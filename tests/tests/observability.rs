@@ -1,6 +1,6 @@
 //! The Grafana dashboards and Prometheus alert rules of `grafana/`, checked
 //! against a real Prometheus scraping a running `kgs-producer` and two
-//! example app servers: every expression parses, every dashboard target
+//! app servers (`kgs-app-server`): every expression parses, every dashboard target
 //! returns data, and every `kgs_*` metric they name exists, so a metric
 //! renamed in code without its dashboard or rule fails here.
 //!
@@ -17,7 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use kgs_tests::{free_addr, http_get, kafka_brokers, mongo_client, mongodb_uri, unique, wait_for};
+use kgs_tests::process::stop;
+use kgs_tests::{
+    free_addr, http_get, mongo_client, unique, wait_for, wait_healthy, AppServer, AppServerCmd,
+    ProducerCmd, Signal,
+};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -342,137 +346,78 @@ struct Stack {
     producers: Vec<String>,
     producer_children: Vec<Child>,
     apps: Vec<String>,
-    app_children: Vec<Child>,
+    app_servers: Vec<AppServer>,
 }
 
 impl Stack {
     async fn start(dir: &Path) -> Result<Self> {
-        let producer_bin = kgs_tests::workspace_binary("kgs-producer")?;
-        let app_bin = kgs_tests::workspace_binary("app-server")?;
         let db_name = unique("kgs-obs");
         let pool = unique("obs");
         let group = unique("g");
         let log = |name: &str| -> Result<Stdio> {
             Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
         };
-        let producer = |args: &[&str]| {
-            let mut c = Command::new(&producer_bin);
-            c.args(args)
-                .env("KGS_KAFKA_BROKERS", kafka_brokers())
-                .env("KGS_MONGODB_URI", mongodb_uri())
-                .env("KGS_MONGODB_DB", &db_name)
-                .env("KGS_POOL", &pool)
-                .env("KGS_GROUP", &group)
-                .env("KGS_TARGET_SIZE", "1296")
-                .env("KGS_LEASE_DURATION", "3s")
-                .env("KGS_CONNECT_TIMEOUT", "10s")
-                .env_remove("KGS_FAILPOINT")
-                .stdin(Stdio::null())
-                .kill_on_drop(true);
-            c
+        let producer = || {
+            Ok::<_, anyhow::Error>(
+                ProducerCmd::new(&db_name, &pool)?
+                    .env("KGS_GROUP", &group)
+                    .env("KGS_TARGET_SIZE", "1296"),
+            )
         };
         // 36^2 = 1296 keys: small enough for the slow MongoDB-wire test server.
-        let init = producer(&[
-            "init",
-            "--length",
-            "2",
-            "--alphabet",
-            "0123456789abcdefghijklmnopqrstuvwxyz",
-            "--partitions",
-            "2",
-        ])
-        .output()
-        .await
-        .context("running kgs-producer init")?;
-        ensure!(
-            init.status.success(),
-            "kgs-producer init: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        producer()?
+            .init(2, 2)
+            .args(["--alphabet", "0123456789abcdefghijklmnopqrstuvwxyz"])
+            .success()
+            .await?;
         let mut producers = Vec::new();
         let mut producer_children = Vec::new();
         for i in 0..2 {
             let addr = free_addr()?;
-            let child = producer(&[
-                "run",
-                "--batch-size",
-                "20",
-                "--low-watermark",
-                "1",
-                "--high-watermark",
-                "3",
-                "--poll-interval",
-                "100ms",
-            ])
-            .env("KGS_HTTP_ADDR", &addr)
-            .env("KGS_INSTANCE_ID", format!("producer{i}"))
-            .stdout(Stdio::null())
-            .stderr(log(&format!("producer{i}"))?)
-            .spawn()
-            .context("spawning kgs-producer run")?;
+            let child = producer()?
+                .run(20, 3)
+                .env("KGS_HTTP_ADDR", &addr)
+                .env("KGS_INSTANCE_ID", format!("producer{i}"))
+                .log_to(&dir.join(format!("producer{i}.log")))?
+                .spawn()?;
             producers.push(addr);
             producer_children.push(child);
         }
 
         let mut apps = Vec::new();
-        let mut app_children = Vec::new();
+        let mut app_servers = Vec::new();
         for i in 0..2 {
-            let addr = free_addr()?;
-            let child = Command::new(&app_bin)
-                .env("KGS_KAFKA_BROKERS", kafka_brokers())
-                .env("KGS_MONGODB_URI", mongodb_uri())
-                .env("KGS_MONGODB_DB", &db_name)
-                .env("KGS_POOL", &pool)
-                .env("KGS_GROUP", &group)
-                .env("KGS_INSTANCE_ID", format!("app{i}"))
-                .env("KGS_HTTP_ADDR", &addr)
-                .env("KGS_BUFFER_LOW_WATERMARK", "20")
-                .env("KGS_BUFFER_HIGH_WATERMARK", "40")
-                .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
-                .env("KGS_KEY_WAIT_MS", "20")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
+            let app = AppServerCmd::new(&db_name, &pool)?
+                .group(&group)
+                .instance(&format!("app{i}"))
+                .watermarks(20, 40)
                 .stdout(Stdio::null())
                 .stderr(log(&format!("app{i}"))?)
-                .kill_on_drop(true)
-                .spawn()
-                .context("spawning app-server")?;
-            apps.push(addr);
-            app_children.push(child);
+                .start()
+                .await?;
+            apps.push(app.addr().to_owned());
+            app_servers.push(app);
         }
-        let stack = Self {
+        for addr in &producers {
+            wait_healthy(addr, "/healthz", WAIT).await?;
+        }
+        Ok(Self {
             db_name,
             producers,
             producer_children,
             apps,
-            app_children,
-        };
-        for addr in stack.apps.iter().chain(&stack.producers) {
-            wait_for(&format!("{addr}/healthz"), WAIT, || async {
-                Ok(http_get(addr, "/healthz")
-                    .await
-                    .ok()
-                    .filter(|(s, _)| *s == 200))
-            })
-            .await?;
-        }
-        Ok(stack)
+            app_servers,
+        })
     }
 
     /// SIGTERM to every process (app servers first, so their keys go back),
     /// then drops the pool's database.
-    async fn stop(mut self) {
-        for child in self
-            .app_children
-            .iter_mut()
-            .chain(&mut self.producer_children)
-        {
-            if let Some(pid) = child.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-            }
-            let _ = tokio::time::timeout(WAIT, child.wait()).await;
+    async fn stop(self) {
+        for app in self.app_servers {
+            let _ = app.stop(Signal::Term).await;
+        }
+        for mut child in self.producer_children {
+            let _ = stop(&mut child, Signal::Term, WAIT).await;
         }
         if let Ok(client) = mongo_client().await {
             let _ = client.database(&self.db_name).drop().await;
@@ -563,13 +508,7 @@ impl Prometheus {
             addr,
             _child: child,
         };
-        wait_for("prometheus /-/ready", WAIT, || async {
-            Ok(http_get(&prometheus.addr, "/-/ready")
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200))
-        })
-        .await?;
+        wait_healthy(&prometheus.addr, "/-/ready", WAIT).await?;
         let expected = stack.producers.len() + stack.apps.len();
         wait_for("every scrape target up", WAIT, || async {
             let v = prometheus.api("/api/v1/targets?state=active").await?;

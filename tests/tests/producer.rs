@@ -8,21 +8,20 @@
 //! collections, every key of the space in exactly one of them.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bson::{doc, Document};
 use kgs_schemas::docs::{PoolDoc, POOLS};
 use kgs_schemas::{KeyBatch, KeyFormat};
+use kgs_tests::kafka::{commit_offsets, CommitAt};
+use kgs_tests::process::send_signal;
 use kgs_tests::{
-    kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for, workspace_binary,
+    free_addr, http_get, kafka_brokers, kafka_config, mongo_client, mongodb_uri, terminate, unique,
+    wait_for, ProducerCmd, Signal,
 };
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
-
-/// Lease of the spawned producers: short, so a restart after a crash takes over quickly.
-const LEASE: &str = "3s";
+use tokio::process::Child;
 
 /// One pool in its own database.
 struct Pool {
@@ -61,68 +60,35 @@ impl Pool {
     }
 
     /// A `kgs-producer` command with this pool's servers and database.
-    fn command(&self, args: &[&str], failpoint: Option<&str>) -> Result<Command> {
-        let mut c = Command::new(workspace_binary("kgs-producer")?);
-        c.args(args)
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &self.db)
-            .env("KGS_POOL", &self.name)
-            .env("KGS_LEASE_DURATION", LEASE)
-            .env("KGS_CONNECT_TIMEOUT", "10s")
-            .env_remove("KGS_FAILPOINT")
-            .stdin(Stdio::null());
-        if let Some(f) = failpoint {
-            c.env("KGS_FAILPOINT", f);
-        }
-        Ok(c)
+    fn command(&self, args: &[&str], failpoint: Option<&str>) -> Result<ProducerCmd> {
+        Ok(ProducerCmd::new(&self.db, &self.name)?
+            .args(args)
+            .failpoint(failpoint))
     }
 
     /// Runs a one-shot command to completion.
     async fn exec(&self, args: &[&str], failpoint: Option<&str>) -> Result<Output> {
-        let mut c = self.command(args, failpoint)?;
-        tokio::task::spawn_blocking(move || c.output())
-            .await?
-            .context("running kgs-producer")
+        self.command(args, failpoint)?.output().await
     }
 
     /// `init` that must succeed.
     async fn init(&self, length: u32, extra: &[&str]) -> Result<()> {
-        let parts = self.partitions.to_string();
-        let len = length.to_string();
-        let mut args = vec!["init", "--length", &len, "--partitions", &parts];
-        args.extend_from_slice(extra);
-        let out = self.exec(&args, None).await?;
-        ensure!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.command(&[], None)?
+            .init(length, self.partitions as u32)
+            .args(extra)
+            .success()
+            .await?;
         Ok(())
     }
 
     /// Spawns `run` with small batches and watermarks.
-    fn run(&self, high_watermark: u32, extra: &[&str], failpoint: Option<&str>) -> Result<Running> {
-        let high = high_watermark.to_string();
-        let mut args = vec![
-            "run",
-            "--batch-size",
-            "50",
-            "--low-watermark",
-            "1",
-            "--high-watermark",
-            &high,
-            "--poll-interval",
-            "100ms",
-        ];
-        args.extend_from_slice(extra);
-        let mut c = self.command(&args, failpoint)?;
+    fn run(&self, high_watermark: usize, extra: &[&str], failpoint: Option<&str>) -> Result<Child> {
         // Logs of each spawned producer go to the temp dir, for post-mortems.
-        let log = std::env::temp_dir().join(format!("{}-{}.log", self.name, unique("run")));
-        c.stdout(Stdio::null()).stderr(std::fs::File::create(log)?);
-        Ok(Running(Some(
-            c.spawn().context("spawning kgs-producer run")?,
-        )))
+        self.command(&[], failpoint)?
+            .run(50, high_watermark)
+            .args(extra)
+            .log_to_temp(&self.name)?
+            .spawn()
     }
 
     async fn db(&self) -> Result<mongodb::Database> {
@@ -260,52 +226,14 @@ impl Pool {
     }
 }
 
-/// A spawned producer, killed (SIGKILL) if the test ends without
-/// terminating it, so a failing test never leaves a producer running.
-struct Running(Option<Child>);
-
-impl Running {
-    fn id(&self) -> u32 {
-        self.0.as_ref().expect("running").id()
-    }
-
-    fn take(mut self) -> Child {
-        self.0.take().expect("running")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Commits the end of every partition for `group`, as a consumer that read everything.
 async fn commit_all(topic: String, partitions: i32, group: String) -> Result<()> {
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = kafka_config().set("group.id", &group).create()?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-            tpl.add_partition_offset(&topic, p, Offset::Offset(high))?;
-        }
-        consumer.commit(&tpl, CommitMode::Sync)?;
-        anyhow::Ok(())
-    })
-    .await?
+    commit_offsets(&topic, partitions, &group, CommitAt::End).await
 }
 
-/// Sends SIGTERM and waits for the exit status.
-/// (If `kill` cannot run, `running` is dropped and the producer SIGKILLed.)
-async fn terminate(running: Running) -> Result<std::process::ExitStatus> {
-    let pid = running.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status()?;
-    let mut child = running.take();
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    Ok(status)
+/// Pid of a spawned producer (to SIGSTOP or SIGCONT it).
+fn pid(child: &Child) -> Result<u32> {
+    child.id().context("the producer was already reaped")
 }
 
 /// Waits until the topic holds exactly `n` batches and nothing is unfinished.
@@ -414,13 +342,15 @@ async fn init_creates_the_topic_with_unlimited_retention() -> Result<()> {
 #[tokio::test]
 async fn unreachable_server_is_one_line() -> Result<()> {
     let pool = Pool::new(1);
-    let mut c = pool.command(&["stats"], None)?;
-    c.env(
-        "KGS_MONGODB_URI",
-        "mongodb://127.0.0.1:1/?directConnection=true",
-    )
-    .env("KGS_CONNECT_TIMEOUT", "1s");
-    let out = tokio::task::spawn_blocking(move || c.output()).await??;
+    let out = pool
+        .command(&["stats"], None)?
+        .env(
+            "KGS_MONGODB_URI",
+            "mongodb://127.0.0.1:1/?directConnection=true",
+        )
+        .env("KGS_CONNECT_TIMEOUT", "1s")
+        .output()
+        .await?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
@@ -433,18 +363,10 @@ async fn unreachable_server_is_one_line() -> Result<()> {
 async fn generation_crash(failpoint: &str) -> Result<()> {
     let pool = Pool::new(1);
     let out = pool
-        .exec(
-            &[
-                "init",
-                "--length",
-                "2",
-                "--partitions",
-                "1",
-                "--generate-chunk",
-                "1000",
-            ],
-            Some(failpoint),
-        )
+        .command(&[], Some(failpoint))?
+        .init(2, 1)
+        .args(["--generate-chunk", "1000"])
+        .output()
         .await?;
     assert!(!out.status.success(), "{failpoint} did not fire");
     pool.init(2, &["--generate-chunk", "1000"]).await?;
@@ -458,9 +380,7 @@ async fn generation_crash(failpoint: &str) -> Result<()> {
 async fn move_crash(failpoint: &str) -> Result<()> {
     let pool = Pool::new(2);
     pool.init(2, &[]).await?;
-    let crashed = pool.run(2, &[], Some(failpoint))?;
-    let mut crashed = crashed.take();
-    let status = tokio::task::spawn_blocking(move || crashed.wait()).await??;
+    let status = pool.run(2, &[], Some(failpoint))?.wait().await?;
     assert!(!status.success(), "{failpoint} did not fire");
     let run = pool.run(2, &[], None)?;
     // High watermark 2 on 2 partitions.
@@ -507,9 +427,7 @@ async fn return_crash(failpoint: &str) -> Result<()> {
     assert!(terminate(run).await?.success());
     let (partition, offset, batch) = pool.topic_batches().await?.remove(0);
     let back = return_ten(&pool, partition, offset, &batch).await?;
-    let crashed = pool.run(2, &[], Some(failpoint))?;
-    let mut crashed = crashed.take();
-    let status = tokio::task::spawn_blocking(move || crashed.wait()).await??;
+    let status = pool.run(2, &[], Some(failpoint))?.wait().await?;
     assert!(!status.success(), "{failpoint} did not fire");
     let run = pool.run(2, &[], None)?;
     wait_for("claim returned", Duration::from_secs(30), || async {
@@ -614,9 +532,7 @@ async fn two_producers_one_leader_and_takeover() -> Result<()> {
         "two publishers"
     );
     let (zombie, standby) = if leader == "a" { (a, b) } else { (b, a) };
-    Command::new("kill")
-        .args(["-STOP", &zombie.id().to_string()])
-        .status()?;
+    send_signal(pid(&zombie)?, Signal::Stop)?;
     let paused = std::time::Instant::now();
     commit_all(pool.topic().await?, pool.partitions, pool.group().await?).await?;
     wait_batches(&pool, 8, Duration::from_secs(30)).await?;
@@ -629,9 +545,7 @@ async fn two_producers_one_leader_and_takeover() -> Result<()> {
         .filter(|(_, _, b)| b.epoch > first_epoch as u64)
         .count();
     assert_eq!(newer, 4, "the standby did not publish the refill");
-    Command::new("kill")
-        .args(["-CONT", &zombie.id().to_string()])
-        .status()?;
+    send_signal(pid(&zombie)?, Signal::Cont)?;
     // The zombie wakes up mid-step: give it time to try (and be fenced).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(terminate(zombie).await?.success());
@@ -702,20 +616,10 @@ async fn generation_recovery_skips_used_keys() -> Result<()> {
     let small = ["--target-size", "1000", "--generate-chunk", "1000"];
     pool.init(2, &small).await?;
     let out = pool
-        .exec(
-            &[
-                "init",
-                "--length",
-                "2",
-                "--partitions",
-                "1",
-                "--target-size",
-                "2000",
-                "--generate-chunk",
-                "1000",
-            ],
-            Some("gen_after_insert"),
-        )
+        .command(&[], Some("gen_after_insert"))?
+        .init(2, 1)
+        .args(["--target-size", "2000", "--generate-chunk", "1000"])
+        .output()
         .await?;
     assert!(!out.status.success(), "gen_after_insert did not fire");
     // Simulate a batch that moved a key of the pending range before the recovery.
@@ -747,19 +651,6 @@ async fn generation_recovery_skips_used_keys() -> Result<()> {
     Ok(())
 }
 
-/// A plain HTTP/1.0 GET; returns the status line and body.
-fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.lines().next().unwrap_or_default().to_owned();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    Ok((status, body))
-}
-
 /// The leader serves /healthz, /readyz (leader) and /metrics with the
 /// published batches; `stats --json` reports collStats, progress, backlog
 /// per partition and the leader.
@@ -767,36 +658,26 @@ fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
 async fn http_endpoints_and_stats_json() -> Result<()> {
     let pool = Pool::new(2);
     pool.init(2, &[]).await?;
-    let port = 20_000 + (rand::random::<u16>() % 20_000);
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr()?;
     let run = pool.run(2, &["--http-addr", &addr, "--instance-id", "solo"], None)?;
     wait_batches(&pool, 4, Duration::from_secs(60)).await?;
-    let a = addr.clone();
-    let ready = wait_for("readyz to say leader", Duration::from_secs(20), || {
-        let a = a.clone();
-        async move {
-            let (status, body) = http_get(&a, "/readyz")?;
-            Ok((status.contains("200") && body.contains("leader")).then_some(()))
-        }
+    wait_for("readyz to say leader", Duration::from_secs(20), || async {
+        let (status, body) = http_get(&addr, "/readyz").await?;
+        Ok((status == 200 && body.contains("leader")).then_some(()))
     })
-    .await;
-    ready?;
-    assert!(http_get(&addr, "/healthz")?.0.contains("200"));
+    .await?;
+    assert_eq!(http_get(&addr, "/healthz").await?.0, 200);
     // The 4th batch is visible in Kafka just before the producer records it
     // (and counts it): wait for the counter.
-    let a = addr.clone();
     let metrics = wait_for(
         "4 batches counted in /metrics",
         Duration::from_secs(20),
-        || {
-            let a = a.clone();
-            async move {
-                let (_, metrics) = http_get(&a, "/metrics")?;
-                let counted = metrics.lines().any(|l| {
-                    l.starts_with("kgs_producer_batches_published_total") && l.ends_with(" 4")
-                });
-                Ok(counted.then_some(metrics))
-            }
+        || async {
+            let (_, metrics) = http_get(&addr, "/metrics").await?;
+            let counted = metrics.lines().any(|l| {
+                l.starts_with("kgs_producer_batches_published_total") && l.ends_with(" 4")
+            });
+            Ok(counted.then_some(metrics))
         },
     )
     .await?;
@@ -948,7 +829,7 @@ async fn stale_leader(point: &str) -> Result<()> {
         &["--instance-id", "held"],
         Some(&format!("stop:{point}")),
     )?;
-    let held_pid = held.id();
+    let held_pid = pid(&held)?;
     wait_for(
         &format!("the leader held at {point}"),
         Duration::from_secs(60),
@@ -994,9 +875,7 @@ async fn stale_leader(point: &str) -> Result<()> {
     )
     .await?;
     // The held leader's write arrives now, after all of that.
-    Command::new("kill")
-        .args(["-CONT", &held_pid.to_string()])
-        .status()?;
+    send_signal(held_pid, Signal::Cont)?;
     // It makes the write right away, then finds its lease gone at its next
     // check; give both a few seconds of the taker's loop to follow.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1049,7 +928,7 @@ async fn stale_insert_generated() -> Result<()> {
     let mut held_args = vec!["--instance-id", "held"];
     held_args.extend_from_slice(&sweep);
     let held = pool.run(2, &held_args, Some("stop:checked_insert_generated"))?;
-    let held_pid = held.id();
+    let held_pid = pid(&held)?;
     wait_for(
         "the leader held before a generation insert",
         Duration::from_secs(60),
@@ -1080,9 +959,7 @@ async fn stale_insert_generated() -> Result<()> {
         },
     )
     .await?;
-    Command::new("kill")
-        .args(["-CONT", &held_pid.to_string()])
-        .status()?;
+    send_signal(held_pid, Signal::Cont)?;
     let keys = format!("keys.{}", pool.name);
     // The late insert writes moved keys back into `keys`; the sweep moves
     // them by `_id` in a batch of its own (no window, no `from`), which

@@ -1,5 +1,5 @@
 //! Provenance against hostile writers, with the real `kgs-producer` and the
-//! real consumer (the library, or the example app server): a key is handed
+//! real consumer (the library, or the `kgs-app-server` binary): a key is handed
 //! out only if this pool incarnation's producer durably moved it for exactly
 //! the batch that carries it (issue 10).
 //!
@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use bson::doc;
 use futures::TryStreamExt;
 use kgs_consumer::{KeyConsumer, KeyConsumerBuilder};
@@ -31,21 +31,21 @@ use kgs_schemas::docs::{
     PoolDoc, UsedKeyDoc, UsedReason, BATCHES, CLAIMS, POOLS,
 };
 use kgs_schemas::KeyBatch;
+use kgs_tests::kafka::{commit_offsets, CommitAt};
+use kgs_tests::metrics::first_value;
 use kgs_tests::{
-    free_addr, http_get, kafka_brokers, kafka_config, mongo_client, mongodb_uri, unique, wait_for,
-    workspace_binary,
+    free_addr, http_get, kafka_brokers, kafka_config, mongo_client, mongodb_uri, registry_value,
+    take, take_until, terminate, unique, wait_for, AppServer, AppServerCmd, ProducerCmd,
 };
 use prometheus::Registry;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Bound of every wait for keys, metrics or processes.
 const WAIT: Duration = Duration::from_secs(90);
 /// 10^3 = 1,000 keys in the space.
 const ALPHABET: &str = "0123456789";
-const LENGTH: &str = "3";
+const LENGTH: u32 = 3;
 /// Keys kept generated: most of the space is never generated in a test.
 const TARGET_SIZE: &str = "120";
 /// Keys per batch.
@@ -67,6 +67,14 @@ impl Setup {
         Self::in_db(unique("kgs-prov"), unique("p"), partitions)
     }
 
+    /// A new pool, initialised, with its producer running ([`Setup::run`]).
+    async fn running(partitions: u32) -> Result<(Self, Child)> {
+        let s = Self::new(partitions);
+        s.init().await?;
+        let run = s.run(None)?;
+        Ok((s, run))
+    }
+
     /// Pool `pool` in database `db` (another pool may share either).
     fn in_db(db: String, pool: String, partitions: u32) -> Self {
         Self {
@@ -79,49 +87,20 @@ impl Setup {
     }
 
     /// `kgs-producer` for this pool, with `KGS_FAILPOINT` set if given.
-    fn producer(&self, args: &[&str], failpoint: Option<&str>) -> Result<Command> {
-        let mut c = Command::new(workspace_binary("kgs-producer")?);
-        c.args(args)
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &self.db)
-            .env("KGS_POOL", &self.pool)
+    fn producer(&self, args: &[&str], failpoint: Option<&str>) -> Result<ProducerCmd> {
+        Ok(ProducerCmd::new(&self.db, &self.pool)?
+            .args(args)
             .env("KGS_TARGET_SIZE", TARGET_SIZE)
-            .env("KGS_LEASE_DURATION", "3s")
-            .env("KGS_CONNECT_TIMEOUT", "10s")
-            .env_remove("KGS_FAILPOINT")
-            .env_remove("KGS_GROUP")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        if let Some(f) = failpoint {
-            c.env("KGS_FAILPOINT", f);
-        }
-        Ok(c)
+            .failpoint(failpoint))
     }
 
     /// `init`: 3 decimal digits, 120 keys generated.
     async fn init(&self) -> Result<()> {
-        let parts = self.partitions.to_string();
-        let out = self
-            .producer(
-                &[
-                    "init",
-                    "--length",
-                    LENGTH,
-                    "--alphabet",
-                    ALPHABET,
-                    "--partitions",
-                    &parts,
-                ],
-                None,
-            )?
-            .output()
+        self.producer(&[], None)?
+            .init(LENGTH, self.partitions)
+            .args(["--alphabet", ALPHABET])
+            .success()
             .await?;
-        ensure!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         Ok(())
     }
 
@@ -133,31 +112,14 @@ impl Setup {
 
     /// [`Setup::run`], serving `/metrics` on `http` if given.
     fn run_serving(&self, failpoint: Option<&str>, http: Option<&str>) -> Result<Child> {
-        let batch = BATCH_SIZE.to_string();
-        let log = std::env::temp_dir().join(format!("{}-{}.log", self.pool, unique("run")));
-        let mut c = self.producer(
-            &[
-                "run",
-                "--group",
-                &self.group,
-                "--batch-size",
-                &batch,
-                "--low-watermark",
-                "1",
-                "--high-watermark",
-                "2",
-                "--poll-interval",
-                "100ms",
-            ],
-            failpoint,
-        )?;
+        let mut c = self
+            .producer(&[], failpoint)?
+            .run(BATCH_SIZE, 2)
+            .args(["--group", &self.group]);
         if let Some(addr) = http {
-            c.env("KGS_HTTP_ADDR", addr);
+            c = c.env("KGS_HTTP_ADDR", addr);
         }
-        c.stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("spawning kgs-producer run")
+        c.log_to_temp(&self.pool)?.spawn()
     }
 
     async fn database(&self) -> Result<mongodb::Database> {
@@ -314,27 +276,9 @@ fn forged(pool: &str, keys: Vec<String>) -> KeyBatch {
     KeyBatch::new(unique("forged"), pool.to_owned(), 1, keys)
 }
 
-/// A metric's value in `registry` (`label` = `(name, value)` picks series).
-fn metric(registry: &Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == name)
-        .flat_map(|f| f.get_metric())
-        .filter(|m| {
-            label.is_none_or(|(k, v)| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == k && l.value() == v)
-            })
-        })
-        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
-        .sum()
-}
-
 /// `kgs_consumer_bad_messages_total{kind}`.
 fn bad(registry: &Registry, kind: &str) -> f64 {
-    metric(
+    registry_value(
         registry,
         kgs_consumer::metrics::BAD_MESSAGES_TOTAL,
         Some(("kind", kind)),
@@ -343,59 +287,7 @@ fn bad(registry: &Registry, kind: &str) -> f64 {
 
 /// `kgs_consumer_replays_total`.
 fn replays(registry: &Registry) -> f64 {
-    metric(registry, kgs_consumer::metrics::REPLAYS_TOTAL, None)
-}
-
-/// Takes keys from `c` until `n` were taken, or fails after `timeout`.
-async fn take(c: &KeyConsumer, n: usize, timeout: Duration) -> Result<Vec<String>> {
-    let mut taken = 0;
-    take_until(c, &format!("{n} keys"), timeout, |k| {
-        taken += usize::from(k.is_some());
-        taken >= n
-    })
-    .await
-}
-
-/// Takes keys from `c` until `done` says stop, or fails after `timeout`
-/// naming `what`. `done` is asked before the first take, then after every
-/// key (given the key) and after every empty wait (given `None`).
-async fn take_until<F>(
-    c: &KeyConsumer,
-    what: &str,
-    timeout: Duration,
-    mut done: F,
-) -> Result<Vec<String>>
-where
-    F: FnMut(Option<&str>) -> bool,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut keys = Vec::new();
-    if done(None) {
-        return Ok(keys);
-    }
-    loop {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what} ({} keys taken)",
-            keys.len()
-        );
-        match c.next_key_wait(Duration::from_millis(200)).await {
-            Ok(k) => {
-                let k = k.to_string();
-                let stop = done(Some(&k));
-                keys.push(k);
-                if stop {
-                    return Ok(keys);
-                }
-            }
-            Err(kgs_consumer::Error::Empty) => {
-                if done(None) {
-                    return Ok(keys);
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    registry_value(registry, kgs_consumer::metrics::REPLAYS_TOTAL, None)
 }
 
 /// The provenance invariants for every key `handed` out by the consumers
@@ -496,26 +388,13 @@ async fn never_claimed(s: &Setup, ids: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Sends SIGTERM and waits for the exit.
-async fn terminate(mut child: Child) -> Result<std::process::ExitStatus> {
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    Ok(tokio::time::timeout(WAIT, child.wait())
-        .await
-        .context("did not exit after SIGTERM")??)
-}
-
 /// A forged batch (well-formed, a new batch id, this pool, on each
 /// partition) whose keys were already handed out is refused as unverified,
 /// never claimed, and none of its keys is handed out again; the pool keeps
 /// handing out keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_batch_of_handed_out_keys_is_refused() -> Result<()> {
-    let s = Setup::new(2);
-    s.init().await?;
-    let run = s.run(None)?;
+    let (s, run) = Setup::running(2).await?;
     let reg = Registry::new();
     let c = s.consumer(&s.group, "a", &reg).build().await?;
     let mut handed = take(&c, 25, WAIT).await?;
@@ -549,9 +428,7 @@ async fn a_forged_batch_of_handed_out_keys_is_refused() -> Result<()> {
 /// each of them is handed out exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_batch_of_unmoved_keys_is_refused_and_they_come_once_later() -> Result<()> {
-    let s = Setup::new(2);
-    s.init().await?;
-    let run = s.run(None)?;
+    let (s, run) = Setup::running(2).await?;
     let reg = Registry::new();
     let c = s.consumer(&s.group, "a", &reg).build().await?;
     let mut handed = take(&c, 15, WAIT).await?;
@@ -784,79 +661,15 @@ async fn another_installations_batch_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// A running example app server.
-struct AppServer {
-    /// Killed when dropped (`kill_on_drop`).
-    child: Child,
-    addr: String,
-}
-
-impl AppServer {
-    async fn start(s: &Setup, instance: &str) -> Result<Self> {
-        let addr = free_addr()?;
-        let child = Command::new(workspace_binary("app-server")?)
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &s.db)
-            .env("KGS_POOL", &s.pool)
-            .env("KGS_GROUP", &s.group)
-            .env("KGS_INSTANCE_ID", instance)
-            .env("KGS_HTTP_ADDR", &addr)
-            .env("KGS_BUFFER_LOW_WATERMARK", "5")
-            .env("KGS_BUFFER_HIGH_WATERMARK", "20")
-            .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("KGS_KEY_WAIT_MS", "20")
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning app-server")?;
-        let server = Self { child, addr };
-        wait_for("app-server /healthz", WAIT, || async {
-            Ok(http_get(&server.addr, "/healthz")
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200))
-        })
-        .await?;
-        Ok(server)
-    }
-
-    /// One key, or `None` on 503.
-    async fn key(&self) -> Result<Option<String>> {
-        match http_get(&self.addr, "/keys").await? {
-            (200, key) => Ok(Some(key)),
-            (503, _) => Ok(None),
-            (status, body) => bail!("GET /keys: {status} {body}"),
-        }
-    }
-
-    /// Fetches keys until `n` were served.
-    async fn keys(&self, n: usize) -> Result<Vec<String>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut keys = Vec::new();
-        while keys.len() < n {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "served {} of {n} keys",
-                keys.len()
-            );
-            match self.key().await? {
-                Some(k) => keys.push(k),
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        Ok(keys)
-    }
-
-    /// The value of the series `series` (name with labels, as printed) on
-    /// `/metrics`.
-    async fn metric(&self, series: &str) -> Result<f64> {
-        let (_, text) = http_get(&self.addr, "/metrics").await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .with_context(|| format!("no series {series} on /metrics"))
-    }
+/// An app server for `s`'s pool in its group, as `instance`.
+async fn app_server(s: &Setup, instance: &str) -> Result<AppServer> {
+    AppServerCmd::new(&s.db, &s.pool)?
+        .group(&s.group)
+        .instance(instance)
+        .watermarks(5, 20)
+        .stdout(std::process::Stdio::null())
+        .start()
+        .await
 }
 
 /// A real batch written a second time (the same message: id, keys and
@@ -864,11 +677,9 @@ impl AppServer {
 /// `kgs_consumer_replays_total`, not as a bad or unverified message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_real_batch_is_handed_out_once_and_counted_as_replay() -> Result<()> {
-    let s = Setup::new(2);
-    s.init().await?;
-    let run = s.run(None)?;
-    let app = AppServer::start(&s, "app").await?;
-    let mut handed = app.keys(15).await?;
+    let (s, run) = Setup::running(2).await?;
+    let app = app_server(&s, "app").await?;
+    let mut handed = app.keys(15, WAIT).await?;
     let doc = s.pool_doc().await?;
     let claimed: HashSet<String> = s.claims().await?.into_iter().map(|c| c.batch_id).collect();
     let topic = kgs_tests::read_topic_batches(&kafka_brokers(), &doc.topic, 2, WAIT).await?;
@@ -889,7 +700,7 @@ async fn a_replayed_real_batch_is_handed_out_once_and_counted_as_replay() -> Res
             handed.push(k);
         }
     }
-    handed.extend(app.keys(20).await?);
+    handed.extend(app.keys(20, WAIT).await?);
     assert_eq!(app.metric(kgs_consumer::metrics::REPLAYS_TOTAL).await?, 1.0);
     let unverified = format!(
         "{}{{kind=\"unverified\"}}",
@@ -904,8 +715,7 @@ async fn a_replayed_real_batch_is_handed_out_once_and_counted_as_replay() -> Res
         assert_eq!(app.metric(&series).await?, 0.0, "{series}");
     }
     check_provenance(&s, &handed).await?;
-    let AppServer { child, .. } = app;
-    assert!(terminate(child).await?.success());
+    assert!(app.stop(kgs_tests::Signal::Term).await?.success());
     assert!(terminate(run).await?.success());
     s.drop_db().await;
     Ok(())
@@ -1022,9 +832,7 @@ async fn a_forged_message_with_a_moved_batchs_id_does_not_stand_in_for_it() -> R
 /// comes twice, and the pool keeps handing out keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_ids_with_nul_bytes_or_129_characters_are_refused() -> Result<()> {
-    let s = Setup::new(2);
-    s.init().await?;
-    let run = s.run(None)?;
+    let (s, run) = Setup::running(2).await?;
     let reg = Registry::new();
     let c = s.consumer(&s.group, "a", &reg).build().await?;
     let mut handed = take(&c, 15, WAIT).await?;
@@ -1077,9 +885,7 @@ async fn batch_ids_with_nul_bytes_or_129_characters_are_refused() -> Result<()> 
 /// twice across both, and keys keep coming.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_instance_id_in_two_groups_hands_out_no_key_twice() -> Result<()> {
-    let s = Setup::new(2);
-    s.init().await?;
-    let run = s.run(None)?;
+    let (s, run) = Setup::running(2).await?;
     let (reg_a, reg_b) = (Registry::new(), Registry::new());
     let a = s.consumer(&s.group, "same", &reg_a).build().await?;
     let other_group = unique("g2");
@@ -1145,16 +951,10 @@ async fn the_same_instance_id_in_two_groups_hands_out_no_key_twice() -> Result<(
 /// until the group is empty (a dead member's session has expired).
 async fn reset_offsets_to_zero(topic: &str, partitions: u32, group: &str) -> Result<()> {
     wait_for(&format!("offsets of {group} reset to 0"), WAIT, || async {
-        let (topic, group) = (topic.to_owned(), group.to_owned());
-        let done = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = kafka_config().set("group.id", &group).create()?;
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..partitions as i32 {
-                tpl.add_partition_offset(&topic, p, Offset::Offset(0))?;
-            }
-            anyhow::Ok(consumer.commit(&tpl, CommitMode::Sync).is_ok())
-        })
-        .await??;
+        // Refused while the dead member's session lasts.
+        let done = commit_offsets(topic, partitions as i32, group, CommitAt::Zero)
+            .await
+            .is_ok();
         Ok(done.then_some(()))
     })
     .await
@@ -1169,9 +969,7 @@ async fn reset_offsets_to_zero(topic: &str, partitions: u32, group: &str) -> Res
 /// and both keep handing out new keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offset_reset_with_a_stable_instance_id_hands_out_no_key_twice() -> Result<()> {
-    let s = Setup::new(2);
-    s.init().await?;
-    let run = s.run(None)?;
+    let (s, run) = Setup::running(2).await?;
     let reg_a = Registry::new();
     let a = s.consumer(&s.group, "stable", &reg_a).build().await?;
     let mut handed = take(&a, 12, WAIT).await?;
@@ -1335,10 +1133,7 @@ async fn a_returning_claim_of_no_batch_is_set_aside_and_the_pool_keeps_flowing()
     handed.extend(take(&c, 40, WAIT).await?);
     // `kgs_producer_claims_rejected_total{pool="…"} N`.
     let (_, metrics) = http_get(&http, "/metrics").await?;
-    let rejected: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("kgs_producer_claims_rejected_total"))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    let rejected = first_value(&metrics, "kgs_producer_claims_rejected_total")
         .context("kgs_producer_claims_rejected_total on /metrics")?;
     assert_eq!(rejected, 1.0);
     check_provenance(&s, &handed).await?;

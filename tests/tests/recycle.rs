@@ -6,20 +6,22 @@
 //!
 //! Pools are tiny (2 decimal digits: 100 keys, all generated at `init`), so
 //! `keys ∪ used_keys` can be compared with the whole key space. Needs the
-//! built `kgs-producer` and `app-server` (`cargo build --workspace --bins
-//! --examples`).
+//! built `kgs-producer` and `kgs-app-server` (`cargo build --workspace
+//! --bins`).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use bson::{doc, Document};
 use kgs_consumer::{Error as ConsumerError, KeyConsumer, RecycleOutcome};
 use kgs_schemas::KeyFormat;
 use kgs_tests::{
-    http, kafka_brokers, mongo_client, mongodb_uri, unique, wait_for, workspace_binary,
+    kafka_brokers, mongo_client, mongodb_uri, registry_value, terminate, unique, wait_for,
+    AppServer, AppServerCmd, ProducerCmd,
 };
 use prometheus::Registry;
+use tokio::process::Child;
 
 const WAIT: Duration = Duration::from_secs(90);
 const ALPHABET: &str = "0123456789";
@@ -48,86 +50,41 @@ impl Pool {
         (0..f.space()).map(|i| f.key_at(i).expect("key")).collect()
     }
 
-    fn producer(&self, args: &[&str], failpoint: Option<&str>) -> Result<tokio::process::Command> {
-        let mut c = tokio::process::Command::new(workspace_binary("kgs-producer")?);
-        c.args(args)
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &self.db)
-            .env("KGS_POOL", &self.name)
+    fn producer(&self, args: &[&str], failpoint: Option<&str>) -> Result<ProducerCmd> {
+        Ok(ProducerCmd::new(&self.db, &self.name)?
+            .args(args)
             .env("KGS_GROUP", &self.group)
-            .env("KGS_LEASE_DURATION", "3s")
-            .env("KGS_CONNECT_TIMEOUT", "10s")
-            .env_remove("KGS_FAILPOINT")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        if let Some(f) = failpoint {
-            c.env("KGS_FAILPOINT", f);
-        }
-        Ok(c)
+            .failpoint(failpoint))
     }
 
     /// `init`: the whole space of 100 keys is generated.
     async fn init(&self) -> Result<()> {
-        let parts = self.partitions.to_string();
-        let out = self
-            .producer(
-                &[
-                    "init",
-                    "--length",
-                    "2",
-                    "--alphabet",
-                    ALPHABET,
-                    "--partitions",
-                    &parts,
-                ],
-                None,
-            )?
-            .output()
+        self.producer(&[], None)?
+            .init(2, self.partitions)
+            .args(["--alphabet", ALPHABET])
+            .success()
             .await?;
-        ensure!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         Ok(())
     }
 
     /// Spawns `run` (batches of 10, at most `high` per partition waiting).
-    fn run(&self, high: u32, failpoint: Option<&str>) -> Result<tokio::process::Child> {
-        let high = high.to_string();
-        let log = std::env::temp_dir().join(format!("{}-{}.log", self.name, unique("run")));
-        let child = self
-            .producer(
-                &[
-                    "run",
-                    "--batch-size",
-                    "10",
-                    "--low-watermark",
-                    "1",
-                    "--high-watermark",
-                    &high,
-                    "--poll-interval",
-                    "100ms",
-                ],
-                failpoint,
-            )?
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(log)?)
+    fn run(&self, high: usize, failpoint: Option<&str>) -> Result<Child> {
+        self.producer(&[], failpoint)?
+            .run(10, high)
+            .log_to_temp(&self.name)?
             .spawn()
-            .context("spawning kgs-producer run")?;
-        Ok(child)
     }
 
     /// `kgs-producer recycle KEY...` (or from stdin): (success, stdout).
     async fn recycle_cli(&self, keys: &[&str], stdin: Option<&str>) -> Result<(bool, String)> {
         let mut args = vec!["recycle"];
         args.extend_from_slice(keys);
-        let mut c = self.producer(&args, None)?;
-        c.stdout(std::process::Stdio::piped())
+        let mut c = self
+            .producer(&args, None)?
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         if stdin.is_some() {
-            c.stdin(std::process::Stdio::piped());
+            c = c.stdin(std::process::Stdio::piped());
         }
         let mut child = c.spawn()?;
         if let Some(input) = stdin {
@@ -204,69 +161,16 @@ impl Pool {
     }
 }
 
-/// Sends SIGTERM to a child and waits for it.
-async fn terminate(mut child: tokio::process::Child) -> Result<std::process::ExitStatus> {
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    Ok(tokio::time::timeout(WAIT, child.wait())
+/// An app server of `pool` in its group, as `instance`: `DELETE` waits up
+/// to 3 s for the producer to put the key back.
+async fn app_server(pool: &Pool, instance: &str) -> Result<AppServer> {
+    AppServerCmd::new(&pool.db, &pool.name)?
+        .group(&pool.group)
+        .instance(instance)
+        .watermarks(5, 10)
+        .env("KGS_RECYCLE_WAIT", "3s")
+        .start()
         .await
-        .context("did not exit after SIGTERM")??)
-}
-
-/// An example app server process.
-struct AppServer {
-    /// Killed when dropped (`kill_on_drop`).
-    _child: tokio::process::Child,
-    addr: String,
-}
-
-impl AppServer {
-    async fn start(pool: &Pool, instance: &str) -> Result<Self> {
-        let addr = kgs_tests::free_addr()?;
-        let child = tokio::process::Command::new(workspace_binary("app-server")?)
-            .env("KGS_KAFKA_BROKERS", kafka_brokers())
-            .env("KGS_MONGODB_URI", mongodb_uri())
-            .env("KGS_MONGODB_DB", &pool.db)
-            .env("KGS_POOL", &pool.name)
-            .env("KGS_GROUP", &pool.group)
-            .env("KGS_INSTANCE_ID", instance)
-            .env("KGS_HTTP_ADDR", &addr)
-            .env("KGS_BUFFER_LOW_WATERMARK", "5")
-            .env("KGS_BUFFER_HIGH_WATERMARK", "10")
-            .env("KGS_KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("KGS_KEY_WAIT_MS", "20")
-            .env("KGS_RECYCLE_WAIT_MS", "3000")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning app-server")?;
-        let server = Self {
-            _child: child,
-            addr,
-        };
-        wait_for("app-server /healthz", WAIT, || async {
-            Ok(http(&server.addr, "GET", "/healthz")
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200))
-        })
-        .await?;
-        Ok(server)
-    }
-
-    async fn key(&self) -> Result<Option<String>> {
-        match http(&self.addr, "GET", "/keys").await? {
-            (200, key) => Ok(Some(key)),
-            (503, _) => Ok(None),
-            (status, body) => bail!("GET /keys: {status} {body}"),
-        }
-    }
-
-    async fn delete(&self, key: &str) -> Result<(u16, String)> {
-        http(&self.addr, "DELETE", &format!("/keys/{key}")).await
-    }
 }
 
 /// Takes keys from every server, round robin, until `done` says stop or
@@ -307,8 +211,8 @@ async fn collect(
 async fn recycled_key_is_handed_out_again_exactly_once_across_instances() -> Result<()> {
     let pool = Pool::new(2);
     pool.init().await?;
-    let a = AppServer::start(&pool, "a").await?;
-    let b = AppServer::start(&pool, "b").await?;
+    let a = app_server(&pool, "a").await?;
+    let b = app_server(&pool, "b").await?;
 
     // Before any batch: every key is in `keys`, never handed out.
     let (status, body) = a.delete("42").await?;
@@ -319,15 +223,15 @@ async fn recycled_key_is_handed_out_again_exactly_once_across_instances() -> Res
         assert_eq!(status, 400, "bad key {bad}: {body}");
         assert_eq!(body.lines().count(), 1, "one-line reason: {body:?}");
     }
-    let (status, count) = http(&a.addr, "GET", "/keys/count").await?;
+    let (status, count) = a.get("/keys/count").await?;
     assert_eq!((status, count.trim()), (200, "100"));
 
     let run = pool.run(2, None)?;
     let first = collect(&[&a, &b], Duration::from_secs(180), |s| s.len() == 100).await?;
     assert!(first.values().all(|n| *n == 1), "a key came twice");
-    let (status, count) = http(&b.addr, "GET", "/keys/count").await?;
+    let (status, count) = b.get("/keys/count").await?;
     assert_eq!((status, count.trim()), (200, "0"), "pool exhausted");
-    let (status, config) = http(&a.addr, "GET", "/keys/config").await?;
+    let (status, config) = a.get("/keys/config").await?;
     assert_eq!(status, 200, "{config}");
     let config: serde_json::Value = serde_json::from_str(&config)?;
     assert_eq!(config["keys"]["count"], 0, "{config}");
@@ -404,15 +308,9 @@ async fn every_refusal_changes_nothing() -> Result<()> {
     // Reserve one generated key (never handed out).
     let keys_before = pool.ids(&format!("keys.{}", pool.name)).await?;
     let reserved = keys_before.iter().next().context("keys")?.clone();
-    let out = pool
-        .producer(&["reserve", &reserved], None)?
-        .output()
+    pool.producer(&["reserve", &reserved], None)?
+        .success()
         .await?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     let run = pool.run(2, None)?;
     let registry = Registry::new();
@@ -540,18 +438,11 @@ async fn every_refusal_changes_nothing() -> Result<()> {
 
 /// The value of `kgs_consumer_recycle_requests_total{outcome}`.
 fn outcome_count(registry: &Registry, outcome: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == kgs_consumer::metrics::RECYCLE_REQUESTS_TOTAL)
-        .flat_map(|f| f.get_metric())
-        .filter(|m| {
-            m.get_label()
-                .iter()
-                .any(|l| l.name() == "outcome" && l.value() == outcome)
-        })
-        .map(|m| m.get_counter().get_value())
-        .sum()
+    registry_value(
+        registry,
+        kgs_consumer::metrics::RECYCLE_REQUESTS_TOTAL,
+        Some(("outcome", outcome)),
+    )
 }
 
 /// A crash of the leader at a recycle failpoint, then a restart: the request

@@ -49,6 +49,8 @@ pub struct Figures {
     pub loss_limit: usize,
     /// Lossy incarnations.
     pub lossy_instances: usize,
+    /// Smallest and largest batch claimed (the producer's sizer varies it).
+    pub batch_sizes: (usize, usize),
 }
 
 /// Runs every check. `received` are the keys clients got (with repeats).
@@ -243,22 +245,37 @@ pub async fn check(
             ));
         }
     }
+    // The largest batch each instance claimed: its bound (see Tuning::loss_limit).
+    let mut largest: HashMap<&str, usize> = HashMap::new();
+    for c in claims.values() {
+        let l = largest.entry(c.instance.as_str()).or_default();
+        *l = (*l).max(c.keys as usize);
+    }
+    fig.batch_sizes = (
+        claims.values().map(|c| c.keys as usize).min().unwrap_or(0),
+        claims.values().map(|c| c.keys as usize).max().unwrap_or(0),
+    );
     for (instance, n) in &lost_by {
         if !lossy.contains(*instance) {
             bad.push(format!(
                 "{n} keys of {instance} neither received nor returned, but it stopped cleanly"
             ));
         }
-        if *n > tuning.loss_limit() {
+        let batch = largest.get(instance).copied().unwrap_or(0);
+        let limit = tuning.loss_limit(batch);
+        if *n > limit {
             bad.push(format!(
-                "{instance} lost {n} keys, more than its buffer limit {}",
-                tuning.loss_limit()
+                "{instance} lost {n} keys, more than its buffer limit {limit} (high watermark {} + its largest batch {batch})",
+                tuning.app_high
             ));
         }
     }
     fig.lost = lost_by.values().sum();
     fig.lossy_instances = lossy.len();
-    fig.loss_limit = lossy.len() * tuning.loss_limit();
+    fig.loss_limit = lossy
+        .iter()
+        .map(|i| tuning.loss_limit(largest.get(i.as_str()).copied().unwrap_or(0)))
+        .sum();
     if fig.lost > fig.loss_limit {
         bad.push(format!(
             "{} keys lost > {} (sum of the buffer limits of {} crashed instances)",

@@ -9,6 +9,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use kgs_tests::process::{send_signal, stop, Signal};
+use kgs_tests::{AppServerCmd, ProducerCmd};
 use tokio::process::{Child, Command};
 
 /// How long a SIGTERMed process may take before it is SIGKILLed (the
@@ -22,15 +24,19 @@ pub struct Tuning {
     pub batch_size: usize,
     /// App server buffer: resume fetching at this many keys...
     pub app_low: usize,
-    /// ...pause at this many. A crash loses at most `app_high + batch_size`.
+    /// ...pause at this many. A crash loses at most `app_high` plus the
+    /// batch that crossed it.
     pub app_high: usize,
 }
 
 impl Tuning {
     /// Most keys one crashed app server can lose: its buffer pauses at the
-    /// high watermark, after the batch that crossed it.
-    pub fn loss_limit(&self) -> usize {
-        self.app_high + self.batch_size
+    /// high watermark, after the batch that crossed it. Batches are not all
+    /// `batch_size`: the producer's sizer grows them (up to 10 times) while
+    /// consumers drain fast, so the bound is taken with the largest batch
+    /// the instance claimed.
+    pub fn loss_limit(&self, largest_batch: usize) -> usize {
+        self.app_high + largest_batch.max(self.batch_size)
     }
 }
 
@@ -114,10 +120,13 @@ impl Servers {
         }
         let pid = std::fs::read_to_string(self.pid_file(which))
             .with_context(|| format!("{which} is not running (no pid file)"))?;
-        let pid = pid.trim().to_owned();
-        signal(&pid, "KILL")?;
+        let pid: u32 = pid
+            .trim()
+            .parse()
+            .with_context(|| format!("{which}'s pid file holds {pid:?}"))?;
+        send_signal(pid, Signal::Kill)?;
         for _ in 0..200 {
-            if !alive(&pid) {
+            if !alive(pid) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -126,21 +135,10 @@ impl Servers {
     }
 }
 
-/// Sends `sig` to `pid` with kill(1) (the workspace forbids `unsafe`, so no libc).
-fn signal(pid: &str, sig: &str) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{sig}"), pid.to_owned()])
-        .stderr(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
-
-fn alive(pid: &str) -> bool {
+/// Whether process `pid` exists (`kill -0`).
+fn alive(pid: u32) -> bool {
     std::process::Command::new("kill")
-        .args(["-0", pid])
+        .args(["-0", &pid.to_string()])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
@@ -151,7 +149,7 @@ fn alive(pid: &str) -> bool {
 pub enum Role {
     /// `kgs-producer run`.
     Producer,
-    /// The example app server.
+    /// The app server (`kgs-app-server`).
     App,
 }
 
@@ -246,16 +244,12 @@ impl Cluster {
         self.run_dir.join(format!("{instance}.log"))
     }
 
-    /// A `kgs-producer` command for this run's servers, database and pool.
-    pub fn producer_command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.producer_bin);
-        c.args(args)
-            .env("KGS_KAFKA_BROKERS", self.servers.brokers())
-            .env("KGS_MONGODB_URI", self.servers.mongodb_uri())
-            .env("KGS_MONGODB_DB", &self.db)
-            .env("KGS_POOL", &self.pool)
-            // Short lease: a standby takes over 3 s after the leader's crash.
-            .env("KGS_LEASE_DURATION", "3s")
+    /// A `kgs-producer` command for this run's servers, database and pool
+    /// (lease [`kgs_tests::producer::LEASE`]: a standby takes over 3 s after
+    /// the leader's crash).
+    pub fn producer_command(&self) -> ProducerCmd {
+        ProducerCmd::with_binary(&self.producer_bin, &self.db, &self.pool)
+            .servers(&self.servers.brokers(), &self.servers.mongodb_uri())
             // Restarts may happen while a server is down: wait it out.
             .env("KGS_CONNECT_TIMEOUT", "300s")
             // The pool holds a few batches' worth of keys and is topped up
@@ -265,10 +259,6 @@ impl Cluster {
                 "KGS_GENERATE_CHUNK",
                 (self.tuning.batch_size * 10).to_string(),
             )
-            .env_remove("KGS_FAILPOINT")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        c
     }
 
     /// Starts slot `i`'s next incarnation.
@@ -277,51 +267,38 @@ impl Cluster {
         let instance = format!("{}-{}", slot.name, slot.generation + 1);
         let log = std::fs::File::create(self.log_of(&instance))?;
         let addr = format!("127.0.0.1:{}", slot.port);
-        let mut cmd = match slot.role {
+        let stdout = log.try_clone()?;
+        let child = match slot.role {
             Role::Producer => {
-                let batch = self.tuning.batch_size.to_string();
-                let mut c = self.producer_command(&[
-                    "run",
-                    "--batch-size",
-                    &batch,
-                    "--low-watermark",
-                    "1",
-                    "--high-watermark",
-                    "3",
-                    "--poll-interval",
-                    "100ms",
-                    "--instance-id",
-                    &instance,
-                ]);
-                // By environment, which both names of the setting read
-                // (`KGS_HTTP_ADDR`, formerly `KGS_HTTP_LISTEN`).
-                c.env("KGS_LOG", "info")
-                    .env("KGS_HTTP_ADDR", &addr)
-                    .env("KGS_HTTP_LISTEN", &addr);
-                c
-            }
-            Role::App => {
-                let mut c = Command::new(&self.app_bin);
-                c.args(["--pool", &self.pool, "--http-addr", &addr])
+                self.producer_command()
+                    .run(self.tuning.batch_size, 3)
                     .args(["--instance-id", &instance])
-                    .args(["--low-watermark", &self.tuning.app_low.to_string()])
-                    .args(["--high-watermark", &self.tuning.app_high.to_string()])
-                    // The group notices a dead member within 6 s.
-                    .args(["--kafka-session-timeout-ms", "6000"])
-                    .args(["--key-wait-ms", "200"])
-                    .env("KGS_KAFKA_BROKERS", self.servers.brokers())
-                    .env("KGS_MONGODB_URI", self.servers.mongodb_uri())
-                    .env("KGS_MONGODB_DB", &self.db)
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
-                    .kill_on_drop(true);
-                c
+                    // By environment, which both names of the setting read
+                    // (`KGS_HTTP_ADDR`, formerly `KGS_HTTP_LISTEN`).
+                    .env("KGS_LOG", "info")
+                    .env("KGS_HTTP_ADDR", &addr)
+                    .env("KGS_HTTP_LISTEN", &addr)
+                    .stdout(stdout)
+                    .stderr(log)
+                    .spawn()
             }
-        };
-        cmd.stdout(log.try_clone()?).stderr(log);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {instance}"))?;
+            // By flags (which override the fixture's environment), so the
+            // command line of the app server is exercised too.
+            Role::App => AppServerCmd::with_binary(&self.app_bin, &self.db, &self.pool, &addr)
+                .servers(&self.servers.brokers(), &self.servers.mongodb_uri())
+                .args(["--pool", &self.pool, "--http-addr", &addr])
+                .args(["--instance-id", &instance])
+                .args(["--low-watermark", &self.tuning.app_low.to_string()])
+                .args(["--high-watermark", &self.tuning.app_high.to_string()])
+                // The group notices a dead member within 6 s.
+                .args(["--kafka-session-timeout", "6s"])
+                .args(["--key-wait", "200ms"])
+                .env("KGS_LOG", "info")
+                .stdout(stdout)
+                .stderr(log)
+                .spawn(),
+        }
+        .with_context(|| format!("spawning {instance}"))?;
         let slot = &mut self.slots[i];
         slot.generation += 1;
         slot.instance = instance;
@@ -358,17 +335,11 @@ impl Cluster {
         let Some(mut child) = slot.child.take() else {
             return Ok(None);
         };
-        if let Some(pid) = child.id() {
-            signal(&pid.to_string(), "TERM")?;
+        let status = stop(&mut child, Signal::Term, TERM_DEADLINE).await?;
+        if status.is_none() {
+            child.start_kill()?;
+            child.wait().await?;
         }
-        let status = match tokio::time::timeout(TERM_DEADLINE, child.wait()).await {
-            Ok(status) => Some(status?),
-            Err(_) => {
-                child.start_kill()?;
-                child.wait().await?;
-                None
-            }
-        };
         let instance = slot.instance.clone();
         if slot.role == Role::App
             && (status.is_none_or(|s| !s.success()) || self.reported_loss(&instance))

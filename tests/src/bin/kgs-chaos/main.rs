@@ -1,6 +1,6 @@
 //! `kgs-chaos`: a Jepsen-style test of the whole kgs pipeline. It runs the
 //! chaos instance's Kafka broker and SecantusDB, two `kgs-producer run` (one
-//! leads, one stands by) and three example app servers as separate
+//! leads, one stands by) and three app servers (`kgs-app-server`) as separate
 //! processes, with one client per app server requesting keys over HTTP and
 //! recording every key. Faults are drawn from a seeded RNG (the seed is
 //! printed; `--seed` replays the same sequence): SIGKILL and SIGTERM of
@@ -40,11 +40,15 @@ use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
+use kgs_tests::app_server::get_key;
+use kgs_tests::env::{workspace_binary, APP_SERVER_BIN};
+use kgs_tests::process::{send_signal, Signal};
+
 use crate::cluster::{Cluster, Servers, Tuning};
 
 /// Chaos test of the whole kgs pipeline (see the module docs).
 #[derive(Debug, Parser)]
-#[command(name = "kgs-chaos", about)]
+#[command(name = "kgs-chaos")]
 struct Args {
     /// How long faults are injected, e.g. `90s`, `10m`.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
@@ -200,18 +204,15 @@ async fn run(args: Args) -> Result<bool> {
         tuning.clone(),
         APPS,
         args.base_port,
-        binary("kgs-producer")?,
-        binary("app-server")?,
+        workspace_binary("kgs-producer")?,
+        workspace_binary(APP_SERVER_BIN)?,
         run_dir,
     );
     let mongo = mongodb::Client::with_uri_str(servers.mongodb_uri()).await?;
     let db = mongo.database(&name);
 
     // A 3-letter base62 pool (238,328 keys), 3 partitions.
-    let out = cluster
-        .producer_command(&["init", "--length", "3", "--partitions", "3"])
-        .output()
-        .await?;
+    let out = cluster.producer_command().init(3, 3).output().await?;
     ensure!(
         out.status.success(),
         "kgs-producer init failed: {}",
@@ -341,13 +342,17 @@ async fn run(args: Args) -> Result<bool> {
     }
     println!("  duplicates           {}", fig.duplicates);
     println!(
-        "  lost keys            {} (limit {} = {} crashed app server incarnations x {})",
+        "  lost keys            {} (limit {} = {} crashed app server incarnations x (high watermark {} + largest batch claimed))",
         fig.lost,
         fig.loss_limit,
         fig.lossy_instances,
-        tuning.loss_limit()
+        tuning.app_high
     );
     println!("  returned keys        {}", fig.returned);
+    println!(
+        "  batch sizes claimed  {}..={} keys",
+        fig.batch_sizes.0, fig.batch_sizes.1
+    );
     println!(
         "  generated            {} = {} in keys + {} in used_keys; {} batches in the topic ({} forged ones refused), {} keys pending there",
         fig.generated, fig.in_keys, fig.in_used, fig.batches, fig.forged, fig.pending
@@ -555,16 +560,11 @@ async fn inject(
                 .child
                 .as_ref()
                 .and_then(|c| c.id())
-                .context("producer not running")?
-                .to_string();
+                .context("producer not running")?;
             let paused_for = Duration::from_millis(rng.random_range(4_000..9_000));
-            std::process::Command::new("kill")
-                .args(["-STOP", &pid])
-                .status()?;
+            send_signal(pid, Signal::Stop)?;
             tokio::time::sleep(paused_for).await;
-            std::process::Command::new("kill")
-                .args(["-CONT", &pid])
-                .status()?;
+            send_signal(pid, Signal::Cont)?;
             (
                 format!(
                     "SIGSTOP active producer {instance} for {:.1} s, then SIGCONT",
@@ -776,15 +776,15 @@ async fn settled(db: &mongodb::Database, pool: &str) -> Result<bool> {
 /// One client: requests a key from `addr` every `pace`, records what it gets.
 async fn client(addr: String, pace: Duration, clients: Arc<Clients>) {
     while !clients.stop.load(Ordering::Acquire) {
-        match tokio::time::timeout(Duration::from_secs(30), get_key(&addr)).await {
-            Ok(Ok(Some(key))) => {
+        match get_key(&addr, Duration::from_secs(30)).await {
+            Ok(Some(key)) => {
                 clients.received.lock().unwrap().push(Received {
                     key,
                     at: Utc::now(),
                 });
                 tokio::time::sleep(pace).await;
             }
-            Ok(Ok(None)) => {
+            Ok(None) => {
                 clients.unavailable.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -795,37 +795,4 @@ async fn client(addr: String, pace: Duration, clients: Arc<Clients>) {
             }
         }
     }
-}
-
-/// `GET /keys`: `Some(key)` on 200, `None` on 503.
-async fn get_key(addr: &str) -> Result<Option<String>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET /keys HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("no HTTP header end")?;
-    match head.split(' ').nth(1) {
-        Some("200") if !body.is_empty() => Ok(Some(body.to_owned())),
-        Some("503") => Ok(None),
-        other => bail!("GET /keys: status {other:?}"),
-    }
-}
-
-/// A binary of this workspace next to this one (`make test` builds them).
-fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no target folder")?;
-    for candidate in [dir.join(name), dir.join("examples").join(name)] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!(
-        "{name} not found in {}: cargo build --workspace --bins --examples",
-        dir.display()
-    )
 }

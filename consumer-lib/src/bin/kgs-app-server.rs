@@ -1,10 +1,12 @@
-//! An example app server (WAS) embedding `kgs-consumer`, built on axum.
+//! `kgs-app-server`: an app server (WAS) embedding `kgs-consumer`, built on
+//! axum; the library's usage example, and a deliverable binary (cargo
+//! feature `app-server`, so the library does not depend on axum or clap).
 //!
 //! - `GET /keys`: one key as plain text; `503 no keys` if none arrives
 //!   within `--key-wait` (default 100 ms).
 //! - `DELETE /keys/{key}`: recycle a key the application no longer uses
 //!   (`KeyConsumer::recycle_wait`): `200 recycled` once the producer put it
-//!   back within `--recycle-wait-ms`, else `202 accepted` (it still will);
+//!   back within `--recycle-wait`, else `202 accepted` (it still will);
 //!   `400` a key not of the pool's format, `404` a key never handed out (or
 //!   already recycled), `409` a key that cannot be recycled now; each with a
 //!   one-line reason.
@@ -17,7 +19,7 @@
 //! - SIGTERM or Ctrl-C: stop serving, then shut the consumer down, which
 //!   hands its unused keys back (claims set to `returning`).
 //!
-//! Run: `cargo run -p kgs-consumer --example app-server -- --pool <pool>`
+//! Run: `cargo run -p kgs-consumer --features app-server --bin kgs-app-server -- --pool <pool>`
 //! (every flag also reads its `KGS_*` environment variable; see `--help`).
 
 use std::future::Future;
@@ -33,18 +35,20 @@ use axum::routing::{delete, get};
 use axum::Router;
 use clap::Parser;
 use kgs_consumer::{Error, KeyConsumer, RecycleOutcome};
+use kgs_schemas::duration;
+use kgs_schemas::process::{init_logging, parse_name_value, shutdown_signal};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tracing::{error, info};
 
-/// Example kgs app server: hands out keys from a kgs pool over HTTP.
+/// kgs app server: hands out keys from a kgs pool over HTTP.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "kgs-app-server", version)]
 struct Config {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KGS_KAFKA_BROKERS", default_value = kgs_consumer::config::DEFAULT_BROKERS)]
     kafka_brokers: String,
     /// MongoDB connection string.
-    #[arg(long, env = "KGS_MONGODB_URI", default_value = kgs_consumer::config::DEFAULT_MONGODB_URI)]
+    #[arg(long, env = "KGS_MONGODB_URI", hide_env_values = true, default_value = kgs_consumer::config::DEFAULT_MONGODB_URI)]
     mongodb_uri: String,
     /// MongoDB database of kgs.
     #[arg(long, env = "KGS_MONGODB_DB", default_value = kgs_consumer::config::DEFAULT_DATABASE)]
@@ -70,27 +74,53 @@ struct Config {
     #[arg(long, env = "KGS_BUFFER_HIGH_WATERMARK", requires = "low_watermark")]
     high_watermark: Option<usize>,
     /// Kafka session timeout: how soon the group notices a dead instance
-    /// and gives its partitions to the others (librdkafka's default).
-    #[arg(long, env = "KGS_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 45_000)]
-    kafka_session_timeout_ms: u64,
-    /// How long `GET /keys` waits for a batch when the buffer is empty.
-    #[arg(long, env = "KGS_KEY_WAIT_MS", default_value_t = 100)]
-    key_wait_ms: u64,
+    /// and gives its partitions to the others (default 45s, librdkafka's).
+    #[arg(long, env = "KGS_KAFKA_SESSION_TIMEOUT", value_parser = duration::parse)]
+    kafka_session_timeout: Option<Duration>,
+    /// How long `GET /keys` waits for a batch when the buffer is empty
+    /// (default 100ms).
+    #[arg(long, env = "KGS_KEY_WAIT", value_parser = duration::parse)]
+    key_wait: Option<Duration>,
     /// How long `DELETE /keys/{key}` waits for the producer to put the key
-    /// back before answering `202 accepted` instead of `200 recycled`.
-    #[arg(long, env = "KGS_RECYCLE_WAIT_MS", default_value_t = 1_000)]
-    recycle_wait_ms: u64,
+    /// back before answering `202 accepted` instead of `200 recycled`
+    /// (default 1s).
+    #[arg(long, env = "KGS_RECYCLE_WAIT", value_parser = duration::parse)]
+    recycle_wait: Option<Duration>,
+    /// Deprecated: `KGS_KAFKA_SESSION_TIMEOUT` in milliseconds.
+    #[arg(long, env = "KGS_KAFKA_SESSION_TIMEOUT_MS", hide = true)]
+    kafka_session_timeout_ms: Option<u64>,
+    /// Deprecated: `KGS_KEY_WAIT` in milliseconds.
+    #[arg(long, env = "KGS_KEY_WAIT_MS", hide = true)]
+    key_wait_ms: Option<u64>,
+    /// Deprecated: `KGS_RECYCLE_WAIT` in milliseconds.
+    #[arg(long, env = "KGS_RECYCLE_WAIT_MS", hide = true)]
+    recycle_wait_ms: Option<u64>,
     /// Extra librdkafka setting `name=value` (TLS, SASL, ...); repeatable;
     /// the environment variable takes a comma list. Settings the guarantees
     /// rely on are refused.
-    #[arg(long = "kafka-option", env = "KGS_KAFKA_OPTIONS", value_delimiter = ',', value_parser = name_value)]
+    #[arg(long = "kafka-option", env = "KGS_KAFKA_OPTIONS", hide_env_values = true, value_delimiter = ',', value_parser = parse_name_value)]
     kafka_options: Vec<(String, String)>,
 }
 
-fn name_value(pair: &str) -> Result<(String, String), String> {
-    match pair.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("expected name=value, got {pair:?}")),
+impl Config {
+    /// A duration setting: the flag or `KGS_*` variable in the duration
+    /// grammar, else its deprecated `*_MS` form, else `default`.
+    fn duration(
+        given: Option<Duration>,
+        deprecated_ms: Option<u64>,
+        default: Duration,
+    ) -> Duration {
+        given
+            .or(deprecated_ms.map(Duration::from_millis))
+            .unwrap_or(default)
+    }
+
+    fn session_timeout(&self) -> Duration {
+        Self::duration(
+            self.kafka_session_timeout,
+            self.kafka_session_timeout_ms,
+            Duration::from_secs(45),
+        )
     }
 }
 
@@ -104,14 +134,10 @@ struct AppState {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let config = Config::parse();
+    init_logging("info");
     if let Err(e) = run(config, shutdown_signal()).await {
-        eprintln!("app-server: {e:#}");
+        eprintln!("kgs-app-server: {e:#}");
         std::process::exit(1);
     }
 }
@@ -122,6 +148,11 @@ async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Bound first: a taken port fails before anything joins the group.
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    let session_ms = config.session_timeout().as_millis() as u64;
     let registry = Registry::new();
     let mut builder = KeyConsumer::builder()
         .brokers(&config.kafka_brokers)
@@ -129,16 +160,11 @@ async fn run(
         .database(&config.mongodb_db)
         .pool(&config.pool)
         .registry(registry.clone())
-        .kafka_option(
-            "session.timeout.ms",
-            config.kafka_session_timeout_ms.to_string(),
-        )
+        .kafka_option("session.timeout.ms", session_ms.to_string())
         // librdkafka requires the heartbeat well inside the session timeout.
         .kafka_option(
             "heartbeat.interval.ms",
-            (config.kafka_session_timeout_ms / 10)
-                .clamp(100, 3_000)
-                .to_string(),
+            (session_ms / 10).clamp(100, 3_000).to_string(),
         );
     if let (Some(low), Some(high)) = (config.low_watermark, config.high_watermark) {
         builder = builder.watermarks(low, high);
@@ -161,8 +187,16 @@ async fn run(
     let state = AppState {
         keys: Arc::clone(&keys),
         registry,
-        key_wait: Duration::from_millis(config.key_wait_ms),
-        recycle_wait: Duration::from_millis(config.recycle_wait_ms),
+        key_wait: Config::duration(
+            config.key_wait,
+            config.key_wait_ms,
+            Duration::from_millis(100),
+        ),
+        recycle_wait: Config::duration(
+            config.recycle_wait,
+            config.recycle_wait_ms,
+            Duration::from_secs(1),
+        ),
     };
     let app = Router::new()
         .route("/keys", get(next_key))
@@ -180,9 +214,6 @@ async fn run(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding {}", config.http_addr))?;
     info!(addr = %listener.local_addr()?, pool = %config.pool, instance = keys.instance_id(), "app server listening");
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -276,33 +307,5 @@ async fn metrics(State(state): State<AppState>) -> Response {
     match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            error!(cause = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                error!(cause = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("Ctrl-C received, shutting down"),
-        () = terminate => info!("SIGTERM received, shutting down"),
     }
 }

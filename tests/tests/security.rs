@@ -1,0 +1,332 @@
+//! Least privilege against the secured Kafka (`scripts/servers.sh up
+//! kafka-secure`: SASL_SSL only, a local CA, SCRAM-SHA-512 users and the
+//! ACLs of the README's *Security* section). kgs runs end to end as its two
+//! principals; a principal that tries more than its ACLs allow is refused by
+//! the broker; a client Kafka will not let in gets one clear line from kgs,
+//! at once, and no secret is ever printed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kgs_tests::{unique, AppServerCmd, ProducerCmd, Signal};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+/// How long a refused client may take to say so (the first metadata
+/// request's timeout is 5 s; a retry loop would take the 10 s connect
+/// timeout of the test commands, or forever).
+const REFUSAL_WITHIN: Duration = Duration::from_secs(9);
+
+/// The secured broker and its credentials, as `servers.sh` made them.
+struct Secure {
+    brokers: String,
+    dir: PathBuf,
+}
+
+impl Secure {
+    fn new() -> Self {
+        let dir = std::env::var("KGS_KAFKA_SECURE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/kafka-secure")
+            });
+        Self {
+            brokers: std::env::var("KGS_KAFKA_SECURE_BROKERS")
+                .unwrap_or_else(|_| "127.0.0.1:9094".to_owned()),
+            dir,
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("tls/ca.pem").display().to_string()
+    }
+
+    fn password(&self, user: &str) -> Result<String> {
+        let path = self.dir.join("users").join(user);
+        std::fs::read_to_string(&path)
+            .map(|p| p.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "reading {} (start the secured broker: scripts/servers.sh up kafka-secure)",
+                    path.display()
+                )
+            })
+    }
+
+    /// The librdkafka settings of `user` with `password`, as kgs takes
+    /// them (`KGS_KAFKA_OPTIONS`).
+    fn options(&self, user: &str, password: &str, ca: &str) -> Vec<(String, String)> {
+        [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", user),
+            ("sasl.password", password),
+            ("ssl.ca.location", ca),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    fn env_options(&self, user: &str, password: &str, ca: &str) -> String {
+        self.options(user, password, ca)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn producer(&self, db: &str, pool: &str, user: &str, password: &str) -> Result<ProducerCmd> {
+        Ok(ProducerCmd::new(db, pool)?
+            .servers(&self.brokers, &kgs_tests::mongodb_uri())
+            .env(
+                "KGS_KAFKA_OPTIONS",
+                self.env_options(user, password, &self.ca()),
+            ))
+    }
+
+    fn app_server(&self, db: &str, pool: &str, user: &str, password: &str) -> Result<AppServerCmd> {
+        Ok(AppServerCmd::new(db, pool)?
+            .servers(&self.brokers, &kgs_tests::mongodb_uri())
+            .env(
+                "KGS_KAFKA_OPTIONS",
+                self.env_options(user, password, &self.ca()),
+            ))
+    }
+}
+
+/// Creates a pool over TLS + SCRAM as the producer principal.
+async fn init(secure: &Secure, db: &str, pool: &str) -> Result<()> {
+    let password = secure.password("kgs-producer")?;
+    let out = secure
+        .producer(db, pool, "kgs-producer", &password)?
+        .init(4, 2)
+        .args(["--initial-keys", "600"])
+        .success()
+        .await?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(!text.contains(&password), "init printed the password");
+    Ok(())
+}
+
+/// The pool's topic name, from the pool document.
+async fn topic_of(db: &str, pool: &str) -> Result<String> {
+    let doc = kgs_tests::find_docs(db, "pools", bson::doc! { "_id": pool })
+        .await?
+        .into_iter()
+        .next()
+        .context("pool document")?;
+    Ok(doc.get_str("topic")?.to_owned())
+}
+
+/// The last line of a refused command's stderr, after checking that it
+/// failed, said so within [`REFUSAL_WITHIN`], in one line starting with
+/// `prefix`, and never printed `secret`.
+fn one_line_refusal(
+    out: &std::process::Output,
+    took: Duration,
+    prefix: &str,
+    secret: &str,
+) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "expected a failure, got {}: {stderr}",
+        out.status
+    );
+    assert!(took < REFUSAL_WITHIN, "took {took:?} to refuse: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "not one line: {stderr}");
+    assert!(lines[0].starts_with(prefix), "{stderr}");
+    assert!(
+        !stderr.contains(secret) && !stdout.contains(secret),
+        "a secret was printed: {stderr}"
+    );
+    lines[0].to_owned()
+}
+
+/// kgs runs end to end over TLS + SCRAM with the least-privilege ACLs: the
+/// producer principal creates the pool and its topic and publishes in
+/// transactions, the app-server principal claims and hands keys out; no
+/// password appears in either log or in `stats`.
+#[tokio::test(flavor = "multi_thread")]
+async fn kgs_runs_end_to_end_as_least_privileged_principals() -> Result<()> {
+    let secure = Secure::new();
+    let db = unique("sec");
+    let pool = unique("p");
+    init(&secure, &db, &pool).await?;
+    let producer_password = secure.password("kgs-producer")?;
+    let app_password = secure.password("kgs-app")?;
+    let log = std::env::temp_dir().join(format!("{pool}-producer.log"));
+    let producer = secure
+        .producer(&db, &pool, "kgs-producer", &producer_password)?
+        .env("KGS_LOG", "debug")
+        .run(50, 3)
+        .log_to(&log)?
+        .spawn()?;
+    let app_log = std::env::temp_dir().join(format!("{pool}-app.log"));
+    let server = secure
+        .app_server(&db, &pool, "kgs-app", &app_password)?
+        .env("KGS_LOG", "debug")
+        .stdout(std::fs::File::create(&app_log)?)
+        .stderr(std::fs::File::create(app_log.with_extension("err"))?)
+        .start()
+        .await?;
+    let keys = server.keys(120, Duration::from_secs(90)).await?;
+    let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "a key was handed out twice");
+    let stats = secure
+        .producer(&db, &pool, "kgs-producer", &producer_password)?
+        .args(["stats", "--pool", &pool])
+        .success()
+        .await?;
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    assert!(stats.contains(&pool), "{stats}");
+    assert!(
+        !stats.contains(&producer_password),
+        "stats printed the password"
+    );
+    let status = server.stop(Signal::Term).await?;
+    assert!(status.success(), "app server exit {status}");
+    kgs_tests::terminate(producer).await?;
+    let log = std::fs::read_to_string(&log)?;
+    assert!(log.contains("leading"), "{log}");
+    assert!(
+        !log.contains(&producer_password),
+        "the producer logged its password"
+    );
+    let app = std::fs::read_to_string(&app_log)?
+        + &std::fs::read_to_string(app_log.with_extension("err"))?;
+    assert!(app.contains("consumer started"), "{app}");
+    assert!(
+        !app.contains(&app_password),
+        "the app server logged its password"
+    );
+    Ok(())
+}
+
+/// The app-server principal can read the pool topic but not write it, nor
+/// use a transactional id: a forged batch cannot even reach the topic
+/// through an app server's credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_server_principal_cannot_write_the_pool_topic() -> Result<()> {
+    let secure = Secure::new();
+    let db = unique("sec");
+    let pool = unique("p");
+    init(&secure, &db, &pool).await?;
+    let topic = topic_of(&db, &pool).await?;
+    let app_password = secure.password("kgs-app")?;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &secure.brokers)
+        .set("message.timeout.ms", "10000");
+    for (k, v) in secure.options("kgs-app", &app_password, &secure.ca()) {
+        config.set(k, v);
+    }
+    let plain: FutureProducer = config.create()?;
+    let sent = plain
+        .send(
+            FutureRecord::to(&topic)
+                .key("x")
+                .payload("{\"forged\":true}"),
+            Duration::from_secs(15),
+        )
+        .await;
+    match sent {
+        Err((KafkaError::MessageProduction(code), _)) => {
+            assert_eq!(code, RDKafkaErrorCode::TopicAuthorizationFailed, "{code:?}")
+        }
+        other => panic!("the app principal wrote to {topic}: {other:?}"),
+    }
+    let mut txn = config.clone();
+    txn.set("transactional.id", format!("kgs-producer.{pool}.forged"));
+    let txn: FutureProducer = txn.create()?;
+    let refused =
+        tokio::task::spawn_blocking(move || txn.init_transactions(Duration::from_secs(15)))
+            .await?
+            .expect_err("the app principal initialised a transactional producer");
+    assert_eq!(
+        refused.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed),
+        "{refused}"
+    );
+    Ok(())
+}
+
+/// Clients Kafka will not let in get one line from kgs, within seconds and
+/// without a retry loop, naming the reason, and the password is never
+/// printed: a wrong password (producer and app server), a broker
+/// certificate signed by a CA the client does not trust, and a principal
+/// without ACLs for the pool topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_clients_get_one_line_at_once() -> Result<()> {
+    let secure = Secure::new();
+    let db = unique("sec");
+    let pool = unique("p");
+    init(&secure, &db, &pool).await?;
+    let wrong = format!("wrong-{}", unique("pw"));
+
+    let started = Instant::now();
+    let out = secure
+        .producer(&db, &pool, "kgs-producer", &wrong)?
+        .init(4, 2)
+        .output()
+        .await?;
+    let line = one_line_refusal(&out, started.elapsed(), "kgs-producer: Kafka at", &wrong);
+    assert!(
+        line.contains("refused this client") && line.contains("SASL authentication"),
+        "{line}"
+    );
+    println!("producer, wrong password: {line}");
+
+    let started = Instant::now();
+    let out = secure
+        .app_server(&db, &pool, "kgs-app", &wrong)?
+        .output()
+        .await?;
+    let line = one_line_refusal(&out, started.elapsed(), "kgs-app-server:", &wrong);
+    assert!(
+        line.contains("refused this client") && line.contains("SASL authentication"),
+        "{line}"
+    );
+    println!("app server, wrong password: {line}");
+
+    // A CA bundle that does not hold the local CA: the handshake fails.
+    let password = secure.password("kgs-producer")?;
+    let other_ca = std::env::temp_dir().join(format!("{}-other-ca.pem", unique("ca")));
+    std::fs::write(&other_ca, std::fs::read(secure.dir.join("tls/broker.pem"))?)?;
+    let started = Instant::now();
+    let out = ProducerCmd::new(&db, &pool)?
+        .servers(&secure.brokers, &kgs_tests::mongodb_uri())
+        .env(
+            "KGS_KAFKA_OPTIONS",
+            secure.env_options("kgs-producer", &password, &other_ca.display().to_string()),
+        )
+        .init(4, 2)
+        .output()
+        .await?;
+    let line = one_line_refusal(&out, started.elapsed(), "kgs-producer: Kafka at", &password);
+    assert!(line.contains("SSL handshake failed"), "{line}");
+    println!("producer, untrusted broker certificate: {line}");
+
+    // The admin-less app principal asking to create a pool: no ACL lets it
+    // create the topic.
+    let app_password = secure.password("kgs-app")?;
+    let started = Instant::now();
+    let out = secure
+        .producer(&db, &unique("p"), "kgs-app", &app_password)?
+        .init(4, 2)
+        .output()
+        .await?;
+    let line = one_line_refusal(&out, started.elapsed(), "kgs-producer:", &app_password);
+    assert!(
+        line.contains("TopicAuthorizationFailed") || line.contains("not allowed"),
+        "{line}"
+    );
+    println!("app principal creating a pool: {line}");
+    Ok(())
+}
