@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// Woken whenever a batch is buffered (and at shutdown).
     pub arrived: Notify,
+    /// What Kafka said while it refuses this client the group or topic
+    /// (an ACL, the credentials); `None` once it admits it.
+    pub refused: watch::Sender<Option<String>>,
 }
 
 /// librdkafka callbacks: rebalances are logged and counted, and a new
@@ -186,6 +189,21 @@ pub(crate) fn watermarks(low: usize, high: usize, adaptive: bool, rate: f64) -> 
     )
 }
 
+/// Whether a consumer error is the broker refusing this principal, which no
+/// retry by librdkafka changes until an operator does.
+fn is_refusal(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::GroupAuthorizationFailed
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::SaslAuthenticationFailed
+        )
+    )
+}
+
 /// Resolves once a stop is requested or the handle is gone. Safe to call
 /// again after it resolved (it checks the current value first).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -210,14 +228,35 @@ impl ConsumeLoop {
                 msg = consumer.recv() => match msg {
                     Ok(m) => {
                         let m = m.detach();
+                        self.admitted();
                         self.handle(m, &mut stop).await;
                     }
+                    Err(e) if is_refusal(&e) => self.refused(&e),
                     // Broker and transport errors are retried by librdkafka itself.
                     Err(e) => warn!(cause = %e, "kafka consumer error"),
                 },
             }
         }
         self.shut_down().await
+    }
+
+    /// Kafka refuses this client (librdkafka keeps retrying, which is
+    /// harmless: nothing is claimed). Reported once, and to the app through
+    /// [`crate::KeyConsumer::kafka_refusal`], which may stop.
+    fn refused(&self, e: &rdkafka::error::KafkaError) {
+        let detail = e.to_string();
+        let first = self.shared.refused.borrow().is_none();
+        metrics::kafka_refused(&self.shared.metrics, first, &detail);
+        if first {
+            self.shared.refused.send_replace(Some(detail));
+        }
+    }
+
+    fn admitted(&self) {
+        if self.shared.refused.borrow().is_some() {
+            self.shared.refused.send_replace(None);
+            metrics::kafka_admitted(&self.shared.metrics);
+        }
     }
 
     async fn housekeeping(&mut self) {

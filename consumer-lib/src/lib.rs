@@ -131,6 +131,8 @@ pub struct KeyConsumer {
     store: Store,
     /// The pool's key format, to reject bad keys given to `recycle`.
     format: KeyFormat,
+    /// Kafka bootstrap servers, for error messages.
+    brokers: String,
 }
 
 impl KeyConsumer {
@@ -181,6 +183,7 @@ impl KeyConsumer {
             buffer: KeyBuffer::new(config.lanes),
             metrics,
             arrived: tokio::sync::Notify::new(),
+            refused: watch::channel(None).0,
         });
         let consume_loop = ConsumeLoop {
             consumer: Arc::new(consumer),
@@ -215,7 +218,39 @@ impl KeyConsumer {
             token,
             store,
             format,
+            brokers: config.brokers.clone(),
         })
+    }
+
+    /// Whether Kafka refuses this client what consuming needs (no ACL for
+    /// the group or topic, or credentials that stopped working): the
+    /// consumer then gets no batches. `Error::KafkaRefused` while it does,
+    /// `Ok` once it admits it (librdkafka keeps retrying on its own). Also
+    /// the gauge `kgs_consumer_kafka_refused`.
+    pub fn kafka_refusal(&self) -> Result<()> {
+        match self.shared.refused.borrow().as_ref() {
+            None => Ok(()),
+            Some(detail) => Err(Error::KafkaRefused {
+                brokers: self.brokers.clone(),
+                detail: detail.clone(),
+            }),
+        }
+    }
+
+    /// Resolves with [`Error::KafkaRefused`] as soon as Kafka refuses this
+    /// client (see [`KeyConsumer::kafka_refusal`]); an app that cannot work
+    /// without keys may stop on it with that one line.
+    pub async fn refused(&self) -> Error {
+        let mut rx = self.shared.refused.subscribe();
+        loop {
+            if let Err(e) = self.kafka_refusal() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                // The consumer is gone: wait for ever, like a healthy one.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Keys buffered and not yet handed out.

@@ -49,6 +49,10 @@ pub const RECYCLE_REQUESTS_TOTAL: &str = "kgs_consumer_recycle_requests_total";
 pub const ASSIGNED_PARTITIONS: &str = "kgs_consumer_assigned_partitions";
 /// Gauge: 1 while the assigned partitions are paused (buffer above the high watermark).
 pub const PAUSED: &str = "kgs_consumer_paused";
+/// Gauge: 1 while the broker refuses this client what the consume loop
+/// needs (an ACL on the group or topic, or the credentials); see
+/// [`crate::KeyConsumer::kafka_refusal`].
+pub const KAFKA_REFUSED: &str = "kgs_consumer_kafka_refused";
 /// Gauge: the high watermark in force (it follows the hand-out rate unless
 /// fixed with `KeyConsumerBuilder::watermarks`).
 pub const HIGH_WATERMARK: &str = "kgs_consumer_buffer_high_watermark_keys";
@@ -74,6 +78,7 @@ pub(crate) struct Metrics {
     pub recycle_requests: IntCounterVec,
     pub paused: IntGauge,
     pub assigned_partitions: IntGauge,
+    pub kafka_refused: IntGauge,
 }
 
 impl Metrics {
@@ -149,6 +154,13 @@ impl Metrics {
             assigned_partitions: reg(
                 registry,
                 IntGauge::new(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.")?,
+            )?,
+            kafka_refused: reg(
+                registry,
+                IntGauge::new(
+                    KAFKA_REFUSED,
+                    "1 while Kafka refuses this client the group or topic (ACL, credentials).",
+                )?,
             )?,
         };
         // Start every labelled series at 0: `increase()` then sees the first
@@ -250,6 +262,22 @@ pub(crate) fn rebalance(m: &Metrics, event: &'static str, partitions: &str) {
 }
 
 /// The buffer reached the high watermark (`paused`) or fell to the low one.
+/// Kafka refused the consume loop (an ACL or the credentials): ERROR once
+/// per refusal (librdkafka retries the join every few seconds and would
+/// repeat it), the gauge set while it lasts.
+pub(crate) fn kafka_refused(m: &Metrics, first: bool, detail: &str) {
+    m.kafka_refused.set(1);
+    if first {
+        error!(cause = detail, "Kafka refuses this client the pool's group or topic; an operator must grant the ACLs (README: Security)");
+    }
+}
+
+/// The refusal is over (a message arrived).
+pub(crate) fn kafka_admitted(m: &Metrics) {
+    m.kafka_refused.set(0);
+    info!("Kafka admits this client again");
+}
+
 pub(crate) fn backpressure(m: &Metrics, paused: bool, depth: usize) {
     m.paused.set(i64::from(paused));
     tracing::debug!(paused, depth, "backpressure");

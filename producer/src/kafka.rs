@@ -85,7 +85,7 @@ impl PoolKafka {
         let p = producer.clone();
         blocking(move || p.init_transactions(CALL_TIMEOUT))
             .await
-            .map_err(txn_error("init transactions"))?;
+            .map_err(txn_error("init transactions", &config.kafka_brokers))?;
         Ok(Self {
             producer,
             reader,
@@ -151,7 +151,7 @@ impl PoolKafka {
         let p = self.producer.clone();
         blocking(move || p.begin_transaction())
             .await
-            .map_err(txn_error("begin transaction"))?;
+            .map_err(txn_error("begin transaction", &self.config.kafka_brokers))?;
         let payload = batch.encode();
         let record = FutureRecord::to(&self.topic)
             .partition(partition)
@@ -162,14 +162,16 @@ impl PoolKafka {
             Ok(delivery) => delivery.offset,
             Err((err, _)) => {
                 self.abort().await;
-                return Err(txn_error("send batch")(err));
+                return Err(txn_error("send batch", &self.config.kafka_brokers)(err));
             }
         };
         failpoint::hit("publish_after_send");
         let p = self.producer.clone();
         if let Err(err) = blocking(move || p.commit_transaction(CALL_TIMEOUT)).await {
             self.abort().await;
-            return Err(txn_error("commit transaction")(err));
+            return Err(txn_error("commit transaction", &self.config.kafka_brokers)(
+                err,
+            ));
         }
         failpoint::hit("publish_after_commit");
         Ok(offset)
@@ -306,11 +308,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("blocking Kafka call does not panic")
 }
 
-/// Classifies a transactional error: fencing (a newer producer with the same
+/// Classifies a transactional error: a refusal by the broker's authorizer
+/// (this principal may not use the transactional id or write the topic) is
+/// [`Error::Unauthorized`], which ends the process with one line, since no
+/// retry can succeed; fencing (a newer producer with the same
 /// `transactional.id`) and fatal errors end this leadership; the rest are
 /// retried by the run loop.
-fn txn_error(op: &'static str) -> impl FnOnce(KafkaError) -> Error {
+fn txn_error(op: &'static str, brokers: &str) -> impl FnOnce(KafkaError) -> Error {
+    let brokers = brokers.to_owned();
     move |err| {
+        if is_authorization_failure(&err) {
+            return Error::Unauthorized {
+                server: "Kafka",
+                address: brokers,
+                detail: format!("{op}: {err}"),
+            };
+        }
         let fenced = match &err {
             KafkaError::Transaction(e) => {
                 e.is_fatal()
@@ -332,6 +345,25 @@ fn txn_error(op: &'static str) -> impl FnOnce(KafkaError) -> Error {
             Error::Kafka { op, source: err }
         }
     }
+}
+
+/// Whether the broker refused the principal (an ACL or the credentials),
+/// which no retry changes.
+fn is_authorization_failure(err: &KafkaError) -> bool {
+    let code = match err {
+        KafkaError::Transaction(e) => Some(e.code()),
+        e => e.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+        )
+    )
 }
 
 /// Topic settings kgs needs, set when it creates a pool's topic and checked

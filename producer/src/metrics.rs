@@ -371,6 +371,10 @@ impl Metrics {
             crate::Error::Topic { .. } | crate::Error::Corrupt(_) => {
                 tracing::error!(cause = %crate::error::chain(err), during, "operator action needed; publishing paused")
             }
+            // The process ends on these, with the error as its last line.
+            crate::Error::Unauthorized { .. } => {
+                tracing::error!(cause = %crate::error::chain(err), during, "refused by the server; stopping")
+            }
             _ => {
                 tracing::warn!(cause = %crate::error::chain(err), during, "step failed, will retry")
             }

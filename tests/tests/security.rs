@@ -328,5 +328,67 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
         "{line}"
     );
     println!("app principal creating a pool: {line}");
+
+    // The app principal running the producer of an existing pool: it may
+    // read the topic, so it gets as far as the lease, but the broker refuses
+    // its transactional id. No retry can help: the producer hands the lease
+    // back (a correct standby takes over at once) and ends with one line,
+    // instead of taking the lease again and again.
+    let started = Instant::now();
+    let run = secure
+        .producer(&db, &pool, "kgs-app", &app_password)?
+        .env("KGS_LOG", "info")
+        .run(10, 2)
+        .output();
+    // A producer that retries for ever is killed (on drop) and fails here.
+    let out = tokio::time::timeout(REFUSAL_WITHIN * 2, run)
+        .await
+        .context("the app principal's producer kept running instead of giving up")??;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure: {stderr}");
+    assert!(took < REFUSAL_WITHIN, "took {took:?} to give up: {stderr}");
+    assert!(!stderr.contains(&app_password), "a secret was printed");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("kgs-producer: Kafka at")
+            && last.contains("refused this client")
+            && last.contains("Transactional Id authorization failed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("lease taken").count(),
+        1,
+        "the lease was taken more than once: {stderr}"
+    );
+    assert!(stderr.contains("lease released"), "{stderr}");
+    println!("app principal running the producer: {last}");
+
+    // The producer principal running an app server: it may describe the
+    // topic, so the start-up check passes, but it has no Read on the app
+    // servers' group. The consume loop's refusal stops the app server with
+    // one line, instead of answering 503 for ever.
+    let password = secure.password("kgs-producer")?;
+    let started = Instant::now();
+    let run = secure
+        .app_server(&db, &pool, "kgs-producer", &password)?
+        .env("KGS_LOG", "warn")
+        .output();
+    let out = tokio::time::timeout(REFUSAL_WITHIN * 2, run)
+        .await
+        .context("the app server kept running without its group")??;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure: {stderr}");
+    assert!(took < REFUSAL_WITHIN, "took {took:?} to give up: {stderr}");
+    assert!(!stderr.contains(&password), "a secret was printed");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("kgs-app-server: Kafka at")
+            && last.contains("refused this client")
+            && last.contains("GroupAuthorizationFailed"),
+        "{stderr}"
+    );
+    println!("producer principal running an app server: {last}");
     Ok(())
 }

@@ -17,7 +17,9 @@
 //! - `GET /metrics`: Prometheus text format (the consumer's metrics).
 //! - `GET /healthz`: `ok`.
 //! - SIGTERM or Ctrl-C: stop serving, then shut the consumer down, which
-//!   hands its unused keys back (claims set to `returning`).
+//!   hands its unused keys back (claims set to `returning`). The same, and
+//!   exit 1 with one line, when Kafka refuses this client the group or the
+//!   topic (a missing ACL).
 //!
 //! Run: `cargo run -p kgs-consumer --features app-server --bin kgs-app-server -- --pool <pool>`
 //! (every flag also reads its `KGS_*` environment variable; see `--help`).
@@ -215,8 +217,19 @@ async fn run(
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
     info!(addr = %listener.local_addr()?, pool = %config.pool, instance = keys.instance_id(), "app server listening");
+    // Stop on a signal, or when Kafka refuses this client the group or
+    // topic (a missing ACL): serving 503s for ever would hide it.
+    let (why_tx, why_rx) = tokio::sync::oneshot::channel();
+    let watched = Arc::clone(&keys);
+    let stop = async move {
+        let refusal = tokio::select! {
+            () = shutdown => None,
+            e = watched.refused() => Some(e),
+        };
+        let _ = why_tx.send(refusal);
+    };
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stop)
         .await
         .context("serving HTTP");
     // Whatever ended the server, give the unused keys back.
@@ -231,6 +244,9 @@ async fn run(
         failed = report.failed.len(),
         "app server stopped"
     );
+    if let Ok(Some(refusal)) = why_rx.await {
+        return Err(refusal.into());
+    }
     served
 }
 

@@ -87,6 +87,17 @@ pub async fn run(
         metrics.not_leading();
         match result {
             Ok(()) => break,
+            Err(e @ Error::Unauthorized { .. }) => {
+                // No retry can succeed (an ACL or the credentials): hand the
+                // lease back at once, so a correctly configured standby
+                // takes over, and end with one line.
+                metrics.error(&e, "leading");
+                keeper.stop().await;
+                if let Some(http) = http {
+                    http.stop().await;
+                }
+                return Err(e);
+            }
             Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => {
                 metrics.error(&e, "leading");
                 tracing::warn!(pool = %pool, epoch, "stepped down");
