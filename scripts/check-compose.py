@@ -6,7 +6,8 @@ Every claim the compose file makes about kgs is checked against the real
 thing:
 
 - every KGS_* variable and every --flag given to kgs-producer or kgs-app-server
-  appears in that binary's own `--help` (clap prints `[env: X=]`);
+  appears in that binary's own `--help` (clap prints `[env: X=]`, or
+  `[env: X]` for a secret whose value it hides);
 - the HTTP port of each kgs service (KGS_HTTP_ADDR) is the one its health
   check, `ports`/`expose`, the Dockerfile's EXPOSE and docker/prometheus.yml
   use, and the health-check paths are routes in the code;
@@ -113,7 +114,7 @@ def main():
         # Environment variables.
         env = svc.get("environment", {})
         for var in env:
-            if var.startswith("KGS_") and f"[env: {var}=" not in helptext:
+            if var.startswith("KGS_") and not re.search(rf"\[env: {var}[=\]]", helptext):
                 problem(f"{name}: {var} is not read by {binary.name} {sub or ''} (not in --help)")
         # The HTTP port, and everything that must agree with it.
         if "KGS_HTTP_ADDR" not in env:

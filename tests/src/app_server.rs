@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use tokio::process::{Child, Command};
 
 use crate::env::{free_addr, workspace_binary, APP_SERVER_BIN};
-use crate::http::{http, http_get, http_within, HTTP_TIMEOUT};
+use crate::http::{http_get, http_within, HTTP_TIMEOUT};
 use crate::process::{Signal, EXIT_WAIT};
 
 /// How long an app server may take to answer `/healthz` after its start.
@@ -133,9 +133,28 @@ impl AppServer {
         Ok(keys)
     }
 
-    /// `DELETE /keys/{key}` (recycle): `(status, body)`.
+    /// `DELETE /keys/{key}` (recycle), the key percent-encoded: `(status, body)`.
     pub async fn delete(&self, key: &str) -> Result<(u16, String)> {
-        http(&self.addr, "DELETE", &format!("/keys/{key}")).await
+        self.delete_with_token(key, None).await
+    }
+
+    /// [`AppServer::delete`] with `Authorization: Bearer <token>` if given.
+    pub async fn delete_with_token(&self, key: &str, token: Option<&str>) -> Result<(u16, String)> {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|b| ("Authorization", b))
+            .into_iter()
+            .collect();
+        let path = format!("/keys/{}", crate::http::path_segment(key));
+        crate::http::http_request(
+            &self.addr,
+            "DELETE",
+            &path,
+            &headers,
+            crate::http::HTTP_TIMEOUT,
+        )
+        .await
     }
 
     /// The value of `series` (a name, with labels as printed) on `/metrics`;

@@ -28,11 +28,26 @@ pub async fn http_within(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String)> {
+    http_request(addr, method, path, &[], timeout).await
+}
+
+/// One request with extra `headers`, bounded by `timeout`.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
-        s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").as_bytes())
             .await?;
         let mut response = String::new();
         s.read_to_string(&mut response).await?;
@@ -51,4 +66,18 @@ pub async fn http_within(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// `s` as one URL path segment: every byte but the unreserved ones
+/// (`A-Z a-z 0-9 - . _ ~`) percent-encoded, so keys of any alphabet
+/// (`/`, `%`, `?`, `#` included) reach the server intact.
+pub fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

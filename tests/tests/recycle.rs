@@ -26,27 +26,34 @@ use tokio::process::Child;
 const WAIT: Duration = Duration::from_secs(90);
 const ALPHABET: &str = "0123456789";
 
-/// One 100-key pool in its own database, with its own consumer group.
+/// One pool of 2-character keys (100 of [`ALPHABET`]) in its own database,
+/// with its own consumer group.
 struct Pool {
     db: String,
     name: String,
     group: String,
     partitions: u32,
+    alphabet: &'static str,
 }
 
 impl Pool {
     fn new(partitions: u32) -> Self {
+        Self::with_alphabet(partitions, ALPHABET)
+    }
+
+    fn with_alphabet(partitions: u32, alphabet: &'static str) -> Self {
         Self {
             db: unique("kgs-recycle"),
             name: unique("p"),
             group: unique("g"),
             partitions,
+            alphabet,
         }
     }
 
     /// Every key of the space.
     fn space(&self) -> HashSet<String> {
-        let f = KeyFormat::new(ALPHABET, 2).expect("format");
+        let f = KeyFormat::new(self.alphabet, 2).expect("format");
         (0..f.space()).map(|i| f.key_at(i).expect("key")).collect()
     }
 
@@ -61,7 +68,7 @@ impl Pool {
     async fn init(&self) -> Result<()> {
         self.producer(&[], None)?
             .init(2, self.partitions)
-            .args(["--alphabet", ALPHABET])
+            .args(["--alphabet", self.alphabet])
             .success()
             .await?;
         Ok(())
@@ -294,6 +301,102 @@ async fn recycled_key_is_handed_out_again_exactly_once_across_instances() -> Res
     assert!(terminate(run).await?.success());
     pool.check_invariant().await?;
     drop((a, b));
+    Ok(())
+}
+
+/// The admin surface of the app server: with a token configured, recycle
+/// without it or with a wrong one is `401` and records nothing; with it the
+/// key is recycled and handed out again, once. The keys hold `/`, `%` and
+/// `?` (an alphabet may): sent percent-encoded, each reaches recycle intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn recycle_needs_the_admin_token_and_takes_percent_encoded_keys() -> Result<()> {
+    let pool = Pool::with_alphabet(1, "ab/%?");
+    pool.init().await?;
+    let token = "admin-token-of-this-test-0123";
+    let a = AppServerCmd::new(&pool.db, &pool.name)?
+        .group(&pool.group)
+        .instance("a")
+        .watermarks(5, 10)
+        .env("KGS_RECYCLE_WAIT", "3s")
+        .env("KGS_ADMIN_TOKEN", token)
+        .start()
+        .await?;
+    let run = pool.run(2, None)?;
+    let all = collect(&[&a], WAIT, |s| s.len() == 25).await?;
+    assert_eq!(all.keys().cloned().collect::<HashSet<_>>(), pool.space());
+    let unsafe_keys = ["a/", "%b", "?%", "//"];
+
+    for key in unsafe_keys {
+        for wrong in [None, Some("not-the-admin-token-0123"), Some("")] {
+            let (status, body) = a.delete_with_token(key, wrong).await?;
+            assert_eq!(status, 401, "{key} with {wrong:?}: {body}");
+        }
+    }
+    assert!(
+        a.metric("kgs_app_server_unauthorized_requests_total")
+            .await?
+            >= 12.0
+    );
+    assert!(
+        pool.docs("recycles", doc! {}).await?.is_empty(),
+        "an unauthorized request recorded a recycle"
+    );
+
+    for key in unsafe_keys {
+        let (status, body) = wait_for("recycle accepted", WAIT, || async {
+            let (status, body) = a.delete_with_token(key, Some(token)).await?;
+            ensure!(
+                status == 200 || status == 202 || status == 409,
+                "{key}: {status} {body}"
+            );
+            Ok((status != 409).then_some((status, body)))
+        })
+        .await?;
+        assert!(status == 200 || status == 202, "{key}: {status} {body}");
+        assert!(pool.recycle_state(key).await?.is_some(), "{key}");
+    }
+    // Each comes back exactly once, and nothing else does.
+    let again = collect(&[&a], WAIT, |s| s.len() == unsafe_keys.len()).await?;
+    assert_eq!(
+        again.keys().map(String::as_str).collect::<HashSet<_>>(),
+        unsafe_keys.into_iter().collect::<HashSet<_>>()
+    );
+    assert!(again.values().all(|n| *n == 1), "{again:?}");
+    assert!(terminate(run).await?.success());
+    pool.check_invariant().await?;
+    drop(a);
+    Ok(())
+}
+
+/// Without a token, the app server serves recycle on loopback addresses
+/// only: on any other address it refuses to start, with one line, before it
+/// listens or joins anything; a token too short to be secret is refused too.
+#[tokio::test(flavor = "multi_thread")]
+async fn recycle_without_a_token_is_refused_off_loopback() -> Result<()> {
+    let pool = Pool::new(1);
+    pool.init().await?;
+    for (addr, token, expected) in [
+        (
+            "0.0.0.0:0",
+            None,
+            "not a loopback address, without an admin token",
+        ),
+        ("127.0.0.1:0", Some("short"), "at least 16 characters"),
+    ] {
+        let mut cmd = AppServerCmd::new(&pool.db, &pool.name)?.args(["--http-addr", addr]);
+        if let Some(t) = token {
+            cmd = cmd.env("KGS_ADMIN_TOKEN", t);
+        }
+        let out = cmd.output().await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{addr}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{addr}: not one line: {stderr}");
+        assert!(
+            lines[0].starts_with("kgs-app-server: ") && lines[0].contains(expected),
+            "{stderr}"
+        );
+    }
     Ok(())
 }
 

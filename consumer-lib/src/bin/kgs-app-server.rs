@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::Router;
@@ -39,7 +39,7 @@ use clap::Parser;
 use kgs_consumer::{Error, KeyConsumer, RecycleOutcome};
 use kgs_schemas::duration;
 use kgs_schemas::process::{init_logging, parse_name_value, shutdown_signal};
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
 use tracing::{error, info};
 
 /// kgs app server: hands out keys from a kgs pool over HTTP.
@@ -97,6 +97,20 @@ struct Config {
     /// Deprecated: `KGS_RECYCLE_WAIT` in milliseconds.
     #[arg(long, env = "KGS_RECYCLE_WAIT_MS", hide = true)]
     recycle_wait_ms: Option<u64>,
+    /// Bearer token that `DELETE /keys/{key}` (recycle, the one endpoint
+    /// that changes state) requires: `Authorization: Bearer <token>`; at
+    /// least 16 characters. Without one, recycle is served on loopback
+    /// addresses only.
+    #[arg(long, env = "KGS_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token (a mounted secret), instead of
+    /// `KGS_ADMIN_TOKEN`.
+    #[arg(long, env = "KGS_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// Serve recycle without a token on a non-loopback address: only on a
+    /// network where every client may put keys back into circulation.
+    #[arg(long, env = "KGS_INSECURE_ADMIN")]
+    insecure_admin: bool,
     /// Extra librdkafka setting `name=value` (TLS, SASL, ...); repeatable;
     /// the environment variable takes a comma list. Settings the guarantees
     /// rely on are refused.
@@ -124,7 +138,39 @@ impl Config {
             Duration::from_secs(45),
         )
     }
+
+    /// The admin token in force, if any. Refuses a token too short to be
+    /// secret, and a non-loopback address without one (unless
+    /// `--insecure-admin`): anyone who can reach recycle can put a key that
+    /// is still in use back into circulation, and the application would see
+    /// it twice.
+    fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        let token = match (&self.admin_token, &self.admin_token_file) {
+            (Some(t), _) => Some(t.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the admin token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        match token {
+            Some(t) if t.chars().count() < MIN_ADMIN_TOKEN => anyhow::bail!(
+                "the admin token must have at least {MIN_ADMIN_TOKEN} characters (e.g. openssl rand -hex 24)"
+            ),
+            Some(t) => Ok(Some(t)),
+            None if self.http_addr.ip().is_loopback() || self.insecure_admin => Ok(None),
+            None => anyhow::bail!(
+                "refusing to serve DELETE /keys/{{key}} (recycle) on {}, not a loopback address, without an admin token: set KGS_ADMIN_TOKEN or KGS_ADMIN_TOKEN_FILE (or KGS_INSECURE_ADMIN=true on a network where every client may recycle)",
+                self.http_addr
+            ),
+        }
+    }
 }
+
+/// Shortest admin token accepted.
+const MIN_ADMIN_TOKEN: usize = 16;
 
 #[derive(Clone)]
 struct AppState {
@@ -132,6 +178,34 @@ struct AppState {
     registry: Registry,
     key_wait: Duration,
     recycle_wait: Duration,
+    /// Required by recycle when set (`Authorization: Bearer <token>`).
+    admin_token: Option<Arc<str>>,
+    /// [`UNAUTHORIZED_TOTAL`].
+    unauthorized: IntCounter,
+}
+
+/// Counter: state-changing requests refused for a missing or wrong admin token.
+const UNAUTHORIZED_TOTAL: &str = "kgs_app_server_unauthorized_requests_total";
+
+impl AppState {
+    /// Whether the request may change state: no token configured, or the
+    /// right one (compared in constant time).
+    fn admitted(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.admin_token else {
+            return true;
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        constant_time_eq(given.as_bytes(), expected.as_bytes())
+    }
+}
+
+/// Equal bytes, in a time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[tokio::main]
@@ -150,6 +224,8 @@ async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Checked before anything listens or joins the group.
+    let admin_token = config.admin_token()?;
     // Bound first: a taken port fails before anything joins the group.
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -188,7 +264,7 @@ async fn run(
     );
     let state = AppState {
         keys: Arc::clone(&keys),
-        registry,
+        registry: registry.clone(),
         key_wait: Config::duration(
             config.key_wait,
             config.key_wait_ms,
@@ -199,6 +275,15 @@ async fn run(
             config.recycle_wait_ms,
             Duration::from_secs(1),
         ),
+        admin_token: admin_token.map(Arc::from),
+        unauthorized: {
+            let c = IntCounter::new(
+                UNAUTHORIZED_TOTAL,
+                "State-changing requests refused for a missing or wrong admin token.",
+            )?;
+            registry.register(Box::new(c.clone()))?;
+            c
+        },
     };
     let app = Router::new()
         .route("/keys", get(next_key))
@@ -207,11 +292,11 @@ async fn run(
         // recycled through these routes' DELETE.
         .route(
             "/keys/config",
-            get(pool_config).delete(|s| recycle_key(s, "config".to_owned())),
+            get(pool_config).delete(|s, h| recycle_key(s, h, "config".to_owned())),
         )
         .route(
             "/keys/count",
-            get(keys_count).delete(|s| recycle_key(s, "count".to_owned())),
+            get(keys_count).delete(|s, h| recycle_key(s, h, "count".to_owned())),
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -267,12 +352,24 @@ async fn next_key(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn recycle(state: State<AppState>, Path(key): Path<String>) -> Response {
-    recycle_key(state, key).await
+/// `DELETE /keys/{key}`; the key is percent-decoded (an alphabet may hold
+/// `/`, `%` or `?`: send them as `%2F`, `%25`, `%3F`).
+async fn recycle(state: State<AppState>, headers: HeaderMap, Path(key): Path<String>) -> Response {
+    recycle_key(state, headers, key).await
 }
 
-async fn recycle_key(State(state): State<AppState>, key: String) -> Response {
+async fn recycle_key(State(state): State<AppState>, headers: HeaderMap, key: String) -> Response {
     let line = |status: StatusCode, text: String| (status, format!("{text}\n")).into_response();
+    if !state.admitted(&headers) {
+        state.unauthorized.inc();
+        tracing::warn!(key, "recycle refused: no or a wrong admin token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "recycle needs the admin token: Authorization: Bearer <token>\n",
+        )
+            .into_response();
+    }
     match state.keys.recycle_wait(&key, state.recycle_wait).await {
         Ok(RecycleOutcome::Done { .. }) => line(StatusCode::OK, "recycled".to_owned()),
         Ok(RecycleOutcome::Accepted { .. }) => line(StatusCode::ACCEPTED, "accepted".to_owned()),
