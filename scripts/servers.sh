@@ -7,8 +7,13 @@
 #            (local CA, SCRAM-SHA-512 users admin, kgs-producer, kgs-app), ACLs
 #            enforced, :9094; CA in .cache/kafka-secure/tls/ca.pem, passwords
 #            in .cache/kafka-secure/users/<user>
+#   mongo-secure - a second SecantusDB for the same tests: SCRAM-SHA-256 auth
+#            and TLS only, :27019; users admin (root), kgs-producer (readWrite
+#            on database kgs-secure), kgs-app (custom role kgsAppServer);
+#            CA in .cache/secantus-secure/tls/ca.pem, passwords in
+#            .cache/secantus-secure/users/<user>
 #
-# Usage: scripts/servers.sh {install|up|down|restart|status|logs} [kafka|mongo|ferretdb|kafka-secure|all]
+# Usage: scripts/servers.sh {install|up|down|restart|status|logs} [kafka|mongo|ferretdb|kafka-secure|mongo-secure|all]
 # (`all` is kafka + mongo; ferretdb is the second MongoDB-wire target, KGS_MONGO_IMPL=ferretdb)
 #
 # Everything lives in the git-ignored folder .cache/ (override with KGS_CACHE_DIR):
@@ -44,6 +49,10 @@ SECANTUS_VERSION="0.7.0b3"
 MONGO_VENV="$CACHE/secantus/venv"
 MONGO_HOME="$STATE/secantus"
 MONGO_PORT="${KGS_MONGO_PORT:-27017}"
+MONGO_SECURE=0
+# The one database the secured instance's kgs users have rights on.
+MONGO_SECURE_DB="kgs-secure"
+MONGO_SECURE_USERS=(admin kgs-producer kgs-app)
 
 FERRETDB_BIN="$CACHE/ferretdb/bin"
 FERRETDB_HOME="$STATE/ferretdb"
@@ -279,17 +288,111 @@ mongo_install() {
   log "mongo: installed secantusdb==$SECANTUS_VERSION"
 }
 
+# Pings SecantusDB; the secured one over TLS as its admin (once provisioned).
 mongo_ping() {
-  "$(mongo_python)" - "$MONGO_PORT" <<'EOF' >/dev/null 2>&1
+  local secure_home=""
+  ((MONGO_SECURE)) && [[ -f "$MONGO_HOME/provisioned" ]] && secure_home="$MONGO_HOME"
+  "$(mongo_python)" - "$MONGO_PORT" "$secure_home" <<'EOF' >/dev/null 2>&1
 import sys, pymongo
-c = pymongo.MongoClient(f"mongodb://127.0.0.1:{sys.argv[1]}/?directConnection=true",
-                        serverSelectionTimeoutMS=1000)
+port, home = sys.argv[1], sys.argv[2]
+uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+if home:
+    pw = open(f"{home}/users/admin").read().strip()
+    uri = (f"mongodb://admin:{pw}@127.0.0.1:{port}/?directConnection=true"
+           f"&tls=true&tlsCAFile={home}/tls/ca.pem&authSource=admin")
+c = pymongo.MongoClient(uri, serverSelectionTimeoutMS=1000)
 c.admin.command("ping")
 EOF
 }
 
+# The secured instance: its own home and port.
+use_secure_mongo() {
+  MONGO_HOME="$STATE/secantus-secure"
+  MONGO_PORT="${KGS_MONGO_SECURE_PORT:-27019}"
+  MONGO_SECURE=1
+}
+
+# Once per secured instance: a local CA, the server's certificate (SAN
+# 127.0.0.1 and localhost) and a random password per user.
+mongo_secure_credentials() {
+  local tls="$MONGO_HOME/tls" users="$MONGO_HOME/users"
+  [[ -f "$tls/server.pem" && -f "$users/admin" ]] && return 0
+  command -v openssl >/dev/null || die "mongo-secure: openssl not found (it makes the local certificates)"
+  rm -rf "$tls" "$users" "$MONGO_HOME/provisioned"
+  mkdir -p "$tls" "$users" "$MONGO_HOME/logs"
+  chmod 700 "$users"
+  local out="$MONGO_HOME/logs/tls.log"
+  {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kgs local test CA (MongoDB)" \
+      -keyout "$tls/ca.key" -out "$tls/ca.pem" &&
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$tls/server.key" -out "$tls/server.csr" &&
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext" &&
+      openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$tls/san.ext" -out "$tls/server.pem"
+  } >"$out" 2>&1 || die "mongo-secure: making the certificates failed, see $out"
+  chmod 600 "$tls"/*.key
+  local u
+  for u in "${MONGO_SECURE_USERS[@]}"; do
+    (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$users/$u")
+  done
+  log "mongo-secure: made a local CA, the server certificate and ${#MONGO_SECURE_USERS[@]} passwords"
+}
+
+# Once per secured instance, as SecantusDB documents it: start without auth,
+# create the users and the app servers' role, stop (`up` then starts it
+# with --auth and TLS). The role is the README's (Security), with `find`
+# and `collStats` on every collection of the database instead of one pool's.
+mongo_secure_provision() {
+  [[ -f "$MONGO_HOME/provisioned" ]] && return 0
+  pid_alive "$MONGO_HOME/secantus.pid" && die "mongo-secure: running but not provisioned; run: scripts/servers.sh down mongo-secure"
+  port_open "$MONGO_PORT" && die "mongo-secure: port $MONGO_PORT is taken by another process"
+  rm -rf "$MONGO_HOME/data"
+  mkdir -p "$MONGO_HOME/data" "$MONGO_HOME/logs"
+  log "mongo-secure: creating the users (one start without auth)"
+  "$MONGO_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
+    --storage-path "$MONGO_HOME/data" --log-level WARNING --sync-on-commit \
+    >>"$MONGO_HOME/logs/server.log" 2>&1 </dev/null &
+  local pid=$! deadline=$((SECONDS + READY_TIMEOUT))
+  until mongo_ping; do
+    kill -0 "$pid" 2>/dev/null || die "mongo-secure: SecantusDB exited, see $MONGO_HOME/logs/server.log"
+    ((SECONDS < deadline)) || { kill "$pid"; die "mongo-secure: no answer on :$MONGO_PORT"; }
+    sleep 0.5
+  done
+  "$(mongo_python)" - "$MONGO_PORT" "$MONGO_HOME" "$MONGO_SECURE_DB" <<'EOF' >>"$MONGO_HOME/logs/provision.log" 2>&1 ||
+import sys, pymongo
+port, home, db = sys.argv[1:4]
+pw = lambda u: open(f"{home}/users/{u}").read().strip()
+a = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true").admin
+a.command("createUser", "admin", pwd=pw("admin"), roles=[{"role": "root", "db": "admin"}])
+a.command("createUser", "kgs-producer", pwd=pw("kgs-producer"),
+          roles=[{"role": "readWrite", "db": db}])
+a.command("createRole", "kgsAppServer", roles=[], privileges=[
+    {"resource": {"db": db, "collection": ""}, "actions": ["find", "collStats"]},
+    {"resource": {"db": db, "collection": "claims"}, "actions": ["find", "insert", "update"]},
+    {"resource": {"db": db, "collection": "recycles"}, "actions": ["find", "insert"]},
+])
+a.command("createUser", "kgs-app", pwd=pw("kgs-app"),
+          roles=[{"role": "kgsAppServer", "db": "admin"}])
+EOF
+    {
+      kill "$pid"
+      die "mongo-secure: creating the users failed, see $MONGO_HOME/logs/provision.log"
+    }
+  kill -TERM "$pid"
+  wait "$pid" 2>/dev/null || true
+  touch "$MONGO_HOME/provisioned"
+  log "mongo-secure: users admin, kgs-producer and kgs-app created"
+}
+
 mongo_up() {
   mongo_install
+  local secure=()
+  if ((MONGO_SECURE)); then
+    mongo_secure_credentials
+    mongo_secure_provision
+    secure=(--auth --tls-cert-file "$MONGO_HOME/tls/server.pem" --tls-key-file "$MONGO_HOME/tls/server.key")
+  fi
   if pid_alive "$MONGO_HOME/secantus.pid"; then
     log "mongo: already running (pid $(cat "$MONGO_HOME/secantus.pid"))"
   else
@@ -299,7 +402,7 @@ mongo_up() {
     # Default mode advertises a single-node replica set named "secantus".
     # --sync-on-commit: a journaled write is on disk before it is acknowledged.
     nohup "$MONGO_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
-      --storage-path "$MONGO_HOME/data" --log-level WARNING --sync-on-commit \
+      --storage-path "$MONGO_HOME/data" --log-level WARNING --sync-on-commit "${secure[@]}" \
       >>"$MONGO_HOME/logs/server.log" 2>&1 </dev/null &
     echo $! >"$MONGO_HOME/secantus.pid"
   fi
@@ -399,12 +502,15 @@ status_of() {
 
 cmd="${1:-}"
 which="${2:-all}"
-case "$which" in kafka | mongo | ferretdb | kafka-secure | all) ;; *) die "unknown server '$which' (expected kafka, mongo, ferretdb, kafka-secure or all)" ;; esac
-want() { [[ "$which" == "$1" || ("$which" == all && "$1" != ferretdb && "$1" != kafka-secure) ]]; }
-# The secured broker runs the same kafka functions with its own home and ports.
+case "$which" in kafka | mongo | ferretdb | kafka-secure | mongo-secure | all) ;; *) die "unknown server '$which' (expected kafka, mongo, ferretdb, kafka-secure, mongo-secure or all)" ;; esac
+want() { [[ "$which" == "$1" || ("$which" == all && "$1" != ferretdb) ]]; }
+# The secured servers run the same functions with their own homes and ports.
 if [[ "$which" == kafka-secure ]]; then
   use_secure_kafka
   want() { [[ "$1" == kafka ]]; }
+elif [[ "$which" == mongo-secure ]]; then
+  use_secure_mongo
+  want() { [[ "$1" == mongo ]]; }
 fi
 
 case "$cmd" in

@@ -31,6 +31,9 @@ fi
 if [[ -z "${KGS_KAFKA_BROKERS:-}" ]]; then started+=(kafka); fi
 # The secured Kafka of the least-privilege tests (tests/tests/security.rs).
 if [[ -z "${KGS_KAFKA_SECURE_BROKERS:-}" ]]; then started+=(kafka-secure); fi
+# ... and the secured SecantusDB (SCRAM + TLS; KGS_MONGO_SECURE_DIR names
+# another instance's CA and passwords, KGS_MONGO_SECURE_PORT its port).
+if [[ -z "${KGS_MONGO_SECURE_DIR:-}" ]]; then started+=(mongo-secure); fi
 for server in "${started[@]}"; do
   scripts/servers.sh up "$server"
 done

@@ -18,6 +18,24 @@ pub enum Error {
     /// The MongoDB client could not be created (bad URI).
     #[error("connecting to MongoDB")]
     Connect(#[source] mongodb::error::Error),
+    /// MongoDB refused this client at start: bad credentials, or a server
+    /// certificate it does not trust. Not retried.
+    #[error("MongoDB at {uri} refused this client: {detail}")]
+    MongoRefused {
+        /// The connection string, password redacted.
+        uri: String,
+        /// What the driver said.
+        detail: String,
+    },
+    /// MongoDB did not answer at start (within the driver's server
+    /// selection timeout, 30 s unless the URI sets `serverSelectionTimeoutMS`).
+    #[error("cannot reach MongoDB at {uri}: {detail}")]
+    MongoUnreachable {
+        /// The connection string, password redacted.
+        uri: String,
+        /// What the driver said.
+        detail: String,
+    },
     /// Reading the pool document failed.
     #[error("reading pool {pool:?}")]
     PoolLookup {

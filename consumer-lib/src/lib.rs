@@ -151,6 +151,23 @@ impl KeyConsumer {
         let client = mongodb::Client::with_uri_str(&config.mongodb_uri)
             .await
             .map_err(Error::Connect)?;
+        // One ping first, so refused credentials or an untrusted certificate
+        // are one clear error rather than a failed pool lookup.
+        if let Err(e) = client
+            .database("admin")
+            .run_command(bson::doc! { "ping": 1 })
+            .await
+        {
+            let uri = kgs_schemas::mongo::redact_uri(&config.mongodb_uri);
+            return Err(match kgs_schemas::mongo::connect_failure(&e) {
+                kgs_schemas::mongo::ConnectFailure::Refused(detail) => {
+                    Error::MongoRefused { uri, detail }
+                }
+                kgs_schemas::mongo::ConnectFailure::Unreachable(detail) => {
+                    Error::MongoUnreachable { uri, detail }
+                }
+            });
+        }
         let store = Store::new(&client.database(&config.database));
         let pool_doc = store.pool(&pool).await?;
         let format = KeyFormat::try_from(&pool_doc.format).map_err(|source| Error::PoolFormat {

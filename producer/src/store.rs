@@ -14,6 +14,7 @@ use kgs_schemas::docs::{
 };
 use kgs_schemas::mongo::DUPLICATE_KEY;
 pub use kgs_schemas::mongo::{code_of, is_duplicate_key};
+use kgs_schemas::mongo::{connect_failure, ConnectFailure};
 use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
@@ -74,26 +75,32 @@ impl Store {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let mut backoff = Duration::from_millis(200);
         loop {
-            match client
+            let err = match client
                 .database("admin")
                 .run_command(doc! { "ping": 1 })
                 .await
             {
                 Ok(_) => break,
-                // Bad credentials (or a user without access) stay bad.
-                Err(e) if matches!(*e.kind, mongodb::error::ErrorKind::Authentication { .. }) => {
+                Err(e) => e,
+            };
+            match connect_failure(&err) {
+                // Bad credentials, or a server certificate this client does
+                // not trust, stay so: no retry.
+                ConnectFailure::Refused(detail) => {
                     return Err(Error::Unauthorized {
                         server: "MongoDB",
                         address: kgs_schemas::mongo::redact_uri(&config.mongodb_uri),
-                        detail: e.to_string(),
+                        detail,
                     });
                 }
-                Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::info!(cause = %e, retry_in_ms = backoff.as_millis() as u64, "MongoDB not ready");
+                ConnectFailure::Unreachable(detail)
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::info!(cause = %detail, retry_in_ms = backoff.as_millis() as u64, "MongoDB not ready");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(unreachable(e.to_string())),
+                ConnectFailure::Unreachable(detail) => return Err(unreachable(detail)),
             }
         }
         let db = client.database(&config.mongodb_db);

@@ -41,6 +41,50 @@ pub fn redact_uri(uri: &str) -> String {
     }
 }
 
+/// Why connecting to MongoDB failed, in one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The server refused this client, which no retry changes: bad
+    /// credentials, or a server certificate the client does not trust.
+    Refused(String),
+    /// Anything else (not up yet, unreachable, slow): worth retrying.
+    Unreachable(String),
+}
+
+/// Classifies a connection error and says it in one line: the driver's
+/// `Display` of a failed server selection is a dump of the topology, whose
+/// one useful part is the per-server error (`I/O error: invalid peer
+/// certificate: UnknownIssuer`).
+pub fn connect_failure(err: &mongodb::error::Error) -> ConnectFailure {
+    match err.kind.as_ref() {
+        ErrorKind::Authentication { message, .. } => ConnectFailure::Refused(message.clone()),
+        ErrorKind::ServerSelection { message, .. } => {
+            let cause = message
+                .split_once("Error: Kind: ")
+                .map(|(_, rest)| rest.split(", labels:").next().unwrap_or(rest).to_owned());
+            match cause {
+                Some(c) if is_tls_refusal(&c) => ConnectFailure::Refused(c),
+                Some(c) => ConnectFailure::Unreachable(c),
+                None => ConnectFailure::Unreachable(message.clone()),
+            }
+        }
+        _ => {
+            let text = err.to_string();
+            if is_tls_refusal(&text) {
+                ConnectFailure::Refused(text)
+            } else {
+                ConnectFailure::Unreachable(text)
+            }
+        }
+    }
+}
+
+/// A TLS handshake the client gave up on: the server's certificate is not
+/// trusted or not for this host.
+fn is_tls_refusal(text: &str) -> bool {
+    text.contains("invalid peer certificate") || text.contains("certificate verify failed")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -223,16 +223,25 @@ async fn an_exhausted_pool_is_a_prompt_503_and_a_metric() -> Result<()> {
 
 /// The pool's permutation secret is in the pool document only: not in
 /// `stats` (text or JSON), not in the producer's or app server's logs at
-/// TRACE, not in either `/metrics`.
+/// TRACE, not in either `/metrics`. Neither are the other secrets kgs is
+/// given: a librdkafka password (`KGS_KAFKA_OPTIONS`, unused by the
+/// plaintext test broker but parsed and passed on) and the app server's
+/// admin token, also when a recycle is refused for a wrong one.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pool_secret_never_leaks() -> Result<()> {
     let s = Setup::new();
     s.init(&["--length", "2", "--partitions", "1"]).await?;
     let secret = s.pool_doc().await?.secret.0;
     ensure!(secret.len() >= 16, "secret too short to search for");
+    let kafka_password = format!("kafka-pw-{}", unique("s"));
+    let admin_token = format!("admin-token-{}", unique("s"));
+    let kafka_options = format!("sasl.password={kafka_password}");
     let mut seen = String::new();
     for args in [&["stats"][..], &["stats", "--json"][..]] {
-        let c = s.producer(args)?.env("KGS_LOG", "trace");
+        let c = s
+            .producer(args)?
+            .env("KGS_LOG", "trace")
+            .env("KGS_KAFKA_OPTIONS", &kafka_options);
         let out = output(c.output()).await?;
         ensure!(out.status.success(), "stats failed");
         seen.push_str(&String::from_utf8_lossy(&out.stdout));
@@ -243,6 +252,7 @@ async fn the_pool_secret_never_leaks() -> Result<()> {
     let mut producer = s
         .producer(&["run", "--batch-size", "10", "--high-watermark", "2"])?
         .env("KGS_LOG", "trace")
+        .env("KGS_KAFKA_OPTIONS", &kafka_options)
         .env("KGS_HTTP_ADDR", &producer_http)
         .env("KGS_HTTP_LISTEN", &producer_http)
         .log_to(&producer_log)?
@@ -251,6 +261,8 @@ async fn the_pool_secret_never_leaks() -> Result<()> {
     let app = s
         .app_server()?
         .env("KGS_LOG", "trace")
+        .env("KGS_KAFKA_OPTIONS", &kafka_options)
+        .env("KGS_ADMIN_TOKEN", &admin_token)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&app_log)?)
         .start()
@@ -261,6 +273,14 @@ async fn the_pool_secret_never_leaks() -> Result<()> {
     .await?;
     wait_healthy(&producer_http, "/healthz", Duration::from_secs(60)).await?;
     seen.push_str(&http_get(&producer_http, "/metrics").await?.1);
+    // A recycle refused for a wrong token, one with the right token.
+    let key = app.key().await?.context("a key")?;
+    let wrong = format!("{admin_token}-wrong");
+    let (status, body) = app.delete_with_token(&key, Some(&wrong)).await?;
+    assert_eq!(status, 401, "{body}");
+    seen.push_str(&body);
+    let (_, body) = app.delete_with_token(&key, Some(&admin_token)).await?;
+    seen.push_str(&body);
     seen.push_str(&app.get("/metrics").await?.1);
     // SIGTERM, a graceful stop, so the logs include shutdown.
     signal(&producer, Signal::Term)?;
@@ -273,6 +293,15 @@ async fn the_pool_secret_never_leaks() -> Result<()> {
         !seen.contains(&secret),
         "the pool secret appears in logs, stats or metrics"
     );
+    for (what, value) in [
+        ("the Kafka password", &kafka_password),
+        ("the admin token", &admin_token),
+    ] {
+        assert!(
+            !seen.contains(value.as_str()),
+            "{what} appears in logs, stats or metrics"
+        );
+    }
     let _ = std::fs::remove_file(&producer_log);
     let _ = std::fs::remove_file(&app_log);
     s.drop_db().await;

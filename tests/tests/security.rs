@@ -392,3 +392,195 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
     println!("producer principal running an app server: {last}");
     Ok(())
 }
+
+/// The secured SecantusDB (`scripts/servers.sh up mongo-secure`): SCRAM and
+/// TLS only; users `kgs-producer` (readWrite on [`SECURE_DB`]) and
+/// `kgs-app` (the custom role `kgsAppServer` of the README).
+struct SecureMongo {
+    port: u16,
+    dir: PathBuf,
+}
+
+/// The one database the secured instance's kgs users have rights on.
+const SECURE_DB: &str = "kgs-secure";
+
+impl SecureMongo {
+    fn new() -> Self {
+        Self {
+            port: std::env::var("KGS_MONGO_SECURE_PORT")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(27019),
+            dir: std::env::var("KGS_MONGO_SECURE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/secantus-secure")
+                }),
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("tls/ca.pem").display().to_string()
+    }
+
+    fn password(&self, user: &str) -> Result<String> {
+        let path = self.dir.join("users").join(user);
+        std::fs::read_to_string(&path)
+            .map(|p| p.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "reading {} (start the secured MongoDB: scripts/servers.sh up mongo-secure)",
+                    path.display()
+                )
+            })
+    }
+
+    /// The connection string of `user`, trusting `ca`.
+    fn uri(&self, user: &str, password: &str, ca: &str) -> String {
+        format!(
+            "mongodb://{user}:{password}@127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={ca}&authSource=admin",
+            self.port
+        )
+    }
+}
+
+/// kgs runs end to end with both servers secured: MongoDB with SCRAM and
+/// TLS (the producer as a `readWrite` user, the app server with the
+/// app-server role) and Kafka with SASL_SSL and the ACLs; no password of
+/// either appears in a log or in `stats`.
+#[tokio::test(flavor = "multi_thread")]
+async fn kgs_runs_against_authenticated_tls_mongodb() -> Result<()> {
+    let kafka = Secure::new();
+    let mongo = SecureMongo::new();
+    let pool = unique("p");
+    let producer_kafka = kafka.password("kgs-producer")?;
+    let app_kafka = kafka.password("kgs-app")?;
+    let producer_mongo = mongo.password("kgs-producer")?;
+    let app_mongo = mongo.password("kgs-app")?;
+    let producer_uri = mongo.uri("kgs-producer", &producer_mongo, &mongo.ca());
+    let producer = |args: &[&str]| -> Result<ProducerCmd> {
+        Ok(kafka
+            .producer(SECURE_DB, &pool, "kgs-producer", &producer_kafka)?
+            .servers(&kafka.brokers, &producer_uri)
+            .args(args))
+    };
+    let secrets = [&producer_kafka, &app_kafka, &producer_mongo, &app_mongo];
+    let init = producer(&[])?
+        .init(4, 2)
+        .args(["--initial-keys", "600"])
+        .success()
+        .await?;
+    let text =
+        String::from_utf8_lossy(&init.stdout).to_string() + &String::from_utf8_lossy(&init.stderr);
+    assert!(
+        secrets.iter().all(|s| !text.contains(s.as_str())),
+        "init printed a password"
+    );
+
+    let log = std::env::temp_dir().join(format!("{pool}-producer.log"));
+    let run = producer(&[])?
+        .env("KGS_LOG", "debug")
+        .run(50, 3)
+        .log_to(&log)?
+        .spawn()?;
+    let app_log = std::env::temp_dir().join(format!("{pool}-app.err"));
+    let server = kafka
+        .app_server(SECURE_DB, &pool, "kgs-app", &app_kafka)?
+        .servers(
+            &kafka.brokers,
+            &mongo.uri("kgs-app", &app_mongo, &mongo.ca()),
+        )
+        .env("KGS_LOG", "debug")
+        .stderr(std::fs::File::create(&app_log)?)
+        .start()
+        .await?;
+    let keys = server.keys(120, Duration::from_secs(90)).await?;
+    let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "a key was handed out twice");
+    assert_eq!(keys.len(), 120);
+    let (status, count) = server.get("/keys/count").await?;
+    assert_eq!(status, 200, "the app role may count keys: {count}");
+
+    let stats = producer(&["stats", "--pool", &pool])?.success().await?;
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    assert!(stats.contains(&pool), "{stats}");
+    assert!(
+        secrets.iter().all(|s| !stats.contains(s.as_str())),
+        "stats printed a password"
+    );
+
+    let status = server.stop(Signal::Term).await?;
+    assert!(status.success(), "app server exit {status}");
+    kgs_tests::terminate(run).await?;
+    let logs = std::fs::read_to_string(&log)? + &std::fs::read_to_string(&app_log)?;
+    assert!(logs.contains("leading") && logs.contains("consumer started"));
+    assert!(
+        secrets.iter().all(|s| !logs.contains(s.as_str())),
+        "a password was logged"
+    );
+    Ok(())
+}
+
+/// MongoDB clients the server will not let in get one line from kgs,
+/// within seconds, naming the reason, without the password: a wrong
+/// password (producer and app server) and a CA that did not sign the
+/// server's certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_mongodb_clients_get_one_line_at_once() -> Result<()> {
+    let mongo = SecureMongo::new();
+    let pool = unique("p");
+    let wrong = format!("wrong-{}", unique("pw"));
+
+    let started = Instant::now();
+    let out = ProducerCmd::new(SECURE_DB, &pool)?
+        .servers(
+            &kgs_tests::kafka_brokers(),
+            &mongo.uri("kgs-producer", &wrong, &mongo.ca()),
+        )
+        .init(4, 2)
+        .output()
+        .await?;
+    let line = one_line_refusal(&out, started.elapsed(), "kgs-producer: MongoDB at", &wrong);
+    assert!(
+        line.contains("refused this client") && line.contains("authentication failed"),
+        "{line}"
+    );
+    println!("producer, wrong MongoDB password: {line}");
+
+    let started = Instant::now();
+    let out = AppServerCmd::new(SECURE_DB, &pool)?
+        .servers(
+            &kgs_tests::kafka_brokers(),
+            &mongo.uri("kgs-app", &wrong, &mongo.ca()),
+        )
+        .output()
+        .await?;
+    let line = one_line_refusal(&out, started.elapsed(), "kgs-app-server:", &wrong);
+    assert!(
+        line.contains("MongoDB at") && line.contains("refused this client"),
+        "{line}"
+    );
+    println!("app server, wrong MongoDB password: {line}");
+
+    // The Kafka test CA did not sign the MongoDB server's certificate.
+    let password = mongo.password("kgs-producer")?;
+    let other_ca = Secure::new().ca();
+    let started = Instant::now();
+    let out = ProducerCmd::new(SECURE_DB, &pool)?
+        .servers(
+            &kgs_tests::kafka_brokers(),
+            &mongo.uri("kgs-producer", &password, &other_ca),
+        )
+        .init(4, 2)
+        .output()
+        .await?;
+    let line = one_line_refusal(
+        &out,
+        started.elapsed(),
+        "kgs-producer: MongoDB at",
+        &password,
+    );
+    assert!(line.contains("invalid peer certificate"), "{line}");
+    println!("producer, untrusted MongoDB certificate: {line}");
+    Ok(())
+}
