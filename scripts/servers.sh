@@ -9,7 +9,8 @@
 #            in .cache/kafka-secure/users/<user>
 #   mongo-secure - a second SecantusDB for the same tests: SCRAM-SHA-256 auth
 #            and TLS only, :27019; users admin (root), kgs-producer (readWrite
-#            on database kgs-secure), kgs-app (custom role kgsAppServer);
+#            on database kgs-secure), kgs-app (custom role kgsAppServer),
+#            kgs-reader (read only);
 #            CA in .cache/secantus-secure/tls/ca.pem, passwords in
 #            .cache/secantus-secure/users/<user>
 #
@@ -52,7 +53,7 @@ MONGO_PORT="${KGS_MONGO_PORT:-27017}"
 MONGO_SECURE=0
 # The one database the secured instance's kgs users have rights on.
 MONGO_SECURE_DB="kgs-secure"
-MONGO_SECURE_USERS=(admin kgs-producer kgs-app)
+MONGO_SECURE_USERS=(admin kgs-producer kgs-app kgs-reader)
 
 FERRETDB_BIN="$CACHE/ferretdb/bin"
 FERRETDB_HOME="$STATE/ferretdb"
@@ -82,6 +83,29 @@ use_secure_kafka() {
 
 # The SCRAM users of the secured broker: `admin` is the broker itself (and
 # sets the ACLs); `kgs-producer` and `kgs-app` get only what kgs needs.
+# Writes a local CA (`ca.pem`) and a server key and certificate signed by
+# it (`<name>.key`, `<name>.pem`, SAN 127.0.0.1 and localhost) into `dir`;
+# the openssl output goes to `out`.
+local_tls() {
+  local dir="$1" name="$2" ca_name="$3" out="$4"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=$ca_name" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" >"$out" 2>&1 &&
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$dir/$name.key" -out "$dir/$name.csr" >>"$out" 2>&1 &&
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/san.ext" &&
+    openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$dir/san.ext" -out "$dir/$name.pem" >>"$out" 2>&1
+}
+
+# A random password per user, in files readable by this user only.
+local_passwords() {
+  local dir="$1" u
+  shift
+  for u in "$@"; do
+    (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$dir/$u")
+  done
+}
+
 SECURE_USERS=(admin kgs-producer kgs-app)
 
 # Once per secured instance: a local CA, the broker's key and certificate
@@ -97,21 +121,12 @@ kafka_secure_credentials() {
   local out="$KAFKA_HOME/logs/tls.log"
   mkdir -p "$KAFKA_HOME/logs"
   {
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kgs local test CA" \
-      -keyout "$tls/ca.key" -out "$tls/ca.pem" &&
-      openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
-        -keyout "$tls/broker.key" -out "$tls/broker.csr" &&
-      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext" &&
-      openssl x509 -req -in "$tls/broker.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
-        -CAcreateserial -days 3650 -extfile "$tls/san.ext" -out "$tls/broker.pem" &&
-      openssl pkcs8 -topk8 -nocrypt -in "$tls/broker.key" -out "$tls/broker.pk8"
-  } >"$out" 2>&1 || die "kafka-secure: making the certificates failed, see $out"
+    local_tls "$tls" broker "kgs local test CA" "$out" &&
+      openssl pkcs8 -topk8 -nocrypt -in "$tls/broker.key" -out "$tls/broker.pk8" >>"$out" 2>&1
+  } || die "kafka-secure: making the certificates failed, see $out"
   cat "$tls/broker.pk8" "$tls/broker.pem" "$tls/ca.pem" >"$tls/broker-keystore.pem"
   chmod 600 "$tls"/*.key "$tls/broker.pk8" "$tls/broker-keystore.pem"
-  local u
-  for u in "${SECURE_USERS[@]}"; do
-    (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$users/$u")
-  done
+  local_passwords "$users" "${SECURE_USERS[@]}"
   log "kafka-secure: made a local CA, the broker certificate and ${#SECURE_USERS[@]} SCRAM users"
 }
 
@@ -316,26 +331,22 @@ use_secure_mongo() {
 # 127.0.0.1 and localhost) and a random password per user.
 mongo_secure_credentials() {
   local tls="$MONGO_HOME/tls" users="$MONGO_HOME/users"
+  # An instance made for another set of users is test data: made again.
+  if [[ -f "$MONGO_HOME/provisioned" && "$(cat "$MONGO_HOME/provisioned")" != "${MONGO_SECURE_USERS[*]}" ]]; then
+    pid_alive "$MONGO_HOME/secantus.pid" && die "mongo-secure: made for other users; run: scripts/servers.sh down mongo-secure"
+    log "mongo-secure: made for other users; making it again"
+    rm -rf "$tls" "$users" "$MONGO_HOME/data" "$MONGO_HOME/provisioned"
+  fi
   [[ -f "$tls/server.pem" && -f "$users/admin" ]] && return 0
   command -v openssl >/dev/null || die "mongo-secure: openssl not found (it makes the local certificates)"
   rm -rf "$tls" "$users" "$MONGO_HOME/provisioned"
   mkdir -p "$tls" "$users" "$MONGO_HOME/logs"
   chmod 700 "$users"
   local out="$MONGO_HOME/logs/tls.log"
-  {
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kgs local test CA (MongoDB)" \
-      -keyout "$tls/ca.key" -out "$tls/ca.pem" &&
-      openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
-        -keyout "$tls/server.key" -out "$tls/server.csr" &&
-      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext" &&
-      openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
-        -CAcreateserial -days 3650 -extfile "$tls/san.ext" -out "$tls/server.pem"
-  } >"$out" 2>&1 || die "mongo-secure: making the certificates failed, see $out"
+  local_tls "$tls" server "kgs local test CA (MongoDB)" "$out" \
+    || die "mongo-secure: making the certificates failed, see $out"
   chmod 600 "$tls"/*.key
-  local u
-  for u in "${MONGO_SECURE_USERS[@]}"; do
-    (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$users/$u")
-  done
+  local_passwords "$users" "${MONGO_SECURE_USERS[@]}"
   log "mongo-secure: made a local CA, the server certificate and ${#MONGO_SECURE_USERS[@]} passwords"
 }
 
@@ -374,6 +385,7 @@ a.command("createRole", "kgsAppServer", roles=[], privileges=[
 ])
 a.command("createUser", "kgs-app", pwd=pw("kgs-app"),
           roles=[{"role": "kgsAppServer", "db": "admin"}])
+a.command("createUser", "kgs-reader", pwd=pw("kgs-reader"), roles=[{"role": "read", "db": db}])
 EOF
     {
       kill "$pid"
@@ -381,8 +393,8 @@ EOF
     }
   kill -TERM "$pid"
   wait "$pid" 2>/dev/null || true
-  touch "$MONGO_HOME/provisioned"
-  log "mongo-secure: users admin, kgs-producer and kgs-app created"
+  echo "${MONGO_SECURE_USERS[*]}" >"$MONGO_HOME/provisioned"
+  log "mongo-secure: users ${MONGO_SECURE_USERS[*]} created"
 }
 
 mongo_up() {

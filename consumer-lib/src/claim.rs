@@ -17,7 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::consume::{stopped, ConsumeLoop, CLAIM_RETRY_FIRST, CLAIM_RETRY_MAX};
+use crate::consume::{stopped, ConsumeLoop, Refused, CLAIM_RETRY_FIRST, CLAIM_RETRY_MAX};
 use crate::error::Error;
 use crate::metrics::{self, Position};
 use crate::store::ClaimOutcome;
@@ -43,7 +43,7 @@ impl ConsumeLoop {
         let started = std::time::Instant::now();
         // Verified before anything is written, so a forged batch leaves no
         // claim behind (a claim names a batch as this pool's).
-        let Some(proof) = self
+        let Ok(proof) = self
             .retry(stop, &batch.batch_id, || {
                 self.store.batch_proof(&batch.batch_id)
             })
@@ -71,16 +71,22 @@ impl ConsumeLoop {
             reason: None,
             claimed_at: Utc::now(),
         };
-        let Some(outcome) = self
+        let outcome = match self
             .retry(stop, &batch.batch_id, || self.store.claim(&claim))
             .await
-        else {
-            // Stopping mid-retry. Not committed, but an earlier attempt may
-            // have landed (a write that failed on the way back): its next
-            // reader would skip a batch claimed by us, so hand the keys back.
-            // Conditional on our token: a no-op if no attempt landed.
-            self.end_claim(&batch.batch_id, batch.keys).await;
-            return;
+        {
+            Ok(outcome) => outcome,
+            Err(uncertain) => {
+                // Stopping mid-retry. Not committed, but an earlier attempt
+                // may have landed (a write that failed on the way back): its
+                // next reader would skip a batch claimed by us, so hand the
+                // keys back. Conditional on our token: a no-op if no attempt
+                // landed. Not needed when every attempt was refused.
+                if uncertain {
+                    self.end_claim(&batch.batch_id, batch.keys).await;
+                }
+                return;
+            }
         };
         if let ClaimOutcome::AlreadyClaimed { holder } = outcome {
             metrics::replay(&self.shared.metrics, at, &batch.batch_id, &holder);
@@ -108,27 +114,36 @@ impl ConsumeLoop {
         self.apply_backpressure();
     }
 
-    /// Runs `op` until it succeeds, backing off between attempts; `None` if
-    /// a stop was requested first.
+    /// Runs `op` until it succeeds, backing off between attempts. If a stop
+    /// is requested first, `Err(uncertain)`: whether an attempt may have
+    /// been applied (it failed other than by the server refusing it).
     async fn retry<T, F, Fut>(
         &self,
         stop: &mut watch::Receiver<bool>,
         batch: &str,
         mut op: F,
-    ) -> Option<T>
+    ) -> Result<T, bool>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = crate::Result<T>>,
     {
         let mut backoff = CLAIM_RETRY_FIRST;
+        let mut uncertain = false;
         loop {
             match op().await {
-                Ok(v) => return Some(v),
+                Ok(v) => {
+                    self.admitted(false);
+                    return Ok(v);
+                }
                 Err(e) => {
+                    match e.mongo_refusal() {
+                        Some(detail) => self.refused(Refused::MongoDB(detail)),
+                        None => uncertain = true,
+                    }
                     metrics::claim_failed(&self.shared.metrics, batch, &e);
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
-                        () = stopped(stop) => return None,
+                        () = stopped(stop) => return Err(uncertain),
                     }
                     backoff = (backoff * 2).min(CLAIM_RETRY_MAX);
                 }

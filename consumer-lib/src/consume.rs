@@ -55,9 +55,17 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// Woken whenever a batch is buffered (and at shutdown).
     pub arrived: Notify,
-    /// What Kafka said while it refuses this client the group or topic
-    /// (an ACL, the credentials); `None` once it admits it.
-    pub refused: watch::Sender<Option<String>>,
+    /// What a server said while it refuses this client what consuming
+    /// needs (a Kafka ACL on the group or topic, a MongoDB role without the
+    /// claim writes, credentials); `None` once it admits it.
+    pub refused: watch::Sender<Option<Refused>>,
+}
+
+/// Which server refuses this client, and what it said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refused {
+    Kafka(String),
+    MongoDB(String),
 }
 
 /// librdkafka callbacks: rebalances are logged and counted, and a new
@@ -228,10 +236,10 @@ impl ConsumeLoop {
                 msg = consumer.recv() => match msg {
                     Ok(m) => {
                         let m = m.detach();
-                        self.admitted();
+                        self.admitted(true);
                         self.handle(m, &mut stop).await;
                     }
-                    Err(e) if is_refusal(&e) => self.refused(&e),
+                    Err(e) if is_refusal(&e) => self.refused(Refused::Kafka(e.to_string())),
                     // Broker and transport errors are retried by librdkafka itself.
                     Err(e) => warn!(cause = %e, "kafka consumer error"),
                 },
@@ -240,22 +248,30 @@ impl ConsumeLoop {
         self.shut_down().await
     }
 
-    /// Kafka refuses this client (librdkafka keeps retrying, which is
-    /// harmless: nothing is claimed). Reported once, and to the app through
-    /// [`crate::KeyConsumer::kafka_refusal`], which may stop.
-    fn refused(&self, e: &rdkafka::error::KafkaError) {
-        let detail = e.to_string();
-        let first = self.shared.refused.borrow().is_none();
-        metrics::kafka_refused(&self.shared.metrics, first, &detail);
+    /// A server refuses this client (librdkafka keeps retrying the join, the
+    /// claim is retried: harmless, nothing is claimed). Reported once, and
+    /// to the app through [`crate::KeyConsumer::refusal`], which may stop.
+    pub(crate) fn refused(&self, refusal: Refused) {
+        let first = self.shared.refused.borrow().as_ref() != Some(&refusal);
+        let detail = match &refusal {
+            Refused::Kafka(d) | Refused::MongoDB(d) => d.clone(),
+        };
+        metrics::refused(&self.shared.metrics, first, &detail);
         if first {
-            self.shared.refused.send_replace(Some(detail));
+            self.shared.refused.send_replace(Some(refusal));
         }
     }
 
-    fn admitted(&self) {
-        if self.shared.refused.borrow().is_some() {
+    /// The server that refused this client (`kafka`: any message arrived;
+    /// else a MongoDB write went through) admits it again.
+    pub(crate) fn admitted(&self, kafka: bool) {
+        let clear = matches!(
+            (self.shared.refused.borrow().as_ref(), kafka),
+            (Some(Refused::Kafka(_)), true) | (Some(Refused::MongoDB(_)), false)
+        );
+        if clear {
             self.shared.refused.send_replace(None);
-            metrics::kafka_admitted(&self.shared.metrics);
+            metrics::admitted(&self.shared.metrics);
         }
     }
 

@@ -162,3 +162,26 @@ pub enum Error {
     #[error("the consume loop task failed")]
     Task(#[source] tokio::task::JoinError),
 }
+
+/// MongoDB's code for a command the user's roles do not allow.
+const MONGO_UNAUTHORIZED: i32 = 13;
+
+impl Error {
+    /// What MongoDB said, if this error is MongoDB refusing the operation to
+    /// this user (its roles lack the action): no retry changes that.
+    pub(crate) fn mongo_refusal(&self) -> Option<String> {
+        let source = match self {
+            Error::Verify { source, .. }
+            | Error::Claim { source, .. }
+            | Error::Return { source, .. }
+            | Error::Store { source, .. } => source,
+            _ => return None,
+        };
+        (kgs_schemas::mongo::code_of(source) == Some(MONGO_UNAUTHORIZED)).then(|| {
+            format!(
+                "{self}: {}",
+                kgs_schemas::mongo::connect_failure_detail(source)
+            )
+        })
+    }
+}

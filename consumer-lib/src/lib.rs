@@ -110,7 +110,7 @@ pub use recycle::RecycleOutcome;
 pub use returns::ShutdownReport;
 pub use stats::{CollStats, PoolStats};
 
-use consume::{ConsumeLoop, Context, Shared};
+use consume::{ConsumeLoop, Context, Refused, Shared};
 use store::Store;
 
 /// A running consumer of one pool: hands out keys from its local buffer.
@@ -133,6 +133,8 @@ pub struct KeyConsumer {
     format: KeyFormat,
     /// Kafka bootstrap servers, for error messages.
     brokers: String,
+    /// The MongoDB connection string, password redacted, for error messages.
+    mongodb_uri: String,
 }
 
 impl KeyConsumer {
@@ -236,31 +238,37 @@ impl KeyConsumer {
             store,
             format,
             brokers: config.brokers.clone(),
+            mongodb_uri: kgs_schemas::mongo::redact_uri(&config.mongodb_uri),
         })
     }
 
-    /// Whether Kafka refuses this client what consuming needs (no ACL for
-    /// the group or topic, or credentials that stopped working): the
-    /// consumer then gets no batches. `Error::KafkaRefused` while it does,
-    /// `Ok` once it admits it (librdkafka keeps retrying on its own). Also
-    /// the gauge `kgs_consumer_kafka_refused`.
-    pub fn kafka_refusal(&self) -> Result<()> {
+    /// Whether a server refuses this client what consuming needs (Kafka: no
+    /// ACL for the group or topic; MongoDB: a role without the claim writes;
+    /// either: credentials that stopped working): the consumer then gets no
+    /// batches. [`Error::KafkaRefused`] or [`Error::MongoRefused`] while it
+    /// does, `Ok` once it admits it again (the loop keeps retrying on its
+    /// own). Also the gauge `kgs_consumer_refused`.
+    pub fn refusal(&self) -> Result<()> {
         match self.shared.refused.borrow().as_ref() {
             None => Ok(()),
-            Some(detail) => Err(Error::KafkaRefused {
+            Some(Refused::Kafka(detail)) => Err(Error::KafkaRefused {
                 brokers: self.brokers.clone(),
+                detail: detail.clone(),
+            }),
+            Some(Refused::MongoDB(detail)) => Err(Error::MongoRefused {
+                uri: self.mongodb_uri.clone(),
                 detail: detail.clone(),
             }),
         }
     }
 
-    /// Resolves with [`Error::KafkaRefused`] as soon as Kafka refuses this
-    /// client (see [`KeyConsumer::kafka_refusal`]); an app that cannot work
-    /// without keys may stop on it with that one line.
+    /// Resolves with the error of [`KeyConsumer::refusal`] as soon as a
+    /// server refuses this client; an app that cannot work without keys may
+    /// stop on it with that one line.
     pub async fn refused(&self) -> Error {
         let mut rx = self.shared.refused.subscribe();
         loop {
-            if let Err(e) = self.kafka_refusal() {
+            if let Err(e) = self.refusal() {
                 return e;
             }
             if rx.changed().await.is_err() {

@@ -49,10 +49,10 @@ pub const RECYCLE_REQUESTS_TOTAL: &str = "kgs_consumer_recycle_requests_total";
 pub const ASSIGNED_PARTITIONS: &str = "kgs_consumer_assigned_partitions";
 /// Gauge: 1 while the assigned partitions are paused (buffer above the high watermark).
 pub const PAUSED: &str = "kgs_consumer_paused";
-/// Gauge: 1 while the broker refuses this client what the consume loop
-/// needs (an ACL on the group or topic, or the credentials); see
-/// [`crate::KeyConsumer::kafka_refusal`].
-pub const KAFKA_REFUSED: &str = "kgs_consumer_kafka_refused";
+/// Gauge: 1 while Kafka or MongoDB refuses this client what the consume
+/// loop needs (a Kafka ACL on the group or topic, a MongoDB role without
+/// the claim writes, or the credentials); see [`crate::KeyConsumer::refusal`].
+pub const REFUSED: &str = "kgs_consumer_refused";
 /// Gauge: the high watermark in force (it follows the hand-out rate unless
 /// fixed with `KeyConsumerBuilder::watermarks`).
 pub const HIGH_WATERMARK: &str = "kgs_consumer_buffer_high_watermark_keys";
@@ -78,7 +78,7 @@ pub(crate) struct Metrics {
     pub recycle_requests: IntCounterVec,
     pub paused: IntGauge,
     pub assigned_partitions: IntGauge,
-    pub kafka_refused: IntGauge,
+    pub refused: IntGauge,
 }
 
 impl Metrics {
@@ -155,11 +155,11 @@ impl Metrics {
                 registry,
                 IntGauge::new(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.")?,
             )?,
-            kafka_refused: reg(
+            refused: reg(
                 registry,
                 IntGauge::new(
-                    KAFKA_REFUSED,
-                    "1 while Kafka refuses this client the group or topic (ACL, credentials).",
+                    REFUSED,
+                    "1 while Kafka or MongoDB refuses this client what consuming needs (ACL, role, credentials).",
                 )?,
             )?,
         };
@@ -262,20 +262,24 @@ pub(crate) fn rebalance(m: &Metrics, event: &'static str, partitions: &str) {
 }
 
 /// The buffer reached the high watermark (`paused`) or fell to the low one.
-/// Kafka refused the consume loop (an ACL or the credentials): ERROR once
-/// per refusal (librdkafka retries the join every few seconds and would
-/// repeat it), the gauge set while it lasts.
-pub(crate) fn kafka_refused(m: &Metrics, first: bool, detail: &str) {
-    m.kafka_refused.set(1);
+/// A server refused the consume loop (an ACL, a role or the credentials):
+/// ERROR once per refusal (librdkafka retries the join every few seconds,
+/// the claim is retried, and either would repeat it), the gauge set while
+/// it lasts.
+pub(crate) fn refused(m: &Metrics, first: bool, detail: &str) {
+    m.refused.set(1);
     if first {
-        error!(cause = detail, "Kafka refuses this client the pool's group or topic; an operator must grant the ACLs (README: Security)");
+        error!(
+            cause = detail,
+            "refused what consuming needs; an operator must grant it (README: Security)"
+        );
     }
 }
 
-/// The refusal is over (a message arrived).
-pub(crate) fn kafka_admitted(m: &Metrics) {
-    m.kafka_refused.set(0);
-    info!("Kafka admits this client again");
+/// The refusal is over.
+pub(crate) fn admitted(m: &Metrics) {
+    m.refused.set(0);
+    info!("admitted again");
 }
 
 pub(crate) fn backpressure(m: &Metrics, paused: bool, depth: usize) {
@@ -297,13 +301,4 @@ pub(crate) fn recycle_request(m: &Metrics, key: &str, outcome: &'static str) {
 }
 
 /// Formats an error with its causes, `a: b: c`.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
+pub(crate) use kgs_schemas::error_chain;

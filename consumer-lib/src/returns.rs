@@ -83,6 +83,11 @@ impl ConsumeLoop {
                 match tokio::time::timeout_at(deadline, write).await {
                     // `false`: an earlier attempt that reported an error had landed.
                     Ok(Ok(_)) => done = true,
+                    // Refused by the server's roles: no retry can succeed.
+                    Ok(Err(e)) if e.mongo_refusal().is_some() => {
+                        warn!(batch = %batch_id, cause = %metrics::error_chain(&e), "claim update refused");
+                        break;
+                    }
                     Ok(Err(e)) => {
                         warn!(batch = %batch_id, cause = %metrics::error_chain(&e), "claim update failed, retrying");
                         tokio::time::sleep(CLAIM_RETRY_FIRST).await;

@@ -167,18 +167,8 @@ impl Error {
     }
 }
 
-/// `err` with its causes, `a: b: c` (what `{:#}` of anyhow prints), for
-/// log fields.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
+/// `err` with its causes, `a: b: c`, for log fields.
+pub use kgs_schemas::error_chain as chain;
 
 /// The producer's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -35,3 +35,16 @@ pub use batch::{
     keys_digest, BatchCheck, BatchProof, DecodeError, KeyBatch, Unverified, SCHEMA_VERSION,
 };
 pub use format::{FormatError, KeyFormat, BASE62};
+
+/// `err` with its causes, `a: b: c` (what `{:#}` of anyhow prints), for log
+/// fields of both components.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

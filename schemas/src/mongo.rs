@@ -79,6 +79,17 @@ pub fn connect_failure(err: &mongodb::error::Error) -> ConnectFailure {
     }
 }
 
+/// The one-line reason of any MongoDB error (see [`connect_failure`]).
+pub fn connect_failure_detail(err: &mongodb::error::Error) -> String {
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => format!("{} ({} {})", c.message, c.code_name, c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => format!("{} (code {})", w.message, w.code),
+        _ => match connect_failure(err) {
+            ConnectFailure::Refused(d) | ConnectFailure::Unreachable(d) => d,
+        },
+    }
+}
+
 /// A TLS handshake the client gave up on: the server's certificate is not
 /// trusted or not for this host.
 fn is_tls_refusal(text: &str) -> bool {

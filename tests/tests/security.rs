@@ -149,6 +149,27 @@ fn one_line_refusal(
     lines[0].to_owned()
 }
 
+/// Runs a kgs process that gets past its start-up checks and is then
+/// refused: it must exit non-zero within [`REFUSAL_WITHIN`] without
+/// printing `secret` (one that retries for ever is killed, on drop, after
+/// twice that). Returns its last stderr line and the whole stderr.
+async fn gives_up(
+    run: impl std::future::Future<Output = Result<std::process::Output>>,
+    secret: &str,
+) -> Result<(String, String)> {
+    let started = Instant::now();
+    let out = tokio::time::timeout(REFUSAL_WITHIN * 2, run)
+        .await
+        .context("kept running instead of giving up")??;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected a failure: {stderr}");
+    assert!(took < REFUSAL_WITHIN, "took {took:?} to give up: {stderr}");
+    assert!(!stderr.contains(secret), "a secret was printed");
+    let last = stderr.lines().last().unwrap_or_default().to_owned();
+    Ok((last, stderr))
+}
+
 /// kgs runs end to end over TLS + SCRAM with the least-privilege ACLs: the
 /// producer principal creates the pool and its topic and publishes in
 /// transactions, the app-server principal claims and hands keys out; no
@@ -334,22 +355,12 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
     // its transactional id. No retry can help: the producer hands the lease
     // back (a correct standby takes over at once) and ends with one line,
     // instead of taking the lease again and again.
-    let started = Instant::now();
     let run = secure
         .producer(&db, &pool, "kgs-app", &app_password)?
         .env("KGS_LOG", "info")
         .run(10, 2)
         .output();
-    // A producer that retries for ever is killed (on drop) and fails here.
-    let out = tokio::time::timeout(REFUSAL_WITHIN * 2, run)
-        .await
-        .context("the app principal's producer kept running instead of giving up")??;
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected a failure: {stderr}");
-    assert!(took < REFUSAL_WITHIN, "took {took:?} to give up: {stderr}");
-    assert!(!stderr.contains(&app_password), "a secret was printed");
-    let last = stderr.lines().last().unwrap_or_default();
+    let (last, stderr) = gives_up(run, &app_password).await?;
     assert!(
         last.starts_with("kgs-producer: Kafka at")
             && last.contains("refused this client")
@@ -369,20 +380,11 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
     // servers' group. The consume loop's refusal stops the app server with
     // one line, instead of answering 503 for ever.
     let password = secure.password("kgs-producer")?;
-    let started = Instant::now();
     let run = secure
         .app_server(&db, &pool, "kgs-producer", &password)?
         .env("KGS_LOG", "warn")
         .output();
-    let out = tokio::time::timeout(REFUSAL_WITHIN * 2, run)
-        .await
-        .context("the app server kept running without its group")??;
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected a failure: {stderr}");
-    assert!(took < REFUSAL_WITHIN, "took {took:?} to give up: {stderr}");
-    assert!(!stderr.contains(&password), "a secret was printed");
-    let last = stderr.lines().last().unwrap_or_default();
+    let (last, stderr) = gives_up(run, &password).await?;
     assert!(
         last.starts_with("kgs-app-server: Kafka at")
             && last.contains("refused this client")
@@ -582,5 +584,65 @@ async fn refused_mongodb_clients_get_one_line_at_once() -> Result<()> {
     );
     assert!(line.contains("invalid peer certificate"), "{line}");
     println!("producer, untrusted MongoDB certificate: {line}");
+    Ok(())
+}
+
+/// An app server whose MongoDB user may read but not write claims (the
+/// built-in `read` role, which SecantusDB enforces) claims nothing, hands
+/// nothing out, and stops with one line naming the refusal, instead of
+/// retrying the claim for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_server_that_may_not_write_claims_stops_with_one_line() -> Result<()> {
+    let mongo = SecureMongo::new();
+    let pool = unique("p");
+    let producer_uri = mongo.uri(
+        "kgs-producer",
+        &mongo.password("kgs-producer")?,
+        &mongo.ca(),
+    );
+    let producer = || -> Result<ProducerCmd> {
+        Ok(ProducerCmd::new(SECURE_DB, &pool)?.servers(&kgs_tests::kafka_brokers(), &producer_uri))
+    };
+    producer()?
+        .init(4, 1)
+        .args(["--initial-keys", "200"])
+        .success()
+        .await?;
+    let run = producer()?.run(20, 2).spawn()?;
+    // A published batch is waiting before the app server starts.
+    let db = mongodb::Client::with_uri_str(&producer_uri)
+        .await?
+        .database(SECURE_DB);
+    kgs_tests::wait_for("a batch published", Duration::from_secs(60), || async {
+        let n = db
+            .collection::<bson::Document>("batches")
+            .count_documents(bson::doc! { "pool": &pool })
+            .await?;
+        Ok((n > 0).then_some(()))
+    })
+    .await?;
+
+    let reader = mongo.password("kgs-reader")?;
+    let app = AppServerCmd::new(SECURE_DB, &pool)?
+        .servers(
+            &kgs_tests::kafka_brokers(),
+            &mongo.uri("kgs-reader", &reader, &mongo.ca()),
+        )
+        .env("KGS_LOG", "warn")
+        .output();
+    let (last, stderr) = gives_up(app, &reader).await?;
+    assert!(
+        last.starts_with("kgs-app-server: MongoDB at")
+            && last.contains("refused this client")
+            && last.contains("not authorized"),
+        "{stderr}"
+    );
+    let claims = db
+        .collection::<bson::Document>("claims")
+        .count_documents(bson::doc! { "pool": &pool })
+        .await?;
+    assert_eq!(claims, 0, "a user without claim writes claimed a batch");
+    println!("app server whose user may not write claims: {last}");
+    kgs_tests::terminate(run).await?;
     Ok(())
 }
