@@ -57,5 +57,5 @@ if [[ "$chaos_duration" != 0 ]]; then
 fi
 
 if ((${#started[@]})); then
-  echo "test: local servers left running for the next run; stop them with: scripts/servers.sh down" >&2
+  echo "test: local servers left running for the next run; stop them with: scripts/servers.sh down (and down kafka-secure, down mongo-secure)" >&2
 fi
