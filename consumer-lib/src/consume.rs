@@ -197,21 +197,6 @@ pub(crate) fn watermarks(low: usize, high: usize, adaptive: bool, rate: f64) -> 
     )
 }
 
-/// Whether a consumer error is the broker refusing this principal, which no
-/// retry by librdkafka changes until an operator does.
-fn is_refusal(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::GroupAuthorizationFailed
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::SaslAuthenticationFailed
-        )
-    )
-}
-
 /// Resolves once a stop is requested or the handle is gone. Safe to call
 /// again after it resolved (it checks the current value first).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -239,7 +224,7 @@ impl ConsumeLoop {
                         self.admitted(true);
                         self.handle(m, &mut stop).await;
                     }
-                    Err(e) if is_refusal(&e) => self.refused(Refused::Kafka(e.to_string())),
+                    Err(e) if kgs_schemas::kafka::is_authorization_failure(&e) => self.refused(Refused::Kafka(e.to_string())),
                     // Broker and transport errors are retried by librdkafka itself.
                     Err(e) => warn!(cause = %e, "kafka consumer error"),
                 },

@@ -177,11 +177,7 @@ impl Error {
             | Error::Store { source, .. } => source,
             _ => return None,
         };
-        (kgs_schemas::mongo::code_of(source) == Some(MONGO_UNAUTHORIZED)).then(|| {
-            format!(
-                "{self}: {}",
-                kgs_schemas::mongo::connect_failure_detail(source)
-            )
-        })
+        (kgs_schemas::mongo::code_of(source) == Some(MONGO_UNAUTHORIZED))
+            .then(|| format!("{self}: {}", kgs_schemas::mongo::error_detail(source)))
     }
 }

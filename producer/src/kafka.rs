@@ -317,7 +317,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 fn txn_error(op: &'static str, brokers: &str) -> impl FnOnce(KafkaError) -> Error {
     let brokers = brokers.to_owned();
     move |err| {
-        if is_authorization_failure(&err) {
+        if kgs_schemas::kafka::is_authorization_failure(&err) {
             return Error::Unauthorized {
                 server: "Kafka",
                 address: brokers,
@@ -345,25 +345,6 @@ fn txn_error(op: &'static str, brokers: &str) -> impl FnOnce(KafkaError) -> Erro
             Error::Kafka { op, source: err }
         }
     }
-}
-
-/// Whether the broker refused the principal (an ACL or the credentials),
-/// which no retry changes.
-fn is_authorization_failure(err: &KafkaError) -> bool {
-    let code = match err {
-        KafkaError::Transaction(e) => Some(e.code()),
-        e => e.rdkafka_error_code(),
-    };
-    matches!(
-        code,
-        Some(
-            RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-                | RDKafkaErrorCode::GroupAuthorizationFailed
-                | RDKafkaErrorCode::SaslAuthenticationFailed
-        )
-    )
 }
 
 /// Topic settings kgs needs, set when it creates a pool's topic and checked

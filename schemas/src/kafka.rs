@@ -27,6 +27,26 @@ pub enum MetadataError {
     Client(String),
 }
 
+/// Whether `err` is the broker refusing this principal (an ACL, or the
+/// credentials), which no retry changes until an operator does; both
+/// components give up on it with one line.
+pub fn is_authorization_failure(err: &KafkaError) -> bool {
+    let code = match err {
+        KafkaError::Transaction(e) => Some(e.code()),
+        e => e.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+        )
+    )
+}
+
 /// A client context that keeps the last error librdkafka reported on its
 /// own: a failed request only says "transport failure", this says why.
 #[derive(Debug, Default)]

@@ -79,8 +79,9 @@ pub fn connect_failure(err: &mongodb::error::Error) -> ConnectFailure {
     }
 }
 
-/// The one-line reason of any MongoDB error (see [`connect_failure`]).
-pub fn connect_failure_detail(err: &mongodb::error::Error) -> String {
+/// The one-line reason of any MongoDB error: the server's message and code
+/// for a refused command or write, else as [`connect_failure`] says it.
+pub fn error_detail(err: &mongodb::error::Error) -> String {
     match err.kind.as_ref() {
         ErrorKind::Command(c) => format!("{} ({} {})", c.message, c.code_name, c.code),
         ErrorKind::Write(WriteFailure::WriteError(w)) => format!("{} (code {})", w.message, w.code),

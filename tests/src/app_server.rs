@@ -146,7 +146,7 @@ impl AppServer {
             .map(|b| ("Authorization", b))
             .into_iter()
             .collect();
-        let path = format!("/keys/{}", crate::http::path_segment(key));
+        let path = format!("/keys/{}", crate::http::percent_encode(key));
         crate::http::http_request(
             &self.addr,
             "DELETE",

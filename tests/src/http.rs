@@ -68,10 +68,11 @@ pub async fn http_request(
     Ok((status, body))
 }
 
-/// `s` as one URL path segment: every byte but the unreserved ones
-/// (`A-Z a-z 0-9 - . _ ~`) percent-encoded, so keys of any alphabet
-/// (`/`, `%`, `?`, `#` included) reach the server intact.
-pub fn path_segment(s: &str) -> String {
+/// `s` with every byte but the unreserved ones (`A-Z a-z 0-9 - . _ ~`,
+/// RFC 3986) percent-encoded: safe as one URL path segment (keys of any
+/// alphabet, `/`, `%`, `?`, `#` included, reach the server intact) or as a
+/// query parameter value.
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

@@ -539,7 +539,10 @@ impl Prometheus {
     /// Evaluates an instant query; the number of series (or 1 for a scalar).
     async fn query(&self, expr: &str) -> Result<usize> {
         let data = self
-            .api(&format!("/api/v1/query?query={}", url_encode(expr)))
+            .api(&format!(
+                "/api/v1/query?query={}",
+                kgs_tests::http::percent_encode(expr)
+            ))
             .await?;
         Ok(match data["resultType"].as_str() {
             Some("vector") | Some("matrix") => data["result"].as_array().map_or(0, Vec::len),
@@ -579,18 +582,6 @@ impl Prometheus {
             .map(str::to_owned)
             .collect())
     }
-}
-
-/// Percent-encodes a query parameter value (RFC 3986 unreserved kept).
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Metric names are found at word starts only, `_bucket` kept.

@@ -19,24 +19,23 @@ use rdkafka::ClientConfig;
 /// timeout of the test commands, or forever).
 const REFUSAL_WITHIN: Duration = Duration::from_secs(9);
 
-/// The secured broker and its credentials, as `servers.sh` made them.
-struct Secure {
-    brokers: String,
+/// What `scripts/servers.sh` made for a secured instance: a directory with
+/// the local CA (`tls/ca.pem`) and a password file per user (`users/<user>`).
+struct Credentials {
     dir: PathBuf,
+    /// The `servers.sh` name of the instance, for the error of a missing file.
+    instance: &'static str,
 }
 
-impl Secure {
-    fn new() -> Self {
-        let dir = std::env::var("KGS_KAFKA_SECURE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/kafka-secure")
-            });
-        Self {
-            brokers: std::env::var("KGS_KAFKA_SECURE_BROKERS")
-                .unwrap_or_else(|_| "127.0.0.1:9094".to_owned()),
-            dir,
-        }
+impl Credentials {
+    /// The directory named by `var`, else `.cache/<default>` of this repo.
+    fn from_env(var: &str, default: &str, instance: &'static str) -> Self {
+        let dir = std::env::var(var).map(PathBuf::from).unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../.cache")
+                .join(default)
+        });
+        Self { dir, instance }
     }
 
     fn ca(&self) -> String {
@@ -49,10 +48,27 @@ impl Secure {
             .map(|p| p.trim().to_owned())
             .with_context(|| {
                 format!(
-                    "reading {} (start the secured broker: scripts/servers.sh up kafka-secure)",
-                    path.display()
+                    "reading {} (start it: scripts/servers.sh up {})",
+                    path.display(),
+                    self.instance
                 )
             })
+    }
+}
+
+/// The secured broker and its credentials, as `servers.sh` made them.
+struct Secure {
+    brokers: String,
+    creds: Credentials,
+}
+
+impl Secure {
+    fn new() -> Self {
+        Self {
+            brokers: std::env::var("KGS_KAFKA_SECURE_BROKERS")
+                .unwrap_or_else(|_| "127.0.0.1:9094".to_owned()),
+            creds: Credentials::from_env("KGS_KAFKA_SECURE_DIR", "kafka-secure", "kafka-secure"),
+        }
     }
 
     /// The librdkafka settings of `user` with `password`, as kgs takes
@@ -83,7 +99,7 @@ impl Secure {
             .servers(&self.brokers, &kgs_tests::mongodb_uri())
             .env(
                 "KGS_KAFKA_OPTIONS",
-                self.env_options(user, password, &self.ca()),
+                self.env_options(user, password, &self.creds.ca()),
             ))
     }
 
@@ -92,14 +108,14 @@ impl Secure {
             .servers(&self.brokers, &kgs_tests::mongodb_uri())
             .env(
                 "KGS_KAFKA_OPTIONS",
-                self.env_options(user, password, &self.ca()),
+                self.env_options(user, password, &self.creds.ca()),
             ))
     }
 }
 
 /// Creates a pool over TLS + SCRAM as the producer principal.
 async fn init(secure: &Secure, db: &str, pool: &str) -> Result<()> {
-    let password = secure.password("kgs-producer")?;
+    let password = secure.creds.password("kgs-producer")?;
     let out = secure
         .producer(db, pool, "kgs-producer", &password)?
         .init(4, 2)
@@ -180,8 +196,8 @@ async fn kgs_runs_end_to_end_as_least_privileged_principals() -> Result<()> {
     let db = unique("sec");
     let pool = unique("p");
     init(&secure, &db, &pool).await?;
-    let producer_password = secure.password("kgs-producer")?;
-    let app_password = secure.password("kgs-app")?;
+    let producer_password = secure.creds.password("kgs-producer")?;
+    let app_password = secure.creds.password("kgs-app")?;
     let log = std::env::temp_dir().join(format!("{pool}-producer.log"));
     let producer = secure
         .producer(&db, &pool, "kgs-producer", &producer_password)?
@@ -240,12 +256,12 @@ async fn an_app_server_principal_cannot_write_the_pool_topic() -> Result<()> {
     let pool = unique("p");
     init(&secure, &db, &pool).await?;
     let topic = topic_of(&db, &pool).await?;
-    let app_password = secure.password("kgs-app")?;
+    let app_password = secure.creds.password("kgs-app")?;
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &secure.brokers)
         .set("message.timeout.ms", "10000");
-    for (k, v) in secure.options("kgs-app", &app_password, &secure.ca()) {
+    for (k, v) in secure.options("kgs-app", &app_password, &secure.creds.ca()) {
         config.set(k, v);
     }
     let plain: FutureProducer = config.create()?;
@@ -317,9 +333,12 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
     println!("app server, wrong password: {line}");
 
     // A CA bundle that does not hold the local CA: the handshake fails.
-    let password = secure.password("kgs-producer")?;
+    let password = secure.creds.password("kgs-producer")?;
     let other_ca = std::env::temp_dir().join(format!("{}-other-ca.pem", unique("ca")));
-    std::fs::write(&other_ca, std::fs::read(secure.dir.join("tls/broker.pem"))?)?;
+    std::fs::write(
+        &other_ca,
+        std::fs::read(secure.creds.dir.join("tls/broker.pem"))?,
+    )?;
     let started = Instant::now();
     let out = ProducerCmd::new(&db, &pool)?
         .servers(&secure.brokers, &kgs_tests::mongodb_uri())
@@ -336,7 +355,7 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
 
     // The admin-less app principal asking to create a pool: no ACL lets it
     // create the topic.
-    let app_password = secure.password("kgs-app")?;
+    let app_password = secure.creds.password("kgs-app")?;
     let started = Instant::now();
     let out = secure
         .producer(&db, &unique("p"), "kgs-app", &app_password)?
@@ -379,7 +398,7 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
     // topic, so the start-up check passes, but it has no Read on the app
     // servers' group. The consume loop's refusal stops the app server with
     // one line, instead of answering 503 for ever.
-    let password = secure.password("kgs-producer")?;
+    let password = secure.creds.password("kgs-producer")?;
     let run = secure
         .app_server(&db, &pool, "kgs-producer", &password)?
         .env("KGS_LOG", "warn")
@@ -400,7 +419,7 @@ async fn refused_clients_get_one_line_at_once() -> Result<()> {
 /// `kgs-app` (the custom role `kgsAppServer` of the README).
 struct SecureMongo {
     port: u16,
-    dir: PathBuf,
+    creds: Credentials,
 }
 
 /// The one database the secured instance's kgs users have rights on.
@@ -413,28 +432,8 @@ impl SecureMongo {
                 .ok()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(27019),
-            dir: std::env::var("KGS_MONGO_SECURE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| {
-                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/secantus-secure")
-                }),
+            creds: Credentials::from_env("KGS_MONGO_SECURE_DIR", "secantus-secure", "mongo-secure"),
         }
-    }
-
-    fn ca(&self) -> String {
-        self.dir.join("tls/ca.pem").display().to_string()
-    }
-
-    fn password(&self, user: &str) -> Result<String> {
-        let path = self.dir.join("users").join(user);
-        std::fs::read_to_string(&path)
-            .map(|p| p.trim().to_owned())
-            .with_context(|| {
-                format!(
-                    "reading {} (start the secured MongoDB: scripts/servers.sh up mongo-secure)",
-                    path.display()
-                )
-            })
     }
 
     /// The connection string of `user`, trusting `ca`.
@@ -455,11 +454,11 @@ async fn kgs_runs_against_authenticated_tls_mongodb() -> Result<()> {
     let kafka = Secure::new();
     let mongo = SecureMongo::new();
     let pool = unique("p");
-    let producer_kafka = kafka.password("kgs-producer")?;
-    let app_kafka = kafka.password("kgs-app")?;
-    let producer_mongo = mongo.password("kgs-producer")?;
-    let app_mongo = mongo.password("kgs-app")?;
-    let producer_uri = mongo.uri("kgs-producer", &producer_mongo, &mongo.ca());
+    let producer_kafka = kafka.creds.password("kgs-producer")?;
+    let app_kafka = kafka.creds.password("kgs-app")?;
+    let producer_mongo = mongo.creds.password("kgs-producer")?;
+    let app_mongo = mongo.creds.password("kgs-app")?;
+    let producer_uri = mongo.uri("kgs-producer", &producer_mongo, &mongo.creds.ca());
     let producer = |args: &[&str]| -> Result<ProducerCmd> {
         Ok(kafka
             .producer(SECURE_DB, &pool, "kgs-producer", &producer_kafka)?
@@ -490,7 +489,7 @@ async fn kgs_runs_against_authenticated_tls_mongodb() -> Result<()> {
         .app_server(SECURE_DB, &pool, "kgs-app", &app_kafka)?
         .servers(
             &kafka.brokers,
-            &mongo.uri("kgs-app", &app_mongo, &mongo.ca()),
+            &mongo.uri("kgs-app", &app_mongo, &mongo.creds.ca()),
         )
         .env("KGS_LOG", "debug")
         .stderr(std::fs::File::create(&app_log)?)
@@ -537,7 +536,7 @@ async fn refused_mongodb_clients_get_one_line_at_once() -> Result<()> {
     let out = ProducerCmd::new(SECURE_DB, &pool)?
         .servers(
             &kgs_tests::kafka_brokers(),
-            &mongo.uri("kgs-producer", &wrong, &mongo.ca()),
+            &mongo.uri("kgs-producer", &wrong, &mongo.creds.ca()),
         )
         .init(4, 2)
         .output()
@@ -553,7 +552,7 @@ async fn refused_mongodb_clients_get_one_line_at_once() -> Result<()> {
     let out = AppServerCmd::new(SECURE_DB, &pool)?
         .servers(
             &kgs_tests::kafka_brokers(),
-            &mongo.uri("kgs-app", &wrong, &mongo.ca()),
+            &mongo.uri("kgs-app", &wrong, &mongo.creds.ca()),
         )
         .output()
         .await?;
@@ -565,8 +564,8 @@ async fn refused_mongodb_clients_get_one_line_at_once() -> Result<()> {
     println!("app server, wrong MongoDB password: {line}");
 
     // The Kafka test CA did not sign the MongoDB server's certificate.
-    let password = mongo.password("kgs-producer")?;
-    let other_ca = Secure::new().ca();
+    let password = mongo.creds.password("kgs-producer")?;
+    let other_ca = Secure::new().creds.ca();
     let started = Instant::now();
     let out = ProducerCmd::new(SECURE_DB, &pool)?
         .servers(
@@ -597,8 +596,8 @@ async fn an_app_server_that_may_not_write_claims_stops_with_one_line() -> Result
     let pool = unique("p");
     let producer_uri = mongo.uri(
         "kgs-producer",
-        &mongo.password("kgs-producer")?,
-        &mongo.ca(),
+        &mongo.creds.password("kgs-producer")?,
+        &mongo.creds.ca(),
     );
     let producer = || -> Result<ProducerCmd> {
         Ok(ProducerCmd::new(SECURE_DB, &pool)?.servers(&kgs_tests::kafka_brokers(), &producer_uri))
@@ -622,11 +621,11 @@ async fn an_app_server_that_may_not_write_claims_stops_with_one_line() -> Result
     })
     .await?;
 
-    let reader = mongo.password("kgs-reader")?;
+    let reader = mongo.creds.password("kgs-reader")?;
     let app = AppServerCmd::new(SECURE_DB, &pool)?
         .servers(
             &kgs_tests::kafka_brokers(),
-            &mongo.uri("kgs-reader", &reader, &mongo.ca()),
+            &mongo.uri("kgs-reader", &reader, &mongo.creds.ca()),
         )
         .env("KGS_LOG", "warn")
         .output();
