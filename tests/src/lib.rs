@@ -17,6 +17,7 @@
 //! - [`consumer`]: taking keys from an embedded `KeyConsumer`.
 //! - [`kafka`]: client config, topics, reading a pool topic's batches.
 //! - [`mongo`]: client, documents and ids of a collection.
+//! - [`proxy`]: a loopback TCP proxy that delays, stalls or cuts a connection.
 
 pub mod app_server;
 pub mod consumer;
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod mongo;
 pub mod process;
 pub mod producer;
+pub mod proxy;
 pub mod wait;
 
 pub use app_server::{AppServer, AppServerCmd};
@@ -38,4 +40,5 @@ pub use metrics::registry_value;
 pub use mongo::{find_docs, mongo_client, string_ids};
 pub use process::{terminate, Signal};
 pub use producer::ProducerCmd;
+pub use proxy::{Mode, Proxy};
 pub use wait::{wait_for, wait_healthy};

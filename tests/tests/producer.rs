@@ -1104,3 +1104,105 @@ async fn a_recreated_topic_gets_its_unclaimed_batches_again() -> Result<()> {
     pool.check_invariants(3_844).await?;
     Ok(())
 }
+
+/// A leader whose network to MongoDB stalls (a TCP proxy of the test's own
+/// holds every byte it sends, nothing is lost) while it works on a return,
+/// a recycle and its batches: it keeps running, its lease runs out, the
+/// other producer takes over, finishes the return and the recycle and
+/// moves and publishes new batches. Then the network delivers everything
+/// the stalled leader had sent, late. Three rounds, the roles swapping, the
+/// stall starting at a random moment of the leader's work (the failpoint
+/// tests `stale_*` pin each write step; this one is the network's version,
+/// with the driver's own timeouts and retries in play). Afterwards the
+/// invariants hold: `keys ∪ used_keys` is the space with nothing in both,
+/// each returned or recycled key went round exactly once more, nothing is
+/// unfinished.
+#[tokio::test]
+async fn stale_leader_behind_a_stalled_network() -> Result<()> {
+    use kgs_tests::proxy::{proxied_mongodb_uri, Mode};
+    use rand::Rng;
+
+    let pool = Pool::new(2);
+    pool.init(2, &[]).await?;
+    let mut producers = Vec::new();
+    for name in ["a", "b"] {
+        let (proxy, uri) = proxied_mongodb_uri(&mongodb_uri()).await?;
+        let child = pool
+            .command(&[], None)?
+            .run(50, 2)
+            .args(["--instance-id", name])
+            .env("KGS_MONGODB_URI", &uri)
+            .log_to_temp(&pool.name)?
+            .spawn()?;
+        producers.push((name, proxy, child));
+    }
+    let (topic, group) = (pool.topic().await?, pool.group().await?);
+    let mut returned: HashSet<String> = HashSet::new();
+    let mut used_batches: HashSet<String> = HashSet::new();
+    for round in 0..3 {
+        let leader = wait_for(
+            &format!("round {round}: a leader with batches out"),
+            Duration::from_secs(60),
+            || async {
+                let holder = pool
+                    .docs("leases", doc! {})
+                    .await?
+                    .first()
+                    .and_then(|l| l.get_str("holder").ok().map(str::to_owned));
+                let fresh = pool.topic_batches().await?.into_iter().find(|(_, _, b)| {
+                    !used_batches.contains(&b.batch_id)
+                        && b.keys.len() > 20
+                        && !b.keys.iter().any(|k| returned.contains(k))
+                });
+                Ok(holder.zip(fresh))
+            },
+        )
+        .await?;
+        let (holder, (p, o, batch)) = leader;
+        let held = producers
+            .iter()
+            .position(|(name, _, _)| *name == holder)
+            .context("the lease holder is none of the two")?;
+        used_batches.insert(batch.batch_id.clone());
+        // A slow network first, so the leader's work on the return and the
+        // recycle spans seconds (each round trip 2 x 150 ms) ...
+        producers[held].1.set(Mode::Pass {
+            delay: Duration::from_millis(150),
+        });
+        returned.extend(return_ten(&pool, p, o, &batch).await?);
+        recycle(&pool, &batch.keys[20]).await?;
+        returned.insert(batch.keys[20].clone());
+        // ... then a stalled one, at a random moment of that work.
+        let after = Duration::from_millis(rand::rng().random_range(0..2_000));
+        tokio::time::sleep(after).await;
+        producers[held].1.set(Mode::Stall);
+        let taker = producers[1 - held].0;
+        wait_for(
+            &format!("round {round}: {taker} taking over and finishing the return and the recycle"),
+            Duration::from_secs(60),
+            || async {
+                let lease = pool.docs("leases", doc! {}).await?;
+                let took = lease.first().and_then(|l| l.get_str("holder").ok()) == Some(taker);
+                let claims = pool.docs("claims", doc! { "state": "returning" }).await?;
+                let recycles = pool.docs("recycles", doc! { "state": "requested" }).await?;
+                Ok((took && claims.is_empty() && recycles.is_empty()).then_some(()))
+            },
+        )
+        .await?;
+        // More moves by the taker while the stalled writes are still held.
+        commit_all(topic.clone(), pool.partitions, group.clone()).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        producers[held].1.set(Mode::OPEN);
+        // Its held writes land now; it then finds its lease gone.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    for (name, proxy, child) in producers {
+        ensure!(proxy.connections() > 0, "{name} never used its proxy");
+        let status = terminate(child).await?;
+        ensure!(status.success(), "{name} exited {status:?}");
+    }
+    let done = pool.docs("recycles", doc! { "state": "done" }).await?;
+    ensure!(done.len() == 3, "recycles not done: {done:?}");
+    pool.check_invariants_returned(3_844, &returned).await?;
+    Ok(())
+}
