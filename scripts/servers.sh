@@ -25,7 +25,9 @@
 # them) shares the installs but has its own data, logs and ports:
 #   KGS_SERVERS_INSTANCE=chaos KGS_KAFKA_PORT=19092 KGS_KAFKA_CONTROLLER_PORT=19093 \
 #   KGS_MONGO_PORT=27117 scripts/servers.sh up
-# keeps its state in .cache/instances/chaos/.
+# keeps its state in .cache/instances/chaos/. KGS_KAFKA_PROXIED_PORT=P with
+# KGS_KAFKA_PROXY_PORT=Q adds a plaintext listener on P that advertises
+# 127.0.0.1:Q, where a TCP proxy forwards to P (kgs-chaos does this).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -223,6 +225,17 @@ kafka_configure() {
       -e "s|@TLS_DIR@|$KAFKA_HOME/tls|g" \
       -e "s|@ADMIN_PASSWORD@|$( ((KAFKA_SECURE)) && cat "$KAFKA_HOME/users/admin")|g" \
       "$KAFKA_TEMPLATE" >"$KAFKA_HOME/server.properties"
+    # A second listener whose advertised address is a proxy's (the chaos
+    # run's delay/stall proxy): clients bootstrapped through the proxy are
+    # told to reach the broker through it too, so they stay behind it.
+    if [[ -n "${KGS_KAFKA_PROXIED_PORT:-}" ]]; then
+      [[ -n "${KGS_KAFKA_PROXY_PORT:-}" ]] || die "kafka: KGS_KAFKA_PROXIED_PORT needs KGS_KAFKA_PROXY_PORT (the port the proxy listens on)"
+      ((KAFKA_SECURE)) && die "kafka: the proxied listener is for the plaintext broker only"
+      sed -i -e "s|^listeners=\(.*\)|listeners=\1,PROXIED://127.0.0.1:$KGS_KAFKA_PROXIED_PORT|" \
+        -e "s|^advertised.listeners=\(.*\)|advertised.listeners=\1,PROXIED://127.0.0.1:$KGS_KAFKA_PROXY_PORT|" \
+        -e "s|^listener.security.protocol.map=\(.*\)|listener.security.protocol.map=\1,PROXIED:PLAINTEXT|" \
+        "$KAFKA_HOME/server.properties"
+    fi
   )
   # Format the storage once; a formatted log dir keeps its cluster id across restarts.
   if [[ ! -f "$data/meta.properties" ]]; then

@@ -48,7 +48,10 @@ python3 scripts/check-compose.py
 
 chaos_duration="${KGS_CHAOS_DURATION:-75s}"
 if [[ "$chaos_duration" != 0 ]]; then
-  chaos_env=(KGS_SERVERS_INSTANCE=chaos KGS_KAFKA_PORT=19092 KGS_KAFKA_CONTROLLER_PORT=19093 KGS_MONGO_PORT=27117)
+  # The broker's second listener (19094) is the one the app servers reach
+  # through kgs-chaos's network proxy on 19095.
+  chaos_env=(KGS_SERVERS_INSTANCE=chaos KGS_KAFKA_PORT=19092 KGS_KAFKA_CONTROLLER_PORT=19093 KGS_MONGO_PORT=27117
+    KGS_KAFKA_PROXIED_PORT=19094 KGS_KAFKA_PROXY_PORT=19095)
   # The chaos servers are restarted and killed by the run: never the shared ones.
   trap 'env "${chaos_env[@]}" scripts/servers.sh down >/dev/null 2>&1 || true' EXIT
   env "${chaos_env[@]}" scripts/servers.sh up

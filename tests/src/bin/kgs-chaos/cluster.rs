@@ -4,13 +4,14 @@
 //! own instance id and log file.
 
 use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kgs_tests::process::{send_signal, stop, Signal};
-use kgs_tests::{AppServerCmd, ProducerCmd};
+use kgs_tests::{AppServerCmd, ProducerCmd, Proxy};
 use tokio::process::{Child, Command};
 
 /// How long a SIGTERMed process may take before it is SIGKILLed (the
@@ -53,6 +54,11 @@ pub struct Servers {
     pub controller_port: u16,
     /// SecantusDB port.
     pub mongo_port: u16,
+    /// Kafka listener port that advertises `kafka_proxy_port` (the app
+    /// servers' way in, through [`Proxies::app_kafka`]).
+    pub kafka_proxied_port: u16,
+    /// Port of the app servers' Kafka proxy.
+    pub kafka_proxy_port: u16,
     /// Where `servers.sh` output goes.
     pub log: PathBuf,
 }
@@ -86,6 +92,11 @@ impl Servers {
                 self.controller_port.to_string(),
             )
             .env("KGS_MONGO_PORT", self.mongo_port.to_string())
+            .env(
+                "KGS_KAFKA_PROXIED_PORT",
+                self.kafka_proxied_port.to_string(),
+            )
+            .env("KGS_KAFKA_PROXY_PORT", self.kafka_proxy_port.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -132,6 +143,35 @@ impl Servers {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("{which} (pid {pid}) survived SIGKILL for 10 s")
+    }
+}
+
+/// The network between the processes and the servers, each path through
+/// a loopback proxy of the run (`kgs_tests::proxy`) that a fault can slow
+/// down or stall: each producer's own path to MongoDB, and one path for
+/// every app server to Kafka. The checker and the hostile writer go direct.
+#[derive(Debug)]
+pub struct Proxies {
+    /// Producer slot `i`'s MongoDB.
+    pub producer_db: Vec<Proxy>,
+    /// The app servers' Kafka (the broker's proxied listener).
+    pub app_kafka: Proxy,
+}
+
+impl Proxies {
+    /// Starts the proxies of `servers`.
+    pub async fn start(servers: &Servers) -> Result<Self> {
+        let mongo = SocketAddr::from((Ipv4Addr::LOCALHOST, servers.mongo_port));
+        let mut producer_db = Vec::new();
+        for _ in 0..2 {
+            producer_db.push(Proxy::start(mongo).await?);
+        }
+        let kafka = SocketAddr::from((Ipv4Addr::LOCALHOST, servers.kafka_proxied_port));
+        let app_kafka = Proxy::start_on(servers.kafka_proxy_port, kafka).await?;
+        Ok(Self {
+            producer_db,
+            app_kafka,
+        })
     }
 }
 
@@ -189,6 +229,8 @@ pub struct Cluster {
     pub lossy: HashSet<String>,
     /// Exits nobody asked for: (instance, status).
     pub unexpected_exits: Vec<(String, String)>,
+    /// The proxies every process reaches its servers through.
+    pub proxies: Proxies,
     producer_bin: PathBuf,
     app_bin: PathBuf,
     run_dir: PathBuf,
@@ -199,6 +241,7 @@ impl Cluster {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         servers: Servers,
+        proxies: Proxies,
         db: String,
         pool: String,
         tuning: Tuning,
@@ -233,6 +276,7 @@ impl Cluster {
             slots,
             lossy: HashSet::new(),
             unexpected_exits: Vec::new(),
+            proxies,
             producer_bin,
             app_bin,
             run_dir,
@@ -270,7 +314,12 @@ impl Cluster {
         let stdout = log.try_clone()?;
         let child = match slot.role {
             Role::Producer => {
+                let mongodb_uri = format!(
+                    "mongodb://{}/?directConnection=true",
+                    self.proxies.producer_db[i].addr()
+                );
                 self.producer_command()
+                    .env("KGS_MONGODB_URI", mongodb_uri)
                     .run(self.tuning.batch_size, 3)
                     .args(["--instance-id", &instance])
                     // By environment, which both names of the setting read
@@ -285,7 +334,10 @@ impl Cluster {
             // By flags (which override the fixture's environment), so the
             // command line of the app server is exercised too.
             Role::App => AppServerCmd::with_binary(&self.app_bin, &self.db, &self.pool, &addr)
-                .servers(&self.servers.brokers(), &self.servers.mongodb_uri())
+                .servers(
+                    &self.proxies.app_kafka.addr().to_string(),
+                    &self.servers.mongodb_uri(),
+                )
                 .args(["--pool", &self.pool, "--http-addr", &addr])
                 .args(["--instance-id", &instance])
                 .args(["--low-watermark", &self.tuning.app_low.to_string()])

@@ -10,7 +10,13 @@
 //! so its in-flight writes land after the takeover), and a hostile
 //! writer that puts well-formed forged batches on the pool topic (keys
 //! already handed out, keys still in the pool, a real batch on another
-//! partition), none of which may be handed out. After each
+//! partition), none of which may be handed out. Every process reaches its
+//! servers through a loopback proxy of the run (`kgs_tests::proxy`), so
+//! the network fails too: the active producer's path to MongoDB stalled
+//! for longer than its lease (its requests held, then delivered late) or
+//! slowed down, and the app servers' path to Kafka stalled (longer than
+//! their session timeout, at times). And the pool topic is deleted and
+//! created again by `kgs-producer init`, with batches in flight. After each
 //! fault the run waits until keys of a batch claimed after the fault reach a
 //! client (the recovery time). At the end everything is stopped cleanly and
 //! the checker (`check.rs`) proves the invariants; the exit code says
@@ -43,6 +49,7 @@ use rand::{Rng, SeedableRng};
 use kgs_tests::app_server::get_key;
 use kgs_tests::env::{workspace_binary, APP_SERVER_BIN};
 use kgs_tests::process::{send_signal, Signal};
+use kgs_tests::Mode;
 
 use crate::cluster::{Cluster, Servers, Tuning};
 
@@ -75,6 +82,12 @@ struct Args {
     /// SecantusDB port of the instance.
     #[arg(long, default_value_t = 27117)]
     mongo_port: u16,
+    /// Kafka listener port that the app servers reach through their proxy.
+    #[arg(long, default_value_t = 19094)]
+    kafka_proxied_port: u16,
+    /// Port of the app servers' Kafka proxy (that listener's advertised port).
+    #[arg(long, default_value_t = 19095)]
+    kafka_proxy_port: u16,
     /// First HTTP port of the processes (2 producers, 4 app servers).
     #[arg(long, default_value_t = 19180)]
     base_port: u16,
@@ -109,9 +122,13 @@ enum Fault {
     Rebalance,
     HostileWriter,
     PauseActiveProducer,
+    StallProducerDb,
+    SlowProducerDb,
+    StallAppKafka,
+    RecreateTopic,
 }
 
-const DECK: [Fault; 10] = [
+const DECK: [Fault; 14] = [
     Fault::KillActiveProducer,
     Fault::KillStandbyProducer,
     Fault::TermProducer,
@@ -122,6 +139,10 @@ const DECK: [Fault; 10] = [
     Fault::Rebalance,
     Fault::HostileWriter,
     Fault::PauseActiveProducer,
+    Fault::StallProducerDb,
+    Fault::SlowProducerDb,
+    Fault::StallAppKafka,
+    Fault::RecreateTopic,
 ];
 
 /// One injected fault.
@@ -189,9 +210,21 @@ async fn run(args: Args) -> Result<bool> {
         kafka_port: args.kafka_port,
         controller_port: args.controller_port,
         mongo_port: args.mongo_port,
+        kafka_proxied_port: args.kafka_proxied_port,
+        kafka_proxy_port: args.kafka_proxy_port,
         log: run_dir.join("servers.log"),
     };
     servers.script("up", "all").await?;
+    if tokio::net::TcpStream::connect(("127.0.0.1", args.kafka_proxied_port))
+        .await
+        .is_err()
+    {
+        // Started earlier without the proxied listener: configure it now.
+        println!("kgs-chaos: restarting the instance's Kafka with its proxied listener");
+        servers.script("down", "kafka").await?;
+        servers.script("up", "kafka").await?;
+    }
+    let proxies = cluster::Proxies::start(&servers).await?;
     let tuning = Tuning {
         batch_size: 100,
         app_low: 50,
@@ -199,6 +232,7 @@ async fn run(args: Args) -> Result<bool> {
     };
     let mut cluster = Cluster::new(
         servers.clone(),
+        proxies,
         name.clone(),
         name.clone(),
         tuning.clone(),
@@ -573,6 +607,68 @@ async fn inject(
                 "SIGSTOP active producer",
             )
         }
+        Fault::StallProducerDb | Fault::SlowProducerDb => {
+            // The producer keeps running: its lease runs out by its own
+            // clock while its requests sit in the network, the standby takes
+            // over, and whatever it had sent lands after that.
+            let i = match leader_slot(cluster, db).await {
+                Some(l) => l,
+                None => rng.random_range(0..2),
+            };
+            let instance = cluster.slots[i].instance.clone();
+            let proxy = &cluster.proxies.producer_db[i];
+            let (mode, lasting, what, kind) = if fault == Fault::StallProducerDb {
+                let d = Duration::from_millis(rng.random_range(4_000..9_000));
+                (
+                    Mode::Stall,
+                    d,
+                    format!(
+                        "network of producer {instance} to MongoDB stalled for {:.1} s (> lease), then delivered",
+                        d.as_secs_f64()
+                    ),
+                    "stalled producer-MongoDB network",
+                )
+            } else {
+                let delay = Duration::from_millis(rng.random_range(50..400));
+                let d = Duration::from_millis(rng.random_range(5_000..15_000));
+                (
+                    Mode::Pass { delay },
+                    d,
+                    format!(
+                        "network of producer {instance} to MongoDB delayed {} ms each way for {:.1} s",
+                        delay.as_millis(),
+                        d.as_secs_f64()
+                    ),
+                    "slow producer-MongoDB network",
+                )
+            };
+            proxy.set(mode);
+            supervised_sleep(cluster, lasting).await?;
+            cluster.proxies.producer_db[i].set(Mode::OPEN);
+            (what, kind)
+        }
+        Fault::StallAppKafka => {
+            // Past the 6 s session timeout at times: the group drops the
+            // app servers, their commits fail and their claims are ended.
+            let d = Duration::from_millis(rng.random_range(2_000..10_000));
+            cluster.proxies.app_kafka.set(Mode::Stall);
+            supervised_sleep(cluster, d).await?;
+            cluster.proxies.app_kafka.set(Mode::OPEN);
+            (
+                format!(
+                    "network of the app servers to Kafka stalled for {:.1} s, then delivered",
+                    d.as_secs_f64()
+                ),
+                "stalled app servers-Kafka network",
+            )
+        }
+        Fault::RecreateTopic => {
+            let pending = recreate_topic(cluster, db).await?;
+            (
+                format!("pool topic deleted and created again by init ({pending})"),
+                "topic deleted + re-created",
+            )
+        }
         Fault::HostileWriter => {
             let forged = hostile_writer(rng, cluster, db).await?;
             (
@@ -695,6 +791,62 @@ async fn hostile_writer(
             .context("writing a forged batch")?;
     }
     Ok(batches.len())
+}
+
+/// Deletes the pool topic, with whatever it holds, and runs `kgs-producer
+/// init` until it has created it again (the broker deletes a topic in the
+/// background: until then `init` finds it and changes nothing), as an
+/// operator would after losing the topic. The producer then re-publishes
+/// the batches that were published and never claimed. Says how many batch
+/// messages the old topic held.
+async fn recreate_topic(cluster: &mut Cluster, db: &mongodb::Database) -> Result<String> {
+    use kgs_schemas::docs::PoolDoc;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let topic = db
+        .collection::<PoolDoc>(POOLS)
+        .find_one(doc! { "_id": &cluster.pool })
+        .await?
+        .context("pool document")?
+        .topic;
+    let held = kgs_tests::read_topic_batches(
+        &cluster.servers.brokers(),
+        &topic,
+        3,
+        Duration::from_secs(30),
+    )
+    .await
+    .map_or_else(
+        |e| format!("its batches unread: {e}"),
+        |b| format!("{} messages in it", b.len()),
+    );
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.servers.brokers())
+        .create()
+        .context("Kafka admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[&topic], &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("deleting topic {t}: {e}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        cluster.supervise()?;
+        let out = cluster.producer_command().init(3, 3).output().await?;
+        ensure!(
+            out.status.success(),
+            "kgs-producer init after deleting the topic failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if String::from_utf8_lossy(&out.stdout).contains(": created;") {
+            return Ok(held);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "topic {topic} not re-created within 90 s of its deletion"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The producer slot holding the pool's lease, if the database answers.
