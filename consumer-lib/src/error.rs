@@ -158,6 +158,14 @@ pub enum Error {
     /// The consumer has been shut down; no more keys will be handed out.
     #[error("the consumer is shut down")]
     ShutDown,
+    /// A bulk call asked for no key or for more than one call may take.
+    #[error("{requested} keys asked for at once; from 1 to {max} may be")]
+    Count {
+        /// What was asked for.
+        requested: usize,
+        /// [`crate::MAX_KEYS_PER_CALL`].
+        max: usize,
+    },
     /// The consume loop task panicked or was cancelled.
     #[error("the consume loop task failed")]
     Task(#[source] tokio::task::JoinError),

@@ -69,7 +69,8 @@
 //! - **buffer**: [`buffer`], the lock-free key buffer; [`key`]: the inline
 //!   [`Key`].
 //! - **hand out**: `hand_out.rs`, [`KeyConsumer::next_key`] and
-//!   [`KeyConsumer::next_key_wait`].
+//!   [`KeyConsumer::next_key_wait`], in bulk [`KeyConsumer::next_keys`] and
+//!   [`KeyConsumer::next_keys_wait`].
 //! - **return**: `returns.rs`, ending claims (`drained`, or `returning`
 //!   with the unused keys) and the shutdown that returns what is buffered.
 //! - **recycle**: [`recycle`], [`KeyConsumer::recycle`], a request to put a
@@ -105,6 +106,7 @@ use tokio::task::JoinHandle;
 pub use buffer::KeyBuffer;
 pub use config::KeyConsumerBuilder;
 pub use error::{Error, Result};
+pub use hand_out::MAX_KEYS_PER_CALL;
 pub use key::Key;
 pub use recycle::RecycleOutcome;
 pub use returns::ShutdownReport;

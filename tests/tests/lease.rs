@@ -54,7 +54,10 @@ async fn expire(db: &str) -> Result<()> {
     Ok(())
 }
 
-/// A renewal racing a takeover, 150 times (the holder's lease made to look
+/// Rounds of [`renewal_racing_takeover_never_undoes_it`].
+const RACES: usize = 300;
+
+/// A renewal racing a takeover, [`RACES`] times (the holder's lease made to look
 /// expired, then its renewal and a taker's attempt sent at once): the
 /// takeover is never undone — once the two have each tried again at most a
 /// few times, exactly one of them leads, at the newest claimed epoch, and
@@ -76,7 +79,7 @@ async fn renewal_racing_takeover_never_undoes_it() -> Result<()> {
     // renewal must end it (checked below).
     let mut both = 0;
     ensure!(held[0] == Some(1), "first lease: {held:?}");
-    for round in 0..150 {
+    for round in 0..RACES {
         let holder = usize::from(held[1].is_some());
         let taker = 1 - holder;
         expire(&db).await?;
@@ -129,7 +132,7 @@ async fn renewal_racing_takeover_never_undoes_it() -> Result<()> {
     let cas = std::env::var("KGS_MONGO_IMPL").as_deref() != Ok("ferretdb");
     ensure!(
         !cas || both == 0,
-        "{both} of 150 races left two leaders at once"
+        "{both} of {RACES} races left two leaders at once"
     );
     mongo_client().await?.database(&db).drop().await?;
     Ok(())

@@ -4,6 +4,9 @@
 //!
 //! - `GET /keys`: one key as plain text; `503 no keys` if none arrives
 //!   within `--key-wait` (default 100 ms).
+//! - `GET /keys?count=N` (1 ≤ N ≤ 1000): N distinct keys as a JSON array of
+//!   strings, or fewer (at least one) if no more arrive within `--key-wait`;
+//!   `503 no keys` if none does, `400` for a bad N.
 //! - `DELETE /keys/{key}`: recycle a key the application no longer uses
 //!   (`KeyConsumer::recycle_wait`): `200 recycled` once the producer put it
 //!   back within `--recycle-wait`, else `202 accepted` (it still will);
@@ -30,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
@@ -335,7 +338,12 @@ async fn run(
     served
 }
 
-async fn next_key(State(state): State<AppState>) -> Response {
+async fn next_key(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    match query.as_deref().map(parse_count) {
+        None => {}
+        Some(Ok(n)) => return next_keys(&state, n).await,
+        Some(Err(why)) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
+    }
     let key = match state.keys.next_key() {
         Err(Error::Empty) => state.keys.next_key_wait(state.key_wait).await,
         other => other,
@@ -347,6 +355,57 @@ async fn next_key(State(state): State<AppState>) -> Response {
         }
         Err(e) => {
             error!(cause = %e, "next_key failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "error\n").into_response()
+        }
+    }
+}
+
+/// The `N` of `count=N`, the one parameter of `GET /keys`.
+fn parse_count(query: &str) -> Result<usize, String> {
+    let max = kgs_consumer::MAX_KEYS_PER_CALL;
+    let value = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("count="))
+        .ok_or_else(|| {
+            format!("GET /keys takes one parameter, count=N (1 to {max}), not {query:?}")
+        })?;
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "count must be a number from 1 to {max}, not {value:?}"
+        )),
+    }
+}
+
+/// `GET /keys?count=N`: the keys as a JSON array.
+async fn next_keys(state: &AppState, n: usize) -> Response {
+    let keys = match state.keys.next_keys(n) {
+        Ok(keys) if keys.len() == n => Ok(keys),
+        // Fewer buffered (or none): wait for the rest, keeping these.
+        Ok(mut keys) => match state
+            .keys
+            .next_keys_wait(n - keys.len(), state.key_wait)
+            .await
+        {
+            Ok(more) => {
+                keys.extend(more);
+                Ok(keys)
+            }
+            Err(_) => Ok(keys),
+        },
+        Err(Error::Empty) => state.keys.next_keys_wait(n, state.key_wait).await,
+        Err(e) => Err(e),
+    };
+    match keys {
+        Ok(keys) => {
+            let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+            json(&keys)
+        }
+        Err(Error::Empty) | Err(Error::ShutDown) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "no keys\n").into_response()
+        }
+        Err(e) => {
+            error!(cause = %e, "next_keys failed");
             (StatusCode::INTERNAL_SERVER_ERROR, "error\n").into_response()
         }
     }

@@ -261,3 +261,58 @@ async fn seed_pool_for_http_benchmark() -> Result<()> {
     );
     Ok(())
 }
+
+/// `GET /keys?count=N` hands out N distinct keys as a JSON array, from the
+/// same buffer as `GET /keys` (never a key twice across both), fewer when no
+/// more arrive within the key wait, `503` when none does, and `400` for a
+/// count out of 1..=1000 or another parameter. Every key served is one of
+/// the published batches'.
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_keys_over_http_are_distinct_and_bounded() -> Result<()> {
+    let pool = Pool::create(1).await?;
+    let mut published = HashSet::new();
+    for _ in 0..3 {
+        published.extend(pool.publish(40, 0).await?.keys);
+    }
+    let app = app_server(&pool, &unique("g"), &unique("i")).await?;
+    wait_for("three batches claimed", WAIT, || async {
+        Ok((pool.claims().await?.len() == 3).then_some(()))
+    })
+    .await?;
+    for bad in ["count=0", "count=1001", "count=x", "n=3"] {
+        let (status, body) = app.get(&format!("/keys?{bad}")).await?;
+        ensure!(status == 400, "{bad}: {status} {body}");
+        ensure!(body.lines().count() == 1, "{bad}: not one line: {body:?}");
+    }
+    let mut served: Vec<String> = Vec::new();
+    let (status, body) = app.get("/keys?count=50").await?;
+    ensure!(status == 200, "count=50: {status} {body}");
+    let first: Vec<String> = serde_json::from_str(&body)?;
+    ensure!(first.len() == 50, "count=50 gave {} keys", first.len());
+    served.extend(first);
+    let (status, one) = app.get("/keys").await?;
+    ensure!(status == 200, "GET /keys: {status} {one}");
+    served.push(one);
+    // 120 published, 51 taken: the rest (69) in one call asking for 100.
+    let (status, body) = app.get("/keys?count=100").await?;
+    ensure!(status == 200, "count=100: {status} {body}");
+    let rest: Vec<String> = serde_json::from_str(&body)?;
+    ensure!(rest.len() == 69, "count=100 gave {} of 69 left", rest.len());
+    served.extend(rest);
+    let (status, body) = app.get("/keys?count=5").await?;
+    ensure!(
+        status == 503 && body == "no keys\n",
+        "empty buffer: {status} {body}"
+    );
+    let distinct: HashSet<&String> = served.iter().collect();
+    ensure!(distinct.len() == served.len(), "a key served twice");
+    ensure!(
+        served.iter().all(|k| published.contains(k)),
+        "a key served that was not published"
+    );
+    ensure!(distinct.len() == published.len(), "keys left unserved");
+    let status = app.stop(Signal::Term).await?;
+    assert!(status.success(), "app-server exit status {status}");
+    pool.drop_db().await;
+    Ok(())
+}
