@@ -98,6 +98,18 @@ pub struct InitArgs {
     /// Alphabet, in digit order.
     #[arg(long, default_value = BASE62)]
     pub alphabet: String,
+    /// A named alphabet instead of --alphabet: base62 (the default), base58
+    /// (no 0 O I l), lower36 (a-z 0-9: for case-insensitive URLs),
+    /// crockford32 (no I L O U), unambiguous (lowercase and digits without
+    /// 0 1 i j l o).
+    #[arg(
+        long,
+        conflicts_with = "alphabet",
+        value_parser = clap::builder::PossibleValuesParser::new(
+            kgs_schemas::ALPHABET_PRESETS.iter().map(|(name, _, _)| *name)
+        )
+    )]
+    pub alphabet_preset: Option<String>,
     /// Partitions of the pool's topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: u32,
@@ -237,8 +249,14 @@ impl Cli {
         let command = match self.command {
             CommandArgs::Init(a) => Command::Init {
                 spec: Box::new(PoolSpec {
-                    format: KeyFormat::new(&a.alphabet, a.length)
-                        .map_err(|e| Error::Config(e.to_string()))?,
+                    format: KeyFormat::new(
+                        a.alphabet_preset
+                            .as_deref()
+                            .and_then(kgs_schemas::alphabet_preset)
+                            .unwrap_or(&a.alphabet),
+                        a.length,
+                    )
+                    .map_err(|e| Error::Config(e.to_string()))?,
                     name: a.pool,
                     partitions: a.partitions,
                 }),
@@ -310,5 +328,37 @@ mod tests {
             "aa",
         ]);
         assert!(matches!(cli.resolve(), Err(Error::Config(_))));
+    }
+
+    /// `--alphabet-preset` names an alphabet; it excludes `--alphabet`, and
+    /// an unknown name is refused by the parser (which lists the names).
+    #[test]
+    fn alphabet_presets_by_name() {
+        let init = |extra: &[&str]| {
+            let mut args = vec!["kgs-producer", "init", "--pool", "p", "--length", "3"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let (cmd, _) = init(&["--alphabet-preset", "lower36"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let Command::Init { spec, .. } = cmd else {
+            panic!("not init: {cmd:?}")
+        };
+        assert_eq!(
+            spec.format.alphabet(),
+            kgs_schemas::alphabet_preset("lower36").unwrap()
+        );
+        let (cmd, _) = init(&[]).unwrap().resolve().unwrap();
+        let Command::Init { spec, .. } = cmd else {
+            panic!("not init: {cmd:?}")
+        };
+        assert_eq!(spec.format.alphabet(), BASE62);
+        assert!(init(&["--alphabet-preset", "base58", "--alphabet", "ab"]).is_err());
+        let err = init(&["--alphabet-preset", "base64"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unambiguous"), "{err}");
     }
 }

@@ -14,6 +14,44 @@ use serde::{Deserialize, Serialize};
 /// The default alphabet: base62 in the original design's order `A–Z a–z 0–9`.
 pub const BASE62: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
+/// Named alphabets for `kgs-producer init --alphabet-preset`: `(name,
+/// alphabet, what it is for)`. Which to choose is in the README (*Keys*).
+pub const ALPHABET_PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "base62",
+        BASE62,
+        "A-Z a-z 0-9 (the default, the original design's order)",
+    ),
+    (
+        "base58",
+        "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz",
+        "base62 without 0 O I l (Bitcoin's order), for keys people read",
+    ),
+    (
+        "lower36",
+        "abcdefghijklmnopqrstuvwxyz0123456789",
+        "a-z 0-9, for case-insensitive URLs: unique under case folding",
+    ),
+    (
+        "crockford32",
+        "0123456789ABCDEFGHJKMNPQRSTVWXYZ",
+        "Crockford's base32: 0-9 A-Z without I L O U",
+    ),
+    (
+        "unambiguous",
+        "abcdefghkmnpqrstuvwxyz23456789",
+        "lowercase and digits without look-alikes (0 1 i j l o), for keys people type",
+    ),
+];
+
+/// The alphabet of preset `name` (see [`ALPHABET_PRESETS`]).
+pub fn alphabet_preset(name: &str) -> Option<&'static str> {
+    ALPHABET_PRESETS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, a, _)| *a)
+}
+
 /// The longest key a pool may have. Twelve base62 characters would already
 /// overflow 64 bits; the limit mostly bounds small alphabets.
 pub const MAX_KEY_LENGTH: u8 = 12;
@@ -334,5 +372,35 @@ mod tests {
         let f = KeyFormat::new("xyz", 4).unwrap();
         let spec = KeyFormatSpec::from(&f);
         assert_eq!(KeyFormat::try_from(&spec).unwrap(), f);
+    }
+
+    /// Every preset is a valid alphabet and keeps out what it promises to.
+    #[test]
+    fn alphabet_presets_keep_their_promises() {
+        for (name, alphabet, _) in ALPHABET_PRESETS {
+            KeyFormat::new(alphabet, 3).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(alphabet_preset(name), Some(*alphabet));
+        }
+        let lacks = |name: &str, chars: &str| {
+            let a = alphabet_preset(name).unwrap();
+            for c in chars.chars() {
+                assert!(!a.contains(c), "{name} holds {c:?}");
+            }
+        };
+        lacks("base58", "0OIl");
+        lacks("crockford32", "ILOU");
+        lacks("unambiguous", "01ijloIO");
+        for name in ["lower36", "unambiguous"] {
+            let a = alphabet_preset(name).unwrap();
+            let folded: std::collections::HashSet<char> =
+                a.chars().map(|c| c.to_ascii_lowercase()).collect();
+            assert_eq!(
+                folded.len(),
+                a.len(),
+                "{name} is not unique under case folding"
+            );
+        }
+        assert_eq!(alphabet_preset("base62"), Some(BASE62));
+        assert_eq!(alphabet_preset("base64"), None);
     }
 }

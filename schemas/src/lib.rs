@@ -34,7 +34,7 @@ pub mod stats;
 pub use batch::{
     keys_digest, BatchCheck, BatchProof, DecodeError, KeyBatch, Unverified, SCHEMA_VERSION,
 };
-pub use format::{FormatError, KeyFormat, BASE62};
+pub use format::{alphabet_preset, FormatError, KeyFormat, ALPHABET_PRESETS, BASE62};
 
 /// `err` with its causes, `a: b: c` (what `{:#}` of anyhow prints), for log
 /// fields of both components.
