@@ -173,6 +173,7 @@ async fn leading_pool(
         name: name.to_owned(),
         format,
         partitions: 1,
+        blocklist: Vec::new(),
     };
     init::create(config, store, &spec).await?;
     let keeper = LeaseKeeper::spawn(Lease::new(

@@ -113,6 +113,11 @@ pub struct InitArgs {
     /// Partitions of the pool's topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: u32,
+    /// Words no generated key may contain (case and look-alike digits
+    /// folded, anywhere in a key): `default` for the project's English
+    /// list, or a file of one word per line; repeatable.
+    #[arg(long = "blocklist", value_name = "default|FILE")]
+    pub blocklists: Vec<String>,
     /// Keys to generate before `init` returns; a running producer generates
     /// the rest up to the target size while it publishes (so the first keys
     /// can be handed out within seconds) [default: the target size].
@@ -259,6 +264,7 @@ impl Cli {
                     .map_err(|e| Error::Config(e.to_string()))?,
                     name: a.pool,
                     partitions: a.partitions,
+                    blocklist: blocklist_words(&a.blocklists)?,
                 }),
                 initial_keys: a.initial_keys,
             },
@@ -297,6 +303,23 @@ fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(v) = value {
         *slot = v;
     }
+}
+
+/// The folded words of the `--blocklist` sources (`default` or files).
+fn blocklist_words(sources: &[String]) -> Result<Vec<String>> {
+    use kgs_schemas::blocklist::{Blocklist, DEFAULT_ENGLISH};
+    let mut words: Vec<String> = Vec::new();
+    for source in sources {
+        let text = if source == "default" {
+            DEFAULT_ENGLISH.to_owned()
+        } else {
+            std::fs::read_to_string(source)
+                .map_err(|e| Error::Config(format!("reading blocklist {source}: {e}")))?
+        };
+        words.extend(Blocklist::parse_list(&text).into_iter().map(str::to_owned));
+    }
+    let list = Blocklist::new(&words).map_err(Error::Config)?;
+    Ok(list.words())
 }
 
 #[cfg(test)]

@@ -388,6 +388,8 @@ mod tests {
             cursor: 0,
             generating: None,
             reserved_ahead: Vec::new(),
+            blocklist: Vec::new(),
+            blocked: 0,
             topic: kgs_schemas::docs::topic_name("p", "0123456789abcdef"),
             partitions: 1,
             topic_generation: 0,

@@ -18,6 +18,8 @@ pub const KEYS_IN_POOL: &str = "kgs_producer_keys_in_pool";
 pub const KEYS_USED: &str = "kgs_producer_keys_used";
 /// Gauge: keys generated so far (the pool cursor).
 pub const KEYS_GENERATED: &str = "kgs_producer_keys_generated";
+/// Gauge: generation positions skipped because their key holds a blocked word.
+pub const BLOCKED_POSITIONS: &str = "kgs_producer_blocked_positions";
 /// Gauge: size of the key space.
 pub const KEY_SPACE: &str = "kgs_producer_key_space";
 /// Gauge: used / space, in parts per million.
@@ -74,6 +76,7 @@ pub struct Metrics {
     keys_used: IntGauge,
     /// Keys generated so far (the pool cursor).
     keys_generated: IntGauge,
+    blocked_positions: IntGauge,
     /// Size of the key space.
     key_space: IntGauge,
     /// used / space, in parts per million (a gauge of integers).
@@ -179,6 +182,10 @@ impl Metrics {
             keys_in_pool: gauge(KEYS_IN_POOL, "Keys in keys.<pool>"),
             keys_used: gauge(KEYS_USED, "Keys in used_keys.<pool>"),
             keys_generated: gauge(KEYS_GENERATED, "Keys generated (pool cursor)"),
+            blocked_positions: gauge(
+                BLOCKED_POSITIONS,
+                "Generation positions skipped: their key holds a blocked word",
+            ),
             key_space: gauge(KEY_SPACE, "Size of the key space"),
             space_used_ppm: gauge(SPACE_USED_PPM, "Fraction of the key space used, in ppm"),
             batches_published: counter(BATCHES_PUBLISHED_TOTAL, "Batches published"),
@@ -270,6 +277,11 @@ impl Metrics {
         self.keys_used.set(used as i64);
         self.space_used_ppm
             .set((used as f64 / space.max(1) as f64 * 1e6) as i64);
+    }
+
+    /// Positions the blocklist kept out so far (`pools.blocked`).
+    pub fn blocked_positions(&self, blocked: u64) {
+        self.blocked_positions.set(blocked as i64);
     }
 
     /// The key space of `pool` is used up: an operator must add a pool or

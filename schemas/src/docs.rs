@@ -131,6 +131,16 @@ pub struct PoolDoc {
     /// it after marking its range sees every reservation inside the range.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reserved_ahead: Vec<u64>,
+    /// Words no generated key may contain, folded ([`crate::blocklist`]);
+    /// set by `init`, the pool's own copy of its lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocklist: Vec<String>,
+    /// Generation positions below `cursor` skipped because their key is
+    /// blocked: their keys are in neither `keys` nor `used_keys`, so
+    /// `keys ∪ used_keys` is the generated set minus these. Advanced with
+    /// the cursor, in the same conditional update.
+    #[serde(default)]
+    pub blocked: u64,
     /// Kafka topic of the pool's batches.
     pub topic: String,
     /// Partition count of the topic.

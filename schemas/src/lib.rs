@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`format`]: alphabet + length of a pool's keys, validation, index↔key.
 //! - [`batch`]: the key-batch message and its strict decoder.
+//! - [`blocklist`]: words no generated key may contain, with folding.
 //! - [`docs`]: the MongoDB documents and collection names.
 //! - [`stats`]: the `collStats` figures reported for a pool's collections.
 //! - [`recycle`]: the checks a request to recycle a key must pass.
@@ -20,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod batch;
+pub mod blocklist;
 pub mod docs;
 pub mod duration;
 pub mod format;

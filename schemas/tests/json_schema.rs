@@ -105,6 +105,8 @@ fn mongo_documents_match_the_schema() {
             to: 2000,
         }),
         reserved_ahead: vec![1_500],
+        blocklist: vec!["ass".into(), "shit".into()],
+        blocked: 12,
         topic: "kgs.p3.0123456789abcdef".into(),
         partitions: 4,
         topic_generation: 0,

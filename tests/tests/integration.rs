@@ -9,6 +9,8 @@
 mod consumer;
 // Hostile conditions with the real binaries: one-line start errors, an exhausted pool, the secret.
 mod hostile;
+// Keys people can live with: the blocklist at generation.
+mod keys;
 // The producer lease: renewal racing takeover, abandoned epochs, reused ids.
 mod lease;
 // The Grafana dashboards and alert rules, evaluated by a real Prometheus.

@@ -31,6 +31,8 @@ pub struct PoolSpec {
     pub format: KeyFormat,
     /// Partitions of the pool's topic.
     pub partitions: u32,
+    /// Blocked words, folded and sorted ([`kgs_schemas::blocklist`]).
+    pub blocklist: Vec<String>,
 }
 
 /// What `init` did.
@@ -112,6 +114,8 @@ pub async fn create(config: &Config, store: &Store, spec: &PoolSpec) -> Result<I
                 cursor: 0,
                 generating: None,
                 reserved_ahead: Vec::new(),
+                blocklist: spec.blocklist.clone(),
+                blocked: 0,
                 partitions: spec.partitions,
                 topic_generation: 0,
                 moved_to: Some(0),
@@ -183,6 +187,13 @@ fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<(
         diffs.push(format!(
             "alphabet {:?} (asked {:?})",
             doc.format.alphabet, wanted.alphabet
+        ));
+    }
+    if doc.blocklist != spec.blocklist {
+        diffs.push(format!(
+            "a blocklist of {} words (asked {}; words cannot be added to a pool yet)",
+            doc.blocklist.len(),
+            spec.blocklist.len()
         ));
     }
     if doc.partitions != spec.partitions {

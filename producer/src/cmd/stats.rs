@@ -30,6 +30,10 @@ pub struct PoolStats {
     pub used: i64,
     /// Of which reserved.
     pub reserved: u64,
+    /// Generated positions skipped: their key holds a blocked word.
+    pub blocked: u64,
+    /// Words in the pool's blocklist.
+    pub blocklist_words: usize,
     /// used / space.
     pub fraction_used: f64,
     /// collStats of `keys.<pool>`.
@@ -90,6 +94,8 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         in_keys: keys.count,
         used: used_keys.count,
         reserved,
+        blocked: p.blocked,
+        blocklist_words: p.blocklist.len(),
         fraction_used: used_keys.count as f64 / p.space as f64,
         keys,
         used_keys,
@@ -115,7 +121,7 @@ async fn coll_stats(store: &Store, name: &str) -> Result<CollStats> {
 /// The human-readable form of `stats`.
 pub fn render(s: &PoolStats) -> String {
     let mut out = format!(
-        "pool {}: space {}, generated {} ({:.2}%), in keys {}, used {} ({:.4}% of space), reserved {}\n",
+        "pool {}: space {}, generated {} ({:.2}%), in keys {}, used {} ({:.4}% of space), reserved {}, blocked {} ({} words)\n",
         s.pool,
         s.space,
         s.generated,
@@ -123,7 +129,9 @@ pub fn render(s: &PoolStats) -> String {
         s.in_keys,
         s.used,
         s.fraction_used * 100.0,
-        s.reserved
+        s.reserved,
+        s.blocked,
+        s.blocklist_words
     );
     for c in [&s.keys, &s.used_keys] {
         out += &format!(

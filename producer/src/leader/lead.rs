@@ -426,7 +426,11 @@ async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: boo
     let doc = store.pool(pool).await?;
     let keys = unused_keys(&colls, &doc).await?;
     let used = match doc.moved_to {
-        Some(moved) if !count => moved + doc.reserved_ahead.len() as u64,
+        // Blocked positions are in neither collection; nearly all of them
+        // lie below the window, which trails the cursor closely.
+        Some(moved) if !count => {
+            (moved + doc.reserved_ahead.len() as u64).saturating_sub(doc.blocked)
+        }
         _ => colls
             .used
             .estimated_document_count()
@@ -434,6 +438,7 @@ async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: boo
             .map_err(Error::store("count used keys"))?,
     };
     metrics.pool_figures(keys, used, doc.cursor, doc.space);
+    metrics.blocked_positions(doc.blocked);
     Ok(())
 }
 

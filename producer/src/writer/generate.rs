@@ -11,13 +11,18 @@
 //! by exact `_id`), because a batch may have moved some of them already. Only
 //! the lease holder generates, in the same task that moves batches, so no move
 //! runs while a range is pending. Positions listed in `reserved_ahead` are
-//! skipped: their keys were reserved before being generated.
+//! skipped: their keys were reserved before being generated. So are the
+//! positions whose key contains a word of the pool's blocklist; step 3
+//! adds their count to `blocked` in the same update that moves the cursor
+//! (set from the count read after step 1, so a step finished twice, by a
+//! stale leader and by its successor, counts them once).
 
 use std::collections::HashSet;
 
 use bson::doc;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
+use kgs_schemas::blocklist::Blocklist;
 use kgs_schemas::docs::{GenerationRange, KeyDoc, PoolDoc};
 use kgs_schemas::KeyFormat;
 
@@ -107,6 +112,30 @@ pub async fn top_up(
     }
 }
 
+/// The pool's blocklist (empty for a pool without one).
+pub fn pool_blocklist(pool: &PoolDoc) -> Result<Blocklist> {
+    Blocklist::new(&pool.blocklist)
+        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad blocklist: {e}", pool.name)))
+}
+
+/// The keys of generation positions `0..pool.cursor`, in order, without
+/// the blocked ones: what `keys ∪ used_keys` must hold (reserved keys
+/// included). For checkers of small pools.
+pub fn generated_keys(pool: &PoolDoc) -> Result<Vec<String>> {
+    let (format, perm) = pool_order(pool)?;
+    let blocklist = pool_blocklist(pool)?;
+    let mut keys = Vec::new();
+    for n in 0..pool.cursor {
+        let key = format
+            .key_at(perm.apply(n))
+            .map_err(|e| Error::Corrupt(format!("pool {:?}: {e}", pool.name)))?;
+        if !blocklist.blocks(&key) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
 /// Keys in `keys.<pool>`: the positions generated and not yet passed by the
 /// batch window (no collection count, which is a scan on some MongoDB-wire
 /// servers); counted only in a pool made before `moved_to` existed.
@@ -133,7 +162,9 @@ async fn finish_range(
     progress: Option<&ProgressBar>,
 ) -> Result<()> {
     let (format, perm) = pool_order(doc)?;
+    let blocklist = pool_blocklist(doc)?;
     let skip: HashSet<u64> = doc.reserved_ahead.iter().copied().collect();
+    let mut blocked = 0;
     let mut from = range.from;
     while from < range.to {
         let to = (from + INSERT_CHUNK as u64).min(range.to);
@@ -144,6 +175,11 @@ async fn finish_range(
                     .key_at(perm.apply(n))
                     .expect("perm stays in the space");
                 KeyDoc { key, n }
+            })
+            .filter(|d| {
+                let block = blocklist.blocks(&d.key);
+                blocked += u64::from(block);
+                !block
             })
             .collect();
         if recovering {
@@ -167,7 +203,10 @@ async fn finish_range(
                 "generating.from": range.from as i64,
                 "generating.to": range.to as i64,
             },
-            doc! { "$set": { "cursor": range.to as i64 }, "$unset": { "generating": "" } },
+            doc! {
+                "$set": { "cursor": range.to as i64, "blocked": (doc.blocked + blocked) as i64 },
+                "$unset": { "generating": "" },
+            },
         )
         .await
         .map_err(Error::store("advance cursor"))?;

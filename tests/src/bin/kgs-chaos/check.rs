@@ -30,6 +30,8 @@ pub struct Figures {
     pub duplicates: usize,
     /// Keys generated (`cursor`).
     pub generated: u64,
+    /// Of the generated positions, skipped by the blocklist.
+    pub blocked: u64,
     /// In `keys` / in `used_keys`.
     pub in_keys: usize,
     /// In `used_keys`.
@@ -133,10 +135,19 @@ pub async fn check(
             range.from, range.to
         ));
     }
-    let (format, perm) = kgs_producer::writer::generate::pool_order(&doc)?;
-    let mut generated = HashSet::with_capacity(doc.cursor as usize);
-    for i in 0..doc.cursor {
-        generated.insert(format.key_at(perm.apply(i))?);
+    // Blocked positions (the run's pool has the default blocklist) are
+    // in neither collection.
+    let generated: HashSet<String> = kgs_producer::writer::generate::generated_keys(&doc)?
+        .into_iter()
+        .collect();
+    fig.blocked = doc.blocked;
+    if generated.len() as u64 + doc.blocked != doc.cursor {
+        bad.push(format!(
+            "{} keys generated + {} blocked != cursor {}",
+            generated.len(),
+            doc.blocked,
+            doc.cursor
+        ));
     }
     for k in &keys {
         if used.contains_key(k) {

@@ -245,8 +245,14 @@ async fn run(args: Args) -> Result<bool> {
     let mongo = mongodb::Client::with_uri_str(servers.mongodb_uri()).await?;
     let db = mongo.database(&name);
 
-    // A 3-letter base62 pool (238,328 keys), 3 partitions.
-    let out = cluster.producer_command().init(3, 3).output().await?;
+    // A 3-letter base62 pool (238,328 keys), 3 partitions, the default
+    // blocklist (the checker counts its positions out).
+    let out = cluster
+        .producer_command()
+        .init(3, 3)
+        .args(["--blocklist", "default"])
+        .output()
+        .await?;
     ensure!(
         out.status.success(),
         "kgs-producer init failed: {}",
@@ -388,8 +394,8 @@ async fn run(args: Args) -> Result<bool> {
         fig.batch_sizes.0, fig.batch_sizes.1
     );
     println!(
-        "  generated            {} = {} in keys + {} in used_keys; {} batches in the topic ({} forged ones refused), {} keys pending there",
-        fig.generated, fig.in_keys, fig.in_used, fig.batches, fig.forged, fig.pending
+        "  generated            {} = {} in keys + {} in used_keys + {} blocked; {} batches in the topic ({} forged ones refused), {} keys pending there",
+        fig.generated, fig.in_keys, fig.in_used, fig.blocked, fig.batches, fig.forged, fig.pending
     );
     println!(
         "  longest outage       {:.1} s{} (no key received by any client)",
@@ -832,7 +838,12 @@ async fn recreate_topic(cluster: &mut Cluster, db: &mongodb::Database) -> Result
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         cluster.supervise()?;
-        let out = cluster.producer_command().init(3, 3).output().await?;
+        let out = cluster
+            .producer_command()
+            .init(3, 3)
+            .args(["--blocklist", "default"])
+            .output()
+            .await?;
         ensure!(
             out.status.success(),
             "kgs-producer init after deleting the topic failed: {}",
