@@ -40,6 +40,21 @@ impl ConsumeLoop {
                 return;
             }
         };
+        // The ending of our claim on this batch is queued (its commit failed
+        // and the write giving its keys back did too, MongoDB being away),
+        // and the batch is read again (a rebalance re-delivers it: it was
+        // never committed). Its claim is still `open` and ours, so claiming
+        // it would take it for a batch redelivered before its commit and hand
+        // its keys out, while the queued ending gives every key back for the
+        // producer to publish again: each key handed out twice. An ending
+        // once tried is never called off (a write that reported an error may
+        // still land), so skip the batch, as the replay it is, before any
+        // MongoDB read: its keys come back through the ending.
+        if self.ending(&batch.batch_id) {
+            metrics::replay(&self.shared.metrics, at, &batch.batch_id, &self.instance);
+            self.commit_past(at).await;
+            return;
+        }
         let started = std::time::Instant::now();
         // Verified before anything is written, so a forged batch leaves no
         // claim behind (a claim names a batch as this pool's).
@@ -55,6 +70,15 @@ impl ConsumeLoop {
         if let Err(e) = batch.verify(at.partition, proof.as_ref(), &self.incarnation) {
             metrics::unverified(&self.shared.metrics, at, &batch.batch_id, &e);
             self.commit_past(at).await;
+            return;
+        }
+        // Published into a re-created topic we have not subscribed to
+        // afresh: neither claimed nor committed (a commit at this position
+        // would make the group skip the batches before it); the loop makes
+        // a new consumer, which reads it again.
+        let generation = proof.as_ref().map_or(0, |p| p.topic_generation);
+        if generation > self.topic_generation {
+            self.recreated = Some(generation);
             return;
         }
         let claim = ClaimDoc {

@@ -48,6 +48,10 @@ pub(crate) const CLAIM_RETRY_MAX: Duration = Duration::from_secs(5);
 /// away) are tried again.
 pub(crate) const UNFINISHED_RETRY: Duration = Duration::from_secs(1);
 
+/// How often the loop reads the pool's topic generation: a re-created
+/// topic from which nothing arrives is noticed within this time.
+pub(crate) const TOPIC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// State shared by the [`crate::KeyConsumer`] handle and the loop.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -154,6 +158,14 @@ pub(crate) struct ConsumeLoop {
     /// handed out again, nor recycled).
     pub unfinished: Vec<(String, Vec<String>)>,
     pub next_unfinished_retry: Instant,
+    /// What the Kafka consumer was made with, to make it again.
+    pub kafka_config: rdkafka::ClientConfig,
+    /// The topic generation ([`kgs_schemas::docs::PoolDoc::topic_generation`])
+    /// of the topic the consumer subscribed to.
+    pub topic_generation: u64,
+    /// A newer generation seen in a batch's record, not acted on yet.
+    pub recreated: Option<u64>,
+    pub next_topic_check: Instant,
 }
 
 /// The hand-out rate, measured from the buffer's counter over windows of
@@ -223,6 +235,10 @@ impl ConsumeLoop {
                         let m = m.detach();
                         self.admitted(true);
                         self.handle(m, &mut stop).await;
+                        if let Some(generation) = self.recreated.take() {
+                            drop(consumer);
+                            self.resubscribe(generation);
+                        }
                     }
                     Err(e) if kgs_schemas::kafka::is_authorization_failure(&e) => self.refused(Refused::Kafka(e.to_string())),
                     // Broker and transport errors are retried by librdkafka itself.
@@ -261,6 +277,18 @@ impl ConsumeLoop {
     }
 
     async fn housekeeping(&mut self) {
+        if Instant::now() >= self.next_topic_check {
+            self.next_topic_check = Instant::now() + TOPIC_CHECK_INTERVAL;
+            match self.store.pool(&self.pool).await {
+                Ok(doc) if doc.topic_generation > self.topic_generation => {
+                    self.resubscribe(doc.topic_generation)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(cause = %metrics::error_chain(&e), "reading the pool's topic generation failed")
+                }
+            }
+        }
         let drained = self.shared.buffer.take_drained();
         self.report_handed_out();
         for batch in drained {
@@ -268,6 +296,46 @@ impl ConsumeLoop {
         }
         self.retry_unfinished().await;
         self.apply_backpressure();
+    }
+
+    /// The pool topic was deleted and created again (the producer counts
+    /// topic generations): librdkafka keeps fetching the old topic's
+    /// positions from the new one, so it either waits past the new topic's
+    /// end for good or skips its first batches (those the producer
+    /// published again), without an error either way. A new Kafka consumer
+    /// joins the group afresh and reads the new topic from the group's
+    /// offsets in it. Those are the new topic's only: Kafka dropped the old
+    /// topic's with it, and no consumer commits a batch of a newer
+    /// generation than it subscribed to (the claim checks the record's
+    /// generation first; a batch read again is only a replay). Claims of
+    /// buffered keys are unaffected: they were committed before.
+    pub(crate) fn resubscribe(&mut self, generation: u64) {
+        let made: Result<StreamConsumer<Context>, _> = self
+            .kafka_config
+            .create_with_context(Context::new(self.shared.metrics.clone()));
+        let subscribed = made.and_then(|c| c.subscribe(&[&self.topic]).map(|()| c));
+        match subscribed {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.consumer, Arc::new(fresh));
+                old.unsubscribe();
+                // Closing may wait on the broker: off the async threads.
+                tokio::task::spawn_blocking(move || drop(old));
+                warn!(
+                    topic = %self.topic,
+                    from = self.topic_generation,
+                    to = generation,
+                    "the pool topic was re-created: consuming it with a new Kafka consumer"
+                );
+                self.shared.metrics.topic_recreations.inc();
+                self.topic_generation = generation;
+                self.paused = false;
+                self.shared.metrics.paused.set(0);
+            }
+            // Tried again at the next check or batch.
+            Err(e) => {
+                warn!(topic = %self.topic, cause = %e, "making a new Kafka consumer for the re-created topic failed")
+            }
+        }
     }
 
     /// Adds the keys handed out since the last call to the counter. Read

@@ -187,8 +187,8 @@ impl KeyConsumer {
         // carry it (the instance id may be shared or reused).
         let token = uuid::Uuid::new_v4().simple().to_string();
         check_kafka(&config, &group, &instance, &pool_doc.topic).await?;
-        let consumer: StreamConsumer<Context> = config
-            .kafka_config(&group, &instance)?
+        let kafka_config = config.kafka_config(&group, &instance)?;
+        let consumer: StreamConsumer<Context> = kafka_config
             .create_with_context(Context::new(metrics.clone()))
             .map_err(|source| Error::Subscribe {
                 topic: pool_doc.topic.clone(),
@@ -226,6 +226,10 @@ impl KeyConsumer {
             reported_handed_out: 0,
             unfinished: Vec::new(),
             next_unfinished_retry: tokio::time::Instant::now(),
+            kafka_config,
+            topic_generation: pool_doc.topic_generation,
+            recreated: None,
+            next_topic_check: tokio::time::Instant::now() + consume::TOPIC_CHECK_INTERVAL,
         };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(consume_loop.run(stop_rx));

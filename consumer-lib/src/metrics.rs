@@ -40,6 +40,12 @@ pub const KEYS_RETURNED_TOTAL: &str = "kgs_consumer_keys_returned_total";
 pub const COMMIT_FAILURES_TOTAL: &str = "kgs_consumer_commit_failures_total";
 /// Counter: failed claim writes (retried).
 pub const CLAIM_ERRORS_TOTAL: &str = "kgs_consumer_claim_errors_total";
+/// Counter: failed writes ending a claim (`returning` or `drained`): the
+/// ending is queued and retried every second, and at shutdown.
+pub const CLAIM_END_ERRORS_TOTAL: &str = "kgs_consumer_claim_end_errors_total";
+/// Gauge: claim endings queued by a failed write, not written yet (MongoDB
+/// unreachable); their keys come back once they are.
+pub const CLAIM_ENDS_PENDING: &str = "kgs_consumer_claim_ends_pending";
 /// Counter, label `event` (`assign`, `revoke`, `error`): rebalance events.
 pub const REBALANCES_TOTAL: &str = "kgs_consumer_rebalances_total";
 /// Counter, label `outcome` (`accepted`, `bad_key`, `error`, or a refusal
@@ -56,6 +62,9 @@ pub const REFUSED: &str = "kgs_consumer_refused";
 /// Gauge: the high watermark in force (it follows the hand-out rate unless
 /// fixed with `KeyConsumerBuilder::watermarks`).
 pub const HIGH_WATERMARK: &str = "kgs_consumer_buffer_high_watermark_keys";
+/// Counter: times the pool topic was found re-created and the Kafka
+/// consumer was made again.
+pub const TOPIC_RECREATIONS_TOTAL: &str = "kgs_consumer_topic_recreations_total";
 
 /// The consumer's metrics, registered in the app's registry.
 #[derive(Debug, Clone)]
@@ -74,11 +83,14 @@ pub(crate) struct Metrics {
     pub keys_returned: IntCounter,
     pub commit_failures: IntCounter,
     pub claim_errors: IntCounter,
+    pub claim_end_errors: IntCounter,
+    pub claim_ends_pending: IntGauge,
     pub rebalances: IntCounterVec,
     pub recycle_requests: IntCounterVec,
     pub paused: IntGauge,
     pub assigned_partitions: IntGauge,
     pub refused: IntGauge,
+    pub topic_recreations: IntCounter,
 }
 
 impl Metrics {
@@ -133,6 +145,21 @@ impl Metrics {
             keys_returned: counter(KEYS_RETURNED_TOTAL, "Keys handed back at shutdown.")?,
             commit_failures: counter(COMMIT_FAILURES_TOTAL, "Offset commits that failed.")?,
             claim_errors: counter(CLAIM_ERRORS_TOTAL, "Claim writes that failed (retried).")?,
+            claim_end_errors: counter(
+                CLAIM_END_ERRORS_TOTAL,
+                "Writes ending a claim that failed (queued and retried).",
+            )?,
+            topic_recreations: counter(
+                TOPIC_RECREATIONS_TOTAL,
+                "Times the pool topic was found re-created (the Kafka consumer was made again).",
+            )?,
+            claim_ends_pending: reg(
+                registry,
+                IntGauge::new(
+                    CLAIM_ENDS_PENDING,
+                    "Claim endings queued by a failed write, not written yet.",
+                )?,
+            )?,
             rebalances: reg(
                 registry,
                 IntCounterVec::new(
@@ -240,6 +267,12 @@ pub(crate) fn batch_claimed(m: &Metrics, keys: usize, took: Duration) {
 pub(crate) fn claim_failed(m: &Metrics, batch: &str, err: &crate::Error) {
     m.claim_errors.inc();
     warn!(batch, cause = %error_chain(err), "claim write failed, retrying");
+}
+
+/// A write ending a claim failed; the ending is retried.
+pub(crate) fn claim_end_failed(m: &Metrics, batch: &str, keys: usize, err: &crate::Error) {
+    m.claim_end_errors.inc();
+    warn!(batch, keys, cause = %error_chain(err), "could not end the claim; retrying");
 }
 
 /// An offset commit failed: the batch is not handed out and its keys are

@@ -42,7 +42,21 @@ impl ConsumeLoop {
                     break;
                 }
             }
+            self.pending_changed();
         }
+    }
+
+    /// Whether an ending of our claim on `batch` is queued: its write
+    /// failed, and it is retried until it lands.
+    pub(crate) fn ending(&self, batch: &str) -> bool {
+        self.unfinished.iter().any(|(b, _)| b == batch)
+    }
+
+    fn pending_changed(&self) {
+        self.shared
+            .metrics
+            .claim_ends_pending
+            .set(self.unfinished.len() as i64);
     }
 
     /// Marks our claim `returning` with `keys` (none handed out), or
@@ -53,8 +67,9 @@ impl ConsumeLoop {
             Ok(true) if n > 0 => metrics::keys_returned(&self.shared.metrics, batch, n),
             Ok(_) => {}
             Err(e) => {
-                warn!(batch, keys = n, cause = %metrics::error_chain(&e), "could not end the claim; retrying");
+                metrics::claim_end_failed(&self.shared.metrics, batch, n, &e);
                 self.unfinished.push((batch.to_owned(), keys));
+                self.pending_changed();
             }
         }
     }
@@ -89,7 +104,7 @@ impl ConsumeLoop {
                         break;
                     }
                     Ok(Err(e)) => {
-                        warn!(batch = %batch_id, cause = %metrics::error_chain(&e), "claim update failed, retrying");
+                        metrics::claim_end_failed(&self.shared.metrics, &batch_id, n, &e);
                         tokio::time::sleep(CLAIM_RETRY_FIRST).await;
                     }
                     Err(_) => break,
@@ -106,6 +121,8 @@ impl ConsumeLoop {
                 report.keys_returned += n;
             }
         }
+        // Nothing is retried any more: what failed is in the report.
+        self.pending_changed();
         self.consumer.unsubscribe();
         // Closing the consumer (leaving the group) blocks in librdkafka.
         let consumer = self.consumer;

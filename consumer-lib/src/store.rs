@@ -98,7 +98,9 @@ impl Store {
     /// group, partition and offset: a write retried across a server
     /// restart, or the batch redelivered to us before its commit), it is
     /// still ours: its keys were never handed out, since hand-out happens
-    /// only after the commit. The instance id alone never makes a claim
+    /// only after the commit (the caller never claims again a batch whose
+    /// ending it has queued: that claim is on its way back, not ours to
+    /// resume). The instance id alone never makes a claim
     /// ours: it is configurable, and another process (a restart, another
     /// group) with the same id may have handed the keys out.
     pub async fn claim(&self, claim: &ClaimDoc) -> Result<ClaimOutcome> {

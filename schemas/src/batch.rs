@@ -284,12 +284,20 @@ pub struct BatchProof {
     /// The partition the producer publishes it to (set before publishing).
     #[serde(default)]
     pub partition: Option<i32>,
+    /// The topic generation ([`crate::docs::PoolDoc::topic_generation`]) it
+    /// is published into: a consumer that finds it newer than the topic it
+    /// subscribed to knows the topic was re-created.
+    #[serde(default)]
+    pub topic_generation: u64,
 }
 
 impl BatchProof {
     /// The projection that reads a [`BatchProof`] from a batch record.
     pub fn projection() -> bson::Document {
-        bson::doc! { "pool": 1, "incarnation": 1, "state": 1, "digest": 1, "partition": 1 }
+        bson::doc! {
+            "pool": 1, "incarnation": 1, "state": 1, "digest": 1, "partition": 1,
+            "topic_generation": 1,
+        }
     }
 }
 
@@ -632,6 +640,7 @@ mod tests {
             state: crate::docs::BatchState::Published,
             digest: keys_digest(&b.keys),
             partition: Some(2),
+            topic_generation: 0,
         }
     }
 

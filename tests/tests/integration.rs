@@ -23,5 +23,7 @@ mod provenance;
 mod recycle;
 // Least privilege on the secured Kafka (SASL_SSL, SCRAM, ACLs): end to end, refusals, one-line errors.
 mod security;
+// The pool topic deleted and re-created under running app servers.
+mod topic;
 // The servers themselves: consumer groups, committed offsets, transactions, MongoDB round trips.
 mod smoke;

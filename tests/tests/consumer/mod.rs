@@ -13,7 +13,8 @@
 //! # Layout
 //! - `publisher.rs`: the test pool and its publisher.
 //! - `group.rs`: disjoint keys across the members of a group.
-//! - `claim.rs`: claim-then-commit, foreign claims, dead instances.
+//! - `claim.rs`: claim-then-commit, foreign claims, dead instances, the
+//!   give-back of a batch whose commit failed, through a MongoDB outage.
 //! - `shutdown.rs`: returning unused keys, and handing them out again.
 //! - `flow.rs`: bad input skipped, backpressure at the watermarks.
 //! - `app_server.rs`: the app server as separate processes.
