@@ -3,7 +3,8 @@
 # (and, as root, installed) before anything is built or started:
 #   scripts/prereqs.sh run    build + local servers + curl
 #   scripts/prereqs.sh test   the above + Prometheus/promtool (observability
-#                             test), PyYAML (compose check); Go when
+#                             test), PyYAML (compose check), libfaketime
+#                             (the host clock skew tests); Go when
 #                             KGS_MONGO_IMPL=ferretdb
 #
 # Quiet when everything is there. Missing Debian packages are installed with
@@ -51,6 +52,12 @@ fi
 
 if [[ "$mode" == test ]]; then
   { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing_pkgs+=(prometheus)
+  # libfaketime, preloaded into a producer to shift its host clock (the
+  # lease must not depend on host clocks); the library, not the command, is
+  # what the tests use.
+  compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null \
+    || compgen -G '/usr/lib/faketime/libfaketime.so.1' >/dev/null \
+    || missing_pkgs+=(faketime)
   if [[ "${KGS_MONGO_IMPL:-secantus}" == ferretdb ]]; then
     command -v go >/dev/null 2>&1 || missing_pkgs+=(golang-go)
   fi

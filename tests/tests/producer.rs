@@ -1,6 +1,7 @@
 //! Integration tests of `kgs-producer` against the real servers: generation of
 //! whole key spaces, `init` idempotence, crash at every failpoint then
-//! recovery, two producers on one pool, backlog watermarks, `reserve`.
+//! recovery, two producers on one pool (also with one host clock a lease
+//! off), backlog watermarks, `reserve`.
 //!
 //! Each test spawns the built binary (`cargo build -p kgs-producer` first)
 //! with its own database, pool and topic, and checks the invariants directly
@@ -8,12 +9,14 @@
 //! collections, every key of the space in exactly one of them.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bson::{doc, Document};
-use kgs_schemas::docs::{PoolDoc, POOLS};
+use chrono::{DateTime, Utc};
+use kgs_schemas::docs::{LeaseDoc, LeaseEpochDoc, PoolDoc, LEASES, LEASE_EPOCHS, POOLS};
 use kgs_schemas::{KeyBatch, KeyFormat};
 use kgs_tests::kafka::{commit_offsets, CommitAt};
 use kgs_tests::process::send_signal;
@@ -560,6 +563,270 @@ async fn two_producers_one_leader_and_takeover() -> Result<()> {
         batches.len()
     );
     Ok(())
+}
+
+/// The lease of every spawned producer ([`kgs_tests::producer::LEASE`]).
+fn lease_duration() -> Duration {
+    kgs_schemas::duration::parse(kgs_tests::producer::LEASE).expect("the test lease parses")
+}
+
+/// The database server's clock (`hello.localTime`): the one clock every
+/// lease time is on.
+async fn server_now(pool: &Pool) -> Result<DateTime<Utc>> {
+    let hello = pool.db().await?.run_command(doc! { "hello": 1 }).await?;
+    Ok(hello.get_datetime("localTime")?.to_chrono())
+}
+
+/// The pool's lease document.
+async fn lease_doc(pool: &Pool) -> Result<LeaseDoc> {
+    pool.db()
+        .await?
+        .collection::<LeaseDoc>(LEASES)
+        .find_one(doc! { "_id": &pool.name })
+        .await?
+        .context("lease document")
+}
+
+/// The claim of lease epoch `epoch` of the pool (every epoch after the
+/// first is a takeover, and `init` holds the first).
+async fn epoch_claim(pool: &Pool, epoch: u64) -> Result<LeaseEpochDoc> {
+    pool.db()
+        .await?
+        .collection::<LeaseEpochDoc>(LEASE_EPOCHS)
+        .find_one(doc! { "_id": format!("{}:{epoch}", pool.name) })
+        .await?
+        .with_context(|| format!("no claim of lease epoch {epoch}"))
+}
+
+/// The timestamp (by the producer's own clock) of the first line of `log`
+/// that contains `what`, behind its ANSI colours; `None` before it is
+/// written.
+fn logged_at(log: &Path, what: &str) -> Result<Option<DateTime<Utc>>> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let Some(line) = text.lines().find(|l| l.contains(what)) else {
+        return Ok(None);
+    };
+    // Drop the colour sequences (ESC '[' ... 'm').
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let stamp = plain.split_whitespace().next().unwrap_or_default();
+    let at = DateTime::parse_from_rfc3339(stamp)
+        .with_context(|| format!("the log line {plain:?} starts with no timestamp"))?;
+    Ok(Some(at.with_timezone(&Utc)))
+}
+
+/// Spawns `run` as instance `id` with its host clock `offset` seconds off
+/// (none if 0; see [`ProducerCmd::clock_offset`]), its log in a file of the
+/// temp dir, and waits for its start: the child and the server's clock
+/// just before the spawn.
+///
+/// Proves the offset took effect, apart from anything the lease does: the
+/// timestamp of the "producer started" line, less `offset`, lies between
+/// the server's clock just before the spawn and when the line was seen —
+/// and that span (the start, about 0.1 s) is shorter than the offset, so
+/// a producer whose clock was not shifted fails.
+async fn start_with_clock(pool: &Pool, id: &str, offset: i64) -> Result<(Child, DateTime<Utc>)> {
+    let log = std::env::temp_dir().join(format!("{}-{id}.log", pool.name));
+    let mut cmd = pool
+        .command(&[], None)?
+        .run(50, 2)
+        .args(["--instance-id", id]);
+    if offset != 0 {
+        cmd = cmd.clock_offset(offset)?;
+    }
+    let before = server_now(pool).await?;
+    let child = cmd.log_to(&log)?.spawn()?;
+    let logged = wait_for(
+        &format!("{id} to start"),
+        Duration::from_secs(60),
+        || async { logged_at(&log, "producer started") },
+    )
+    .await?;
+    let seen = server_now(pool).await?;
+    let shift = chrono::Duration::seconds(offset);
+    let slack = chrono::Duration::milliseconds(5);
+    ensure!(
+        logged - shift >= before - slack && logged - shift <= seen + slack,
+        "{id} logged its start at {logged}, not {offset:+} s off the server's clock \
+         (between {before} and {seen}): the clock offset did not take effect"
+    );
+    ensure!(
+        offset == 0 || seen - before < shift.abs(),
+        "{id} took {} ms to start, too long to tell a {offset:+} s clock offset",
+        (seen - before).num_milliseconds()
+    );
+    Ok((child, before))
+}
+
+/// A leader and a standby on one pool, one of them with its host clock
+/// `leader` or `standby` lease durations off (ahead if positive, behind if
+/// negative; see [`ProducerCmd::clock_offset`]), and the lease holds as if
+/// both clocks were right, because every lease time is the database
+/// server's clock:
+///
+/// - the leader's takeover is recorded at the server's time (its claim's
+///   `taken_at` between the server's clock at its spawn and when the lease
+///   was seen to be its);
+/// - while the leader lives (three lease durations, sampled every 100 ms,
+///   the standby trying every third of a lease), the lease never changes
+///   hands, no batch of another epoch is published, and its `expires_at` is
+///   never more than a lease past the server's clock;
+/// - after the leader is SIGKILLed, the standby takes over once the lease
+///   has run out on the server's clock, not before (its claim's `taken_at`
+///   between that expiry and when the takeover was seen) and within one of
+///   its attempts (a third of a lease) and half a lease of slack after it,
+///   and publishes the refill;
+/// - the invariants hold.
+///
+/// Each producer's clock offset is proven to be in effect from its own log
+/// ([`start_with_clock`]). A lease on host clocks fails every variant: a
+/// standby a lease ahead (or a leader a lease behind) reads a lease just
+/// renewed (expiry = renewal + duration, by the leader's clock) as already
+/// expired and takes it from a live leader at its first attempt (the local
+/// validity, four fifths of a lease, does not cover a full lease of skew);
+/// a leader a lease ahead records its takeover and its expiry a lease past
+/// the server's clock; a standby a lease behind takes over a lease late.
+async fn host_clock_offset(leader: i64, standby: i64) -> Result<()> {
+    let d = lease_duration();
+    let secs = i64::try_from(d.as_secs())?;
+    let (leader_offset, standby_offset) = (leader * secs, standby * secs);
+    let skew = format!("leader clock {leader_offset:+} s, standby {standby_offset:+} s");
+    let pool = Pool::new(2);
+    pool.init(2, &[]).await?;
+    let (mut leader, spawned) = start_with_clock(&pool, "leader", leader_offset).await?;
+    let (held, seen) = wait_for("the leader's lease", Duration::from_secs(60), || async {
+        let lease = lease_doc(&pool).await?;
+        let now = server_now(&pool).await?;
+        Ok((lease.holder == "leader").then_some((lease, now)))
+    })
+    .await?;
+    let taken_at = epoch_claim(&pool, held.epoch).await?.taken_at;
+    ensure!(
+        spawned <= taken_at && taken_at <= seen,
+        "the leader's takeover is recorded at {taken_at}, not between its spawn at {spawned} \
+         and {seen} on the server's clock ({skew})"
+    );
+    wait_batches(&pool, 4, Duration::from_secs(60)).await?;
+
+    let (standby, _) = start_with_clock(&pool, "standby", standby_offset).await?;
+    // From its start on, the standby tries the lease every third of a lease.
+    let watched = std::time::Instant::now();
+    let mut samples = 0;
+    while watched.elapsed() < 3 * d {
+        let lease = lease_doc(&pool).await?;
+        let now = server_now(&pool).await?;
+        ensure!(
+            lease.token == held.token && lease.epoch == held.epoch,
+            "the lease moved from a live leader after {:?} ({skew}): {held:?} -> {lease:?}",
+            watched.elapsed()
+        );
+        // The renewal read the server's clock before this read: its expiry
+        // is at most a lease past the server's clock now (localTime has
+        // millisecond resolution).
+        ensure!(
+            lease.expires_at <= now + d + chrono::Duration::milliseconds(5),
+            "the lease expires at {}, more than {d:?} past the server's clock {now} ({skew})",
+            lease.expires_at
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(samples >= 10, "only {samples} lease samples in {:?}", 3 * d);
+    let batches = pool.topic_batches().await?;
+    ensure!(
+        batches.iter().all(|(_, _, b)| b.epoch == held.epoch),
+        "a batch of another epoch than the leader's {} ({skew})",
+        held.epoch
+    );
+
+    send_signal(pid(&leader)?, Signal::Kill)?;
+    let killed = std::time::Instant::now();
+    leader.wait().await?;
+    // A renewal the server received before the kill lands within moments.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let last = lease_doc(&pool).await?;
+    ensure!(
+        last.epoch == held.epoch,
+        "the lease moved before it could have expired: {last:?}"
+    );
+    let (taken, seen) = wait_for("the standby's takeover", 5 * d, || async {
+        let lease = lease_doc(&pool).await?;
+        let now = server_now(&pool).await?;
+        Ok((lease.epoch != held.epoch).then_some((lease, now)))
+    })
+    .await?;
+    let took = killed.elapsed();
+    ensure!(
+        taken.holder == "standby" && taken.epoch > held.epoch,
+        "not the standby's takeover: {taken:?}"
+    );
+    let taken_at = epoch_claim(&pool, taken.epoch).await?.taken_at;
+    ensure!(
+        last.expires_at <= taken_at && taken_at <= seen,
+        "the standby's takeover is recorded at {taken_at}, not between the lease's expiry \
+         at {} and {seen} on the server's clock ({skew})",
+        last.expires_at
+    );
+    // Within one attempt (a third of a lease) and half a lease of slack for
+    // the round trips: less than the lease a standby whose clock is a lease
+    // behind would wait past the expiry on a lease of host clocks.
+    let late = seen - last.expires_at;
+    ensure!(
+        late <= chrono::Duration::from_std(d / 3 + d / 2)?,
+        "the standby took over {} ms after the lease ran out on the server's clock, \
+         more than an attempt (a third of a lease) and half a lease ({skew}; {took:?} after the kill)",
+        late.num_milliseconds()
+    );
+
+    // The standby leads: the refill of what a consumer read is its batches.
+    commit_all(pool.topic().await?, pool.partitions, pool.group().await?).await?;
+    wait_batches(&pool, 8, Duration::from_secs(60)).await?;
+    let newer = pool
+        .topic_batches()
+        .await?
+        .iter()
+        .filter(|(_, _, b)| b.epoch > held.epoch)
+        .count();
+    ensure!(newer >= 4, "{newer} batches after the takeover, not 4");
+    ensure!(
+        terminate(standby).await?.success(),
+        "SIGTERM did not exit 0"
+    );
+    let batches = pool.check_invariants(3_844).await?;
+    // 8, plus at most one, as in `two_producers_one_leader_and_takeover`.
+    ensure!(
+        (8..=9).contains(&batches.len()),
+        "{} batches",
+        batches.len()
+    );
+    Ok(())
+}
+
+macro_rules! host_clock_tests {
+    ($($name:ident => ($leader:literal, $standby:literal)),* $(,)?) => {$(
+        /// One producer's host clock a lease off: the lease holds as if it
+        /// were right (see `host_clock_offset`).
+        #[tokio::test]
+        async fn $name() -> Result<()> {
+            host_clock_offset($leader, $standby).await
+        }
+    )*};
+}
+
+// Host clock offsets in lease durations: (leader, standby).
+host_clock_tests! {
+    host_clock_leader_ahead => (1, 0),
+    host_clock_leader_behind => (-1, 0),
+    host_clock_standby_ahead => (0, 1),
+    host_clock_standby_behind => (0, -1),
 }
 
 /// `reserve` takes a generated key and a not-yet-generated key out of
