@@ -133,6 +133,9 @@ pub struct KeyConsumer {
     store: Store,
     /// The pool's key format, to reject bad keys given to `recycle`.
     format: KeyFormat,
+    /// The pool's recycle cooldown (ms): how long a recycled key is
+    /// quarantined ([`kgs_schemas::docs::PoolDoc::recycle_cooldown_ms`]).
+    recycle_cooldown_ms: u64,
     /// Kafka bootstrap servers, for error messages.
     brokers: String,
     /// The MongoDB connection string, password redacted, for error messages.
@@ -188,6 +191,7 @@ impl KeyConsumer {
         let token = uuid::Uuid::new_v4().simple().to_string();
         check_kafka(&config, &group, &instance, &pool_doc.topic).await?;
         let kafka_config = config.kafka_config(&group, &instance)?;
+        let recycle_cooldown_ms = pool_doc.recycle_cooldown_ms;
         let consumer: StreamConsumer<Context> = kafka_config
             .create_with_context(Context::new(metrics.clone()))
             .map_err(|source| Error::Subscribe {
@@ -243,6 +247,7 @@ impl KeyConsumer {
             token,
             store,
             format,
+            recycle_cooldown_ms,
             brokers: config.brokers.clone(),
             mongodb_uri: kgs_schemas::mongo::redact_uri(&config.mongodb_uri),
         })

@@ -36,6 +36,14 @@ pub enum RecycleOutcome {
         /// The request's `_id`.
         id: String,
     },
+    /// Recorded durably; the key is quarantined (the pool's recycle
+    /// cooldown) and the producer leader puts it back at `until`.
+    Quarantined {
+        /// The request's `_id`.
+        id: String,
+        /// When it goes back into circulation.
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 impl KeyConsumer {
@@ -61,10 +69,12 @@ impl KeyConsumer {
     /// [`KeyConsumer::recycle`], then waits up to `timeout` for the producer
     /// to finish it: [`RecycleOutcome::Done`], or `Accepted` if it has not
     /// yet (it still will). A request the producer refuses on its own
-    /// re-check is [`Error::NotRecyclable`] ([`Refusal::Changed`]).
+    /// re-check is [`Error::NotRecyclable`] ([`Refusal::Changed`]). A
+    /// quarantined key ([`RecycleOutcome::Quarantined`]) is answered at once.
     pub async fn recycle_wait(&self, key: &str, timeout: Duration) -> Result<RecycleOutcome> {
-        let RecycleOutcome::Accepted { id } = self.recycle(key).await? else {
-            unreachable!("recycle only accepts");
+        let id = match self.recycle(key).await? {
+            RecycleOutcome::Accepted { id } => id,
+            other => return Ok(other),
         };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -111,10 +121,23 @@ impl KeyConsumer {
                 }
             },
         }
-        let request = RecycleDoc::request(&self.pool, key, batch, n, &self.instance);
+        let request = RecycleDoc::request(
+            &self.pool,
+            key,
+            batch,
+            n,
+            &self.instance,
+            self.recycle_cooldown_ms,
+        );
         if !self.store.request_recycle(&request).await? {
             return Err(refused(Refusal::AlreadyRecycled));
         }
-        Ok(RecycleOutcome::Accepted { id: request.id })
+        Ok(match request.due_at {
+            Some(until) => RecycleOutcome::Quarantined {
+                id: request.id,
+                until,
+            },
+            None => RecycleOutcome::Accepted { id: request.id },
+        })
     }
 }

@@ -174,6 +174,7 @@ async fn leading_pool(
         format,
         partitions: 1,
         blocklist: Vec::new(),
+        recycle_cooldown: None,
     };
     init::create(config, store, &spec).await?;
     let keeper = LeaseKeeper::spawn(Lease::new(

@@ -118,6 +118,11 @@ pub struct InitArgs {
     /// list, or a file of one word per line; repeatable.
     #[arg(long = "blocklist", value_name = "default|FILE")]
     pub blocklists: Vec<String>,
+    /// How long a recycled key stays out of circulation before it is
+    /// handed out again (so caches and old links never resolve to a new
+    /// target); `0s` for at once [default for a new pool: 30d].
+    #[arg(long, value_parser = duration::parse, overrides_with = "recycle_cooldown")]
+    pub recycle_cooldown: Option<Duration>,
     /// Keys to generate before `init` returns; a running producer generates
     /// the rest up to the target size while it publishes (so the first keys
     /// can be handed out within seconds) [default: the target size].
@@ -265,6 +270,7 @@ impl Cli {
                     name: a.pool,
                     partitions: a.partitions,
                     blocklist: blocklist_words(&a.blocklists)?,
+                    recycle_cooldown: a.recycle_cooldown,
                 }),
                 initial_keys: a.initial_keys,
             },

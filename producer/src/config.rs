@@ -390,6 +390,7 @@ mod tests {
             reserved_ahead: Vec::new(),
             blocklist: Vec::new(),
             blocked: 0,
+            recycle_cooldown_ms: 0,
             topic: kgs_schemas::docs::topic_name("p", "0123456789abcdef"),
             partitions: 1,
             topic_generation: 0,

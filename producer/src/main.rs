@@ -95,6 +95,10 @@ async fn run(command: Command, config: Config) -> kgs_producer::Result<()> {
             let mut refused = 0;
             cmd::recycle::run(&config, &pool, &keys, |key, outcome| match outcome {
                 RecycleOutcome::Accepted(_) => println!("{key}: accepted"),
+                RecycleOutcome::Quarantined(_, until) => println!(
+                    "{key}: accepted, quarantined until {}",
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
                 RecycleOutcome::BadKey(e) => {
                     refused += 1;
                     println!("{key}: refused (bad_key): {e}");

@@ -198,6 +198,15 @@ impl Store {
             )
             .await
             .map_err(Error::store("create index recycles.pool_state"))?;
+        // ... of them, the due ones (quarantine), and `stats` the next due.
+        self.recycles
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "pool": 1, "state": 1, "due_at": 1 })
+                    .build(),
+            )
+            .await
+            .map_err(Error::store("create index recycles.pool_state_due"))?;
         Ok(())
     }
 }

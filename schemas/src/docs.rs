@@ -141,6 +141,12 @@ pub struct PoolDoc {
     /// the cursor, in the same conditional update.
     #[serde(default)]
     pub blocked: u64,
+    /// How long a recycled key stays out of circulation (milliseconds):
+    /// each recycle request is due this long after it was made, so caches
+    /// and old links never resolve to a new target. 0 (and a pool made
+    /// before it existed): at once.
+    #[serde(default)]
+    pub recycle_cooldown_ms: u64,
     /// Kafka topic of the pool's batches.
     pub topic: String,
     /// Partition count of the topic.
@@ -488,6 +494,14 @@ pub struct RecycleDoc {
         with = "bson::serde_helpers::chrono_datetime_as_bson_datetime_optional"
     )]
     pub done_at: Option<DateTime<Utc>>,
+    /// Quarantine: the leader puts the key back only from this moment on
+    /// (`requested_at` + the pool's `recycle_cooldown_ms`); none = at once.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "bson::serde_helpers::chrono_datetime_as_bson_datetime_optional"
+    )]
+    pub due_at: Option<DateTime<Utc>>,
 }
 
 impl RecycleDoc {
@@ -507,7 +521,13 @@ impl RecycleDoc {
 impl RecycleDoc {
     /// A new request (state `requested`) to recycle `key` of `pool`, handed
     /// out by `batch` at position `n`, asked by `by` now.
-    pub fn request(pool: &str, key: &str, batch: &str, n: u64, by: &str) -> Self {
+    pub fn request(pool: &str, key: &str, batch: &str, n: u64, by: &str, cooldown_ms: u64) -> Self {
+        let requested_at = Utc::now();
+        // BSON dates keep milliseconds: the same value once stored.
+        let requested_at = DateTime::from_timestamp_millis(requested_at.timestamp_millis())
+            .unwrap_or(requested_at);
+        let due_at = (cooldown_ms > 0)
+            .then(|| requested_at + chrono::Duration::milliseconds(cooldown_ms as i64));
         Self {
             id: recycle_id(pool, key, batch),
             pool: pool.to_owned(),
@@ -517,8 +537,9 @@ impl RecycleDoc {
             state: RecycleState::Requested,
             reason: None,
             requested_by: by.to_owned(),
-            requested_at: Utc::now(),
+            requested_at,
             done_at: None,
+            due_at,
         }
     }
 }
@@ -593,6 +614,7 @@ mod tests {
             requested_by: "app-1".into(),
             requested_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
             done_at: None,
+            due_at: None,
         };
         let doc = bson::to_document(&r).unwrap();
         assert!(!doc.contains_key("done_at"));
@@ -620,6 +642,7 @@ mod tests {
             requested_by: "app-1".into(),
             requested_at: now,
             done_at: None,
+            due_at: None,
         };
         let stored: RecycleDoc = bson::from_document(bson::to_document(&mine).unwrap()).unwrap();
         assert!(mine.is_same_request(&stored));

@@ -1,16 +1,16 @@
-//! Human-friendly durations (`250ms`, `10s`, `2m`, `1h`) for the TOML file and
+//! Human-friendly durations (`250ms`, `10s`, `2m`, `1h`, `30d`) for the TOML file and
 //! the command line, so configuration never carries bare numbers of unknown unit.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
-/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h, d)"))?;
     let (number, unit) = s.split_at(split);
     let n: u64 = number
         .parse()
@@ -20,8 +20,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
         _ => Err(format!(
-            "duration {s:?} has unknown unit {unit:?} (ms, s, m, h)"
+            "duration {s:?} has unknown unit {unit:?} (ms, s, m, h, d)"
         )),
     }
 }
@@ -48,8 +49,9 @@ mod tests {
         assert_eq!(parse("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert!(parse("10").is_err());
-        assert!(parse("10d").is_err());
+        assert!(parse("10w").is_err());
         assert!(parse("s").is_err());
     }
 }

@@ -107,6 +107,7 @@ fn mongo_documents_match_the_schema() {
         reserved_ahead: vec![1_500],
         blocklist: vec!["ass".into(), "shit".into()],
         blocked: 12,
+        recycle_cooldown_ms: 30 * 86_400_000,
         topic: "kgs.p3.0123456789abcdef".into(),
         partitions: 4,
         topic_generation: 0,
@@ -193,6 +194,7 @@ fn mongo_documents_match_the_schema() {
         requested_by: "app-1".into(),
         requested_at: now(),
         done_at: Some(now()),
+        due_at: Some(now()),
     };
     let refused = RecycleDoc {
         state: RecycleState::Refused,

@@ -47,10 +47,12 @@ impl ProducerCmd {
     crate::process::command_builder!("kgs-producer");
 
     /// `init`: a pool of `length`-character keys (base62 unless `--alphabet`
-    /// follows) on a topic of `partitions` partitions.
+    /// follows) on a topic of `partitions` partitions, recycled keys back
+    /// at once (no quarantine, unless a later `--recycle-cooldown` says so).
     pub fn init(self, length: u32, partitions: u32) -> Self {
         self.args(["init", "--length", &length.to_string()])
             .args(["--partitions", &partitions.to_string()])
+            .args(["--recycle-cooldown", "0s"])
     }
 
     /// `run` publishing batches of `batch_size` keys, keeping up to

@@ -674,3 +674,83 @@ crash_tests! {
     crash_recycle_after_rebatch => "recycle_after_rebatch",
     crash_recycle_after_done => "recycle_after_done",
 }
+
+/// Quarantine: in a pool with a recycle cooldown (6 s here; 30 days unless
+/// `init` says otherwise), a recycled key is accepted at once (`202`,
+/// "quarantined until …"), shown by `stats`, and not handed out before its
+/// time although the pool has nothing else to give; then it comes back
+/// exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recycled_key_waits_out_its_quarantine_then_comes_back_once() -> Result<()> {
+    let pool = Pool::new(1);
+    pool.producer(&[], None)?
+        .init(2, 1)
+        .args(["--alphabet", ALPHABET, "--recycle-cooldown", "6s"])
+        .success()
+        .await?;
+    let a = app_server(&pool, "a").await?;
+    let run = pool.run(2, None)?;
+    let first = collect(&[&a], Duration::from_secs(180), |s| s.len() == 100).await?;
+    assert!(first.values().all(|n| *n == 1), "a key came twice");
+    let key = first.keys().next().context("a key")?.clone();
+    let (status, body) = wait_for("recycle accepted", WAIT, || async {
+        let (status, body) = a.delete(&key).await?;
+        Ok((status != 409).then_some((status, body)))
+    })
+    .await?;
+    ensure!(
+        status == 202 && body.starts_with("accepted, quarantined until "),
+        "{status} {body}"
+    );
+    let request = pool
+        .docs("recycles", doc! { "key": &key })
+        .await?
+        .pop()
+        .context("the request")?;
+    ensure!(request.get_str("state")? == "requested", "{request:?}");
+    let due = request.get_datetime("due_at")?.to_chrono();
+    let out = pool.producer(&["stats"], None)?.success().await?;
+    let stats = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        stats.contains("cooldown 6 s, 1 keys quarantined, next back at"),
+        "{stats}"
+    );
+    // Nothing to hand out but the quarantined key: none until it is due.
+    let back = loop {
+        let got = a.key().await?;
+        let now = chrono::Utc::now();
+        match got {
+            Some(k) => {
+                ensure!(k == key, "{k} came, not the recycled {key}");
+                ensure!(
+                    now >= due,
+                    "{key} came back at {now}, before its quarantine ended at {due}"
+                );
+                break now;
+            }
+            None => {
+                ensure!(
+                    now < due + chrono::Duration::seconds(60),
+                    "{key} not back within 60 s of {due}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Once: nothing more comes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..10 {
+        ensure!(
+            a.key().await?.is_none(),
+            "a key after the recycled one came back at {back}"
+        );
+    }
+    let done = pool
+        .docs("recycles", doc! { "key": &key, "state": "done" })
+        .await?;
+    ensure!(done.len() == 1, "request not done: {done:?}");
+    assert!(terminate(run).await?.success());
+    pool.check_invariant().await?;
+    drop(a);
+    Ok(())
+}

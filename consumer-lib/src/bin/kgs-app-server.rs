@@ -432,6 +432,13 @@ async fn recycle_key(State(state): State<AppState>, headers: HeaderMap, key: Str
     match state.keys.recycle_wait(&key, state.recycle_wait).await {
         Ok(RecycleOutcome::Done { .. }) => line(StatusCode::OK, "recycled".to_owned()),
         Ok(RecycleOutcome::Accepted { .. }) => line(StatusCode::ACCEPTED, "accepted".to_owned()),
+        Ok(RecycleOutcome::Quarantined { until, .. }) => line(
+            StatusCode::ACCEPTED,
+            format!(
+                "accepted, quarantined until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        ),
         Err(e @ Error::BadKey { .. }) => line(StatusCode::BAD_REQUEST, e.to_string()),
         Err(Error::NotRecyclable { refusal, .. }) if refusal.is_not_found() => {
             line(StatusCode::NOT_FOUND, refusal.to_string())

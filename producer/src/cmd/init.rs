@@ -33,7 +33,14 @@ pub struct PoolSpec {
     pub partitions: u32,
     /// Blocked words, folded and sorted ([`kgs_schemas::blocklist`]).
     pub blocklist: Vec<String>,
+    /// How long recycled keys stay out of circulation; `None`: as the pool
+    /// has it ([`DEFAULT_RECYCLE_COOLDOWN`] for a new pool).
+    pub recycle_cooldown: Option<std::time::Duration>,
 }
+
+/// The recycle cooldown of a pool made without `--recycle-cooldown`.
+pub const DEFAULT_RECYCLE_COOLDOWN: std::time::Duration =
+    std::time::Duration::from_secs(30 * 86_400);
 
 /// What `init` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +123,10 @@ pub async fn create(config: &Config, store: &Store, spec: &PoolSpec) -> Result<I
                 reserved_ahead: Vec::new(),
                 blocklist: spec.blocklist.clone(),
                 blocked: 0,
+                recycle_cooldown_ms: spec
+                    .recycle_cooldown
+                    .unwrap_or(DEFAULT_RECYCLE_COOLDOWN)
+                    .as_millis() as u64,
                 partitions: spec.partitions,
                 topic_generation: 0,
                 moved_to: Some(0),
@@ -195,6 +206,15 @@ fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<(
             doc.blocklist.len(),
             spec.blocklist.len()
         ));
+    }
+    if let Some(c) = spec.recycle_cooldown {
+        if c.as_millis() as u64 != doc.recycle_cooldown_ms {
+            diffs.push(format!(
+                "a recycle cooldown of {} ms (asked {} ms)",
+                doc.recycle_cooldown_ms,
+                c.as_millis()
+            ));
+        }
     }
     if doc.partitions != spec.partitions {
         diffs.push(format!(

@@ -39,6 +39,9 @@ pub async fn run(
 pub enum RecycleOutcome {
     /// Recorded (`_id` given); the leader puts the key back.
     Accepted(String),
+    /// Recorded; the leader puts the key back once its quarantine (the
+    /// pool's recycle cooldown) ends at the given time.
+    Quarantined(String, chrono::DateTime<chrono::Utc>),
     /// Not a key of the pool (length or alphabet).
     BadKey(FormatError),
     /// Refused; nothing changed.
@@ -98,11 +101,21 @@ impl<'a> Requester<'a> {
             }
             Err(r) => return Ok(RecycleOutcome::Refused(r)),
         }
-        let doc = RecycleDoc::request(&self.pool.name, key, &batch, n, &self.by);
+        let doc = RecycleDoc::request(
+            &self.pool.name,
+            key,
+            &batch,
+            n,
+            &self.by,
+            self.pool.recycle_cooldown_ms,
+        );
         match self.store.recycles.insert_one(&doc).await {
             Ok(_) => {
                 tracing::info!(pool = %self.pool.name, key, batch = %doc.batch, "recycle requested");
-                Ok(RecycleOutcome::Accepted(doc.id))
+                Ok(match doc.due_at {
+                    Some(until) => RecycleOutcome::Quarantined(doc.id, until),
+                    None => RecycleOutcome::Accepted(doc.id),
+                })
             }
             Err(e) if is_duplicate_key(&e) => {
                 let stored = self

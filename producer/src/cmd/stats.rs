@@ -34,6 +34,12 @@ pub struct PoolStats {
     pub blocked: u64,
     /// Words in the pool's blocklist.
     pub blocklist_words: usize,
+    /// The pool's recycle cooldown, in milliseconds.
+    pub recycle_cooldown_ms: u64,
+    /// Recycled keys in quarantine (requests not yet due).
+    pub quarantined: u64,
+    /// When the first of them goes back into circulation.
+    pub next_release: Option<chrono::DateTime<chrono::Utc>>,
     /// used / space.
     pub fraction_used: f64,
     /// collStats of `keys.<pool>`.
@@ -76,6 +82,23 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         .count_documents(doc! { "reason": "reserved" })
         .await
         .map_err(Error::store("count reserved keys"))?;
+    // Both served by the `{pool, state, due_at}` index.
+    let not_due = doc! {
+        "pool": &p.name, "state": "requested",
+        "due_at": { "$gt": bson::DateTime::now() },
+    };
+    let quarantined = store
+        .recycles
+        .count_documents(not_due.clone())
+        .await
+        .map_err(Error::store("count quarantined keys"))?;
+    let next_release = store
+        .recycles
+        .find_one(not_due)
+        .sort(doc! { "due_at": 1 })
+        .await
+        .map_err(Error::store("read the next quarantined key"))?
+        .and_then(|r| r.due_at);
     let group = config.group_of(p);
     let reader: BaseConsumer = config
         .kafka_reader(&group)
@@ -96,6 +119,9 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         reserved,
         blocked: p.blocked,
         blocklist_words: p.blocklist.len(),
+        recycle_cooldown_ms: p.recycle_cooldown_ms,
+        quarantined,
+        next_release,
         fraction_used: used_keys.count as f64 / p.space as f64,
         keys,
         used_keys,
@@ -132,6 +158,17 @@ pub fn render(s: &PoolStats) -> String {
         s.reserved,
         s.blocked,
         s.blocklist_words
+    );
+    out += &format!(
+        "  recycling: cooldown {} s, {} keys quarantined{}\n",
+        s.recycle_cooldown_ms / 1000,
+        s.quarantined,
+        s.next_release
+            .map(|t| format!(
+                ", next back at {}",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))
+            .unwrap_or_default()
     );
     for c in [&s.keys, &s.used_keys] {
         out += &format!(

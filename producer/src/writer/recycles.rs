@@ -4,7 +4,10 @@
 //! ever leaving `used_keys` (its document moves from the batch that handed
 //! it out to the new one), which is published and handed out once, and the
 //! request is set `done`. The requests are made by `kgs-producer recycle`
-//! (`cmd/recycle.rs`) and by the consumer library.
+//! (`cmd/recycle.rs`) and by the consumer library. A request of a pool with
+//! a recycle cooldown is *quarantined* until its `due_at`: the leader takes
+//! only the due ones (`{pool, state, due_at}` index), so the key stays in
+//! `used_keys` under the batch that handed it out until then.
 //!
 //! A crash anywhere is finished by the next pass: the `requested` document
 //! is the durable record; a key still in its old batch is re-batched, a key
@@ -34,10 +37,15 @@ impl Writer<'_> {
     /// then it is `done`. Returns the number of keys recycled.
     pub async fn put_back_recycles(&self, size: usize, partition: i32) -> Result<u64> {
         self.lease.check()?;
-        // Served by the `{pool, state}` index.
+        // Served by the `{pool, state, due_at}` index (`null`: no
+        // quarantine, or a request made before it existed).
+        let now = bson::DateTime::now();
         let requests: Vec<RecycleDoc> = find_all(
             &self.store.recycles,
-            doc! { "pool": self.pool, "state": RecycleState::Requested },
+            doc! {
+                "pool": self.pool, "state": RecycleState::Requested,
+                "$or": [{ "due_at": null }, { "due_at": { "$lte": now } }],
+            },
             "find recycle requests",
         )
         .await?;
