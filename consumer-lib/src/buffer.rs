@@ -390,6 +390,13 @@ impl KeyBuffer {
         drained
     }
 
+    /// Whether batch `batch_id` is in the buffer: pushed, and not yet taken
+    /// by [`KeyBuffer::take_drained`].
+    pub fn holds(&self, batch_id: &str) -> bool {
+        let batches = self.batches.lock().expect("buffer lock poisoned");
+        batches.iter().any(|b| b.batch.id == batch_id)
+    }
+
     /// Whether `key` of batch `batch_id` was handed out from this buffer.
     /// Exact: a key is handed out iff its segment's cursor passed it, and a
     /// cursor only grows, so [`KeyState::HandedOut`] stays true. Scans the

@@ -50,7 +50,16 @@ impl ConsumeLoop {
         // once tried is never called off (a write that reported an error may
         // still land), so skip the batch, as the replay it is, before any
         // MongoDB read: its keys come back through the ending.
-        if self.ending(&batch.batch_id) {
+        //
+        // The same for a batch still in our buffer: a pool topic deleted and
+        // created again (offsets start from 0 again) can hold a second copy
+        // of a batch we claimed and committed in the old one (a leader that
+        // crashed between publishing it and recording that republishes it),
+        // even at the same partition and offset, which would pass for the
+        // resumable claim of a batch redelivered before its commit. Our open
+        // claims that were committed are exactly the batches in the buffer
+        // and those whose ending is queued.
+        if self.ending(&batch.batch_id) || self.shared.buffer.holds(&batch.batch_id) {
             metrics::replay(&self.shared.metrics, at, &batch.batch_id, &self.instance);
             self.commit_past(at).await;
             return;

@@ -51,6 +51,8 @@ pub(crate) const UNFINISHED_RETRY: Duration = Duration::from_secs(1);
 /// How often the loop reads the pool's topic generation: a re-created
 /// topic from which nothing arrives is noticed within this time.
 pub(crate) const TOPIC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long that read may take before the loop goes on without it.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// State shared by the [`crate::KeyConsumer`] handle and the loop.
 #[derive(Debug)]
@@ -82,6 +84,9 @@ pub(crate) struct Context {
     /// fetched from them (the buffer then never exceeds its high watermark
     /// by more than the one batch that crossed it: the documented bound).
     paused: AtomicBool,
+    /// Set on a consumer made for a re-created topic until its first
+    /// assignment was read from the beginning.
+    rewind: AtomicBool,
 }
 
 impl Context {
@@ -90,6 +95,7 @@ impl Context {
             metrics,
             assignment_changed: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            rewind: AtomicBool::new(false),
         }
     }
 }
@@ -229,10 +235,16 @@ impl ConsumeLoop {
             tokio::select! {
                 biased;
                 () = stopped(&mut stop) => break,
-                _ = tick.tick() => self.housekeeping().await,
+                _ = tick.tick() => {
+                    // Housekeeping may replace the consumer: the old one is
+                    // then closed off the async threads, by its last owner.
+                    drop(consumer);
+                    self.housekeeping().await;
+                }
                 msg = consumer.recv() => match msg {
-                    Ok(m) => {
-                        let m = m.detach();
+                    Ok(borrowed) => {
+                        let m = borrowed.detach();
+                        drop(borrowed);
                         self.admitted(true);
                         self.handle(m, &mut stop).await;
                         if let Some(generation) = self.recreated.take() {
@@ -279,16 +291,20 @@ impl ConsumeLoop {
     async fn housekeeping(&mut self) {
         if Instant::now() >= self.next_topic_check {
             self.next_topic_check = Instant::now() + TOPIC_CHECK_INTERVAL;
-            match self.store.pool(&self.pool).await {
-                Ok(doc) if doc.topic_generation > self.topic_generation => {
-                    self.resubscribe(doc.topic_generation)
+            // Bounded: a MongoDB outage must not hold up the loop.
+            let read = self.store.topic_generation(&self.pool);
+            match tokio::time::timeout(TOPIC_CHECK_TIMEOUT, read).await {
+                Ok(Ok(generation)) if generation > self.topic_generation => {
+                    self.resubscribe(generation)
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
                     warn!(cause = %metrics::error_chain(&e), "reading the pool's topic generation failed")
                 }
+                Err(_) => warn!("reading the pool's topic generation timed out"),
             }
         }
+        self.rewind_after_resubscribe();
         let drained = self.shared.buffer.take_drained();
         self.report_handed_out();
         for batch in drained {
@@ -316,6 +332,7 @@ impl ConsumeLoop {
         let subscribed = made.and_then(|c| c.subscribe(&[&self.topic]).map(|()| c));
         match subscribed {
             Ok(fresh) => {
+                fresh.context().rewind.store(true, Ordering::Release);
                 let old = std::mem::replace(&mut self.consumer, Arc::new(fresh));
                 old.unsubscribe();
                 // Closing may wait on the broker: off the async threads.
@@ -335,6 +352,44 @@ impl ConsumeLoop {
             Err(e) => {
                 warn!(topic = %self.topic, cause = %e, "making a new Kafka consumer for the re-created topic failed")
             }
+        }
+    }
+
+    /// After [`ConsumeLoop::resubscribe`], once partitions are assigned:
+    /// reads them from the beginning. The group's offsets in the new topic
+    /// may be an old consumer's, committed by the topic's name at old-topic
+    /// positions before it noticed (a batch in flight, a skipped message),
+    /// and would skip the batches the producer published again. Reading a
+    /// batch twice is harmless: its claim (or our buffer) refuses it.
+    fn rewind_after_resubscribe(&mut self) {
+        if !self.consumer.context().rewind.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(assigned) = self.consumer.assignment() else {
+            return;
+        };
+        if assigned.count() == 0 {
+            return;
+        }
+        let mut all = true;
+        for e in assigned.elements() {
+            let seek = self.consumer.seek(
+                e.topic(),
+                e.partition(),
+                rdkafka::Offset::Beginning,
+                Duration::from_secs(1),
+            );
+            if let Err(err) = seek {
+                all = false;
+                warn!(partition = e.partition(), cause = %err, "rewinding a partition of the re-created topic failed; retrying");
+            }
+        }
+        if all {
+            self.consumer
+                .context()
+                .rewind
+                .store(false, Ordering::Release);
+            info!(topic = %self.topic, partitions = assigned.count(), "reading the re-created topic from its beginning");
         }
     }
 

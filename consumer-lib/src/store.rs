@@ -79,6 +79,26 @@ impl Store {
             .ok_or_else(|| Error::PoolNotFound(name.to_owned()))
     }
 
+    /// The pool's topic generation alone (exact `_id`, one field).
+    pub async fn topic_generation(&self, name: &str) -> Result<u64> {
+        let doc = self
+            .pools
+            .clone_with_type::<bson::Document>()
+            .find_one(doc! { "_id": name })
+            .projection(doc! { "topic_generation": 1 })
+            .await
+            .map_err(|source| Error::PoolLookup {
+                pool: name.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| Error::PoolNotFound(name.to_owned()))?;
+        Ok(match doc.get("topic_generation") {
+            Some(bson::Bson::Int64(n)) => *n as u64,
+            Some(bson::Bson::Int32(n)) => *n as u64,
+            _ => 0,
+        })
+    }
+
     /// The producer's record of `batch` without its key lists (exact `_id`),
     /// to verify a message against before claiming it.
     pub async fn batch_proof(&self, batch: &str) -> Result<Option<BatchProof>> {

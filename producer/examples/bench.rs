@@ -173,7 +173,7 @@ async fn leading_pool(
         name: name.to_owned(),
         format,
         partitions: 1,
-        blocklist: Vec::new(),
+        blocklist: None,
         recycle_cooldown: None,
     };
     init::create(config, store, &spec).await?;

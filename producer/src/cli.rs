@@ -269,7 +269,9 @@ impl Cli {
                     .map_err(|e| Error::Config(e.to_string()))?,
                     name: a.pool,
                     partitions: a.partitions,
-                    blocklist: blocklist_words(&a.blocklists)?,
+                    blocklist: (!a.blocklists.is_empty())
+                        .then(|| blocklist_words(&a.blocklists))
+                        .transpose()?,
                     recycle_cooldown: a.recycle_cooldown,
                 }),
                 initial_keys: a.initial_keys,

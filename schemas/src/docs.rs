@@ -99,6 +99,12 @@ pub fn new_incarnation() -> String {
     id[..16].to_owned()
 }
 
+/// Serde `skip_serializing_if` of counters a pool document gained later:
+/// left out while zero, so the document stays readable by older versions.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A pool: its key format, permutation secret and generation progress.
 /// Collection [`POOLS`], `_id` = pool name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,13 +145,13 @@ pub struct PoolDoc {
     /// blocked: their keys are in neither `keys` nor `used_keys`, so
     /// `keys ∪ used_keys` is the generated set minus these. Advanced with
     /// the cursor, in the same conditional update.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub blocked: u64,
     /// How long a recycled key stays out of circulation (milliseconds):
     /// each recycle request is due this long after it was made, so caches
     /// and old links never resolve to a new target. 0 (and a pool made
     /// before it existed): at once.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub recycle_cooldown_ms: u64,
     /// Kafka topic of the pool's batches.
     pub topic: String,

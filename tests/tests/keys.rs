@@ -95,6 +95,31 @@ async fn blocked_words_never_enter_the_pool() -> Result<()> {
         expect_blocked.len()
     );
 
+    // A blocked key cannot be reserved (it was never generated): nothing
+    // is written. Re-running init (as after a lost topic) needs no
+    // blocklist flags; another list is refused.
+    let out = ProducerCmd::new(&db, &pool)?
+        .args(["reserve", "t1t"])
+        .success()
+        .await?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(said.contains("t1t: Blocked"), "reserve said {said}");
+    ensure!(
+        string_ids(&db, &format!("used_keys.{pool}")).await?.is_empty(),
+        "reserve of a blocked key wrote something"
+    );
+    ProducerCmd::new(&db, &pool)?
+        .init(3, 2)
+        .args(["--alphabet", alphabet])
+        .success()
+        .await?;
+    let other = ProducerCmd::new(&db, &pool)?
+        .init(3, 2)
+        .args(["--alphabet", alphabet, "--blocklist", &list_arg])
+        .output()
+        .await?;
+    ensure!(!other.status.success(), "init with another blocklist accepted");
+
     // Move batches too, then check both collections.
     let run = ProducerCmd::new(&db, &pool)?
         .run(50, 2)

@@ -31,8 +31,10 @@ pub struct PoolSpec {
     pub format: KeyFormat,
     /// Partitions of the pool's topic.
     pub partitions: u32,
-    /// Blocked words, folded and sorted ([`kgs_schemas::blocklist`]).
-    pub blocklist: Vec<String>,
+    /// Blocked words, folded and sorted ([`kgs_schemas::blocklist`]);
+    /// `None`: as the pool has them (none for a new pool), so re-running
+    /// `init` to re-create a lost topic needs no blocklist flags.
+    pub blocklist: Option<Vec<String>>,
     /// How long recycled keys stay out of circulation; `None`: as the pool
     /// has it ([`DEFAULT_RECYCLE_COOLDOWN`] for a new pool).
     pub recycle_cooldown: Option<std::time::Duration>,
@@ -121,7 +123,7 @@ pub async fn create(config: &Config, store: &Store, spec: &PoolSpec) -> Result<I
                 cursor: 0,
                 generating: None,
                 reserved_ahead: Vec::new(),
-                blocklist: spec.blocklist.clone(),
+                blocklist: spec.blocklist.clone().unwrap_or_default(),
                 blocked: 0,
                 recycle_cooldown_ms: spec
                     .recycle_cooldown
@@ -200,11 +202,11 @@ fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<(
             doc.format.alphabet, wanted.alphabet
         ));
     }
-    if doc.blocklist != spec.blocklist {
+    if let Some(asked) = spec.blocklist.as_ref().filter(|b| **b != doc.blocklist) {
         diffs.push(format!(
             "a blocklist of {} words (asked {}; words cannot be added to a pool yet)",
             doc.blocklist.len(),
-            spec.blocklist.len()
+            asked.len()
         ));
     }
     if let Some(c) = spec.recycle_cooldown {

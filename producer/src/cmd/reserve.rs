@@ -39,6 +39,9 @@ pub enum ReserveOutcome {
         /// The batch that took it.
         batch: Option<String>,
     },
+    /// It holds a word of the pool's blocklist: it is never generated, so
+    /// there is nothing to reserve (and nothing is written).
+    Blocked,
 }
 
 /// Reserves `key` in `pool`: it is recorded in `used_keys` with reason
@@ -53,6 +56,10 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
     let doc = store.pool(pool).await?;
     let (format, perm) = pool_order(&doc)?;
     let n = perm.invert(format.index_of(key)?);
+    // Recorded, it would be a key in `used_keys` that was never generated.
+    if crate::writer::generate::pool_blocklist(&doc)?.blocks(key) {
+        return Ok(ReserveOutcome::Blocked);
+    }
     let colls = store.key_collections(pool);
     if n >= doc.cursor {
         // Not generated yet (unless a range is pending: then wait for it).

@@ -203,9 +203,14 @@ async fn finish_range(
                 "generating.from": range.from as i64,
                 "generating.to": range.to as i64,
             },
-            doc! {
-                "$set": { "cursor": range.to as i64, "blocked": (doc.blocked + blocked) as i64 },
-                "$unset": { "generating": "" },
+            {
+                let mut set = doc! { "cursor": range.to as i64 };
+                // Only in a pool with a blocklist: a pool document without
+                // the field stays readable by versions before it.
+                if !blocklist.is_empty() {
+                    set.insert("blocked", (doc.blocked + blocked) as i64);
+                }
+                doc! { "$set": set, "$unset": { "generating": "" } }
             },
         )
         .await

@@ -330,3 +330,90 @@ async fn a_failed_commits_give_back_survives_a_mongodb_outage() -> Result<()> {
     pool.drop_db().await;
     Ok(())
 }
+
+/// A second copy of a batch this consumer claimed, committed and still
+/// buffers, at the very partition and offset, in the pool topic deleted and
+/// created again (offsets start from 0 again; a leader that crashed between
+/// publishing a batch and recording it publishes it again when it cannot
+/// find it in the new topic): skipped as a replay. Before the fix, our open
+/// claim (same token, partition, offset) passed for the claim of a batch
+/// redelivered before its commit, and its keys were buffered, and handed
+/// out, twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_batch_copied_into_a_recreated_topic_is_a_replay() -> Result<()> {
+    use bson::doc;
+    use kgs_schemas::docs::{BATCHES, POOLS};
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let pool = Pool::create(1).await?;
+    let batch = pool.publish(20, 0).await?;
+    let registry = Registry::new();
+    let c = pool.consumer(&unique("g"), &registry).build().await?;
+    buffered_at_least(&c, 20).await?;
+    let claim = pool.claim(&batch.batch_id).await?.context("claim")?;
+    ensure!(claim.partition == 0 && claim.offset == 0, "{claim:?}");
+
+    let admin: AdminClient<DefaultClientContext> = kgs_tests::kafka_config().create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[&pool.topic], &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
+    }
+    let probe: BaseConsumer = kgs_tests::kafka_config().create()?;
+    let topic = pool.topic.clone();
+    wait_for("the topic gone and created again, empty", WAIT, || async {
+        let gone = probe
+            .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+            .is_err();
+        if gone {
+            kgs_tests::create_topic(&topic, 1).await?;
+        }
+        let fresh = probe.fetch_watermarks(&topic, 0, Duration::from_secs(5)) == Ok((0, 0));
+        Ok(fresh.then_some(()))
+    })
+    .await?;
+    // What the producer does on finding the topic re-created: the next
+    // topic generation, and the batch published again into it.
+    let gen1 = doc! { "$set": { "topic_generation": 1_i64 } };
+    pool.db
+        .collection::<bson::Document>(POOLS)
+        .update_one(doc! { "_id": &pool.name }, gen1.clone())
+        .await?;
+    pool.db
+        .collection::<bson::Document>(BATCHES)
+        .update_one(doc! { "_id": &batch.batch_id }, gen1)
+        .await?;
+    pool.send(&batch.encode(), 0).await?;
+    wait_for("the copy read", WAIT, || async {
+        let replays = registry_value(&registry, REPLAYS_TOTAL, None);
+        let resubscribed = registry_value(
+            &registry,
+            kgs_consumer::metrics::TOPIC_RECREATIONS_TOTAL,
+            None,
+        );
+        let twice = c.buffered() > 20;
+        Ok((resubscribed >= 1.0 && (replays >= 1.0 || twice)).then_some(()))
+    })
+    .await?;
+    ensure!(
+        c.buffered() == 20,
+        "{} keys buffered: the copy's keys a second time",
+        c.buffered()
+    );
+    let keys = take(&c, 20, WAIT).await?;
+    let distinct: HashSet<&String> = keys.iter().collect();
+    ensure!(distinct.len() == 20, "a key handed out twice");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        c.next_key().is_err(),
+        "the batch's keys were buffered a second time"
+    );
+    ensure!(
+        registry_value(&registry, BATCHES_CLAIMED_TOTAL, None) == 1.0,
+        "the copy was claimed"
+    );
+    c.shutdown().await?;
+    pool.drop_db().await;
+    Ok(())
+}
