@@ -105,7 +105,9 @@ async fn blocked_words_never_enter_the_pool() -> Result<()> {
     let said = String::from_utf8_lossy(&out.stdout);
     ensure!(said.contains("t1t: Blocked"), "reserve said {said}");
     ensure!(
-        string_ids(&db, &format!("used_keys.{pool}")).await?.is_empty(),
+        string_ids(&db, &format!("used_keys.{pool}"))
+            .await?
+            .is_empty(),
         "reserve of a blocked key wrote something"
     );
     ProducerCmd::new(&db, &pool)?
@@ -118,7 +120,10 @@ async fn blocked_words_never_enter_the_pool() -> Result<()> {
         .args(["--alphabet", alphabet, "--blocklist", &list_arg])
         .output()
         .await?;
-    ensure!(!other.status.success(), "init with another blocklist accepted");
+    ensure!(
+        !other.status.success(),
+        "init with another blocklist accepted"
+    );
 
     // Move batches too, then check both collections.
     let run = ProducerCmd::new(&db, &pool)?
