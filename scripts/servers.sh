@@ -395,6 +395,7 @@ a.command("createRole", "kgsAppServer", roles=[], privileges=[
     {"resource": {"db": db, "collection": ""}, "actions": ["find", "collStats"]},
     {"resource": {"db": db, "collection": "claims"}, "actions": ["find", "insert", "update"]},
     {"resource": {"db": db, "collection": "recycles"}, "actions": ["find", "insert"]},
+    {"resource": {"db": db, "collection": "vanity"}, "actions": ["find", "insert"]},
 ])
 a.command("createUser", "kgs-app", pwd=pw("kgs-app"),
           roles=[{"role": "kgsAppServer", "db": "admin"}])

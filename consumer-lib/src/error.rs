@@ -143,6 +143,15 @@ pub enum Error {
         /// Why.
         refusal: Refusal,
     },
+    /// A vanity key that cannot be taken: handed out, reserved, blocked, or
+    /// asked for by another request already.
+    #[error("key {key:?} cannot be taken: {reason}")]
+    KeyTaken {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// Reading or writing MongoDB for a recycle request or pool statistics failed.
     #[error("MongoDB {op}")]
     Store {

@@ -94,6 +94,7 @@ pub mod recycle;
 mod returns;
 pub mod stats;
 mod store;
+mod vanity;
 
 use std::sync::{Arc, Mutex};
 
@@ -111,6 +112,7 @@ pub use key::Key;
 pub use recycle::RecycleOutcome;
 pub use returns::ShutdownReport;
 pub use stats::{CollStats, PoolStats};
+pub use vanity::VanityOutcome;
 
 use consume::{ConsumeLoop, Context, Refused, Shared};
 use store::Store;

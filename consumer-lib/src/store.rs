@@ -41,6 +41,7 @@ pub(crate) struct Store {
     batches: Collection<BatchProof>,
     claims: Collection<ClaimDoc>,
     recycles: Collection<RecycleDoc>,
+    vanity: Collection<kgs_schemas::docs::VanityDoc>,
 }
 
 impl Store {
@@ -62,6 +63,12 @@ impl Store {
             // A request is acknowledged to the app only once it is durable.
             recycles: db.collection_with_options(
                 RECYCLES,
+                CollectionOptions::builder()
+                    .write_concern(durable.clone())
+                    .build(),
+            ),
+            vanity: db.collection_with_options(
+                kgs_schemas::docs::VANITY,
                 CollectionOptions::builder().write_concern(durable).build(),
             ),
         }
@@ -235,6 +242,34 @@ impl Store {
                 source,
             }),
         }
+    }
+
+    /// Records a vanity key request. `Some(stored)` if the key was asked
+    /// for already (the duplicate's stored request, which may be this very
+    /// one, its insert retried), `None` once recorded.
+    pub async fn request_vanity(
+        &self,
+        request: &kgs_schemas::docs::VanityDoc,
+    ) -> Result<Option<kgs_schemas::docs::VanityDoc>> {
+        match self.vanity.insert_one(request).await {
+            Ok(_) => Ok(None),
+            Err(e) if is_duplicate_key(&e) => self.vanity_request(&request.id).await,
+            Err(source) => Err(Error::Store {
+                op: "recording a vanity key request",
+                source,
+            }),
+        }
+    }
+
+    /// A vanity key request, by `_id`.
+    pub async fn vanity_request(&self, id: &str) -> Result<Option<kgs_schemas::docs::VanityDoc>> {
+        self.vanity
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(|source| Error::Store {
+                op: "reading a vanity key request",
+                source,
+            })
     }
 
     /// A recycle request, by `_id`.

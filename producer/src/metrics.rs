@@ -40,6 +40,8 @@ pub const KEYS_RECYCLED_TOTAL: &str = "kgs_producer_keys_recycled_total";
 /// Counter, label `reason` ([`kgs_schemas::recycle::Refusal::KINDS`]):
 /// recycle requests the leader refused.
 pub const RECYCLES_REFUSED_TOTAL: &str = "kgs_producer_recycles_refused_total";
+/// Counter: vanity key requests decided, by outcome (`taken`, `refused`).
+pub const VANITY_KEYS_TOTAL: &str = "kgs_producer_vanity_keys_total";
 /// Counter: unfinished batches finished by recovery.
 pub const BATCHES_RECOVERED_TOTAL: &str = "kgs_producer_batches_recovered_total";
 /// Histogram: seconds to move one batch (record, used_keys, delete, state).
@@ -96,6 +98,7 @@ pub struct Metrics {
     keys_recycled: IntCounter,
     /// Recycle requests the leader refused, by reason.
     recycles_refused: IntCounterVec,
+    vanity_keys: IntCounterVec,
     /// Unfinished batches finished by recovery.
     batches_recovered: IntCounter,
     /// Time to move one batch (record, used_keys, delete, state).
@@ -178,6 +181,17 @@ impl Metrics {
         for reason in kgs_schemas::recycle::Refusal::KINDS {
             recycles_refused.with_label_values(&[reason]);
         }
+        let vanity_keys = IntCounterVec::new(
+            Opts::new(VANITY_KEYS_TOTAL, "Vanity key requests decided, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid counter vec");
+        registry
+            .register(Box::new(vanity_keys.clone()))
+            .expect("unique metric");
+        for outcome in ["taken", "refused"] {
+            vanity_keys.with_label_values(&[outcome]);
+        }
         Self {
             keys_in_pool: gauge(KEYS_IN_POOL, "Keys in keys.<pool>"),
             keys_used: gauge(KEYS_USED, "Keys in used_keys.<pool>"),
@@ -204,6 +218,7 @@ impl Metrics {
                 "Handed-out keys recycled into new batches",
             ),
             recycles_refused,
+            vanity_keys,
             batches_recovered: counter(BATCHES_RECOVERED_TOTAL, "Unfinished batches recovered"),
             move_seconds: histogram(MOVE_SECONDS, "Time to move one batch"),
             publish_seconds: histogram(PUBLISH_SECONDS, "Time to publish one batch"),
@@ -323,6 +338,20 @@ impl Metrics {
     pub fn key_recycled(&self, key: &str, batch: &str, by: &str) {
         self.keys_recycled.inc();
         tracing::info!(key, batch, by, "key recycled");
+    }
+
+    /// A vanity key was decided: taken for its requester, or refused.
+    pub fn vanity_key(&self, key: &str, by: &str, refusal: Option<&str>) {
+        match refusal {
+            None => {
+                self.vanity_keys.with_label_values(&["taken"]).inc();
+                tracing::info!(key, by, "vanity key taken");
+            }
+            Some(reason) => {
+                self.vanity_keys.with_label_values(&["refused"]).inc();
+                tracing::info!(key, by, reason, "vanity key refused");
+            }
+        }
     }
 
     /// A recycle request was refused; nothing changed.

@@ -39,6 +39,8 @@ pub struct Store {
     pub claims: Collection<ClaimDoc>,
     /// `recycles`.
     pub recycles: Collection<RecycleDoc>,
+    /// `vanity`.
+    pub vanity: Collection<kgs_schemas::docs::VanityDoc>,
 }
 
 /// The two key collections of one pool.
@@ -111,6 +113,7 @@ impl Store {
             batches: db.collection(docs::BATCHES),
             claims: db.collection(docs::CLAIMS),
             recycles: db.collection(docs::RECYCLES),
+            vanity: db.collection(docs::VANITY),
             db,
         })
     }
@@ -207,6 +210,15 @@ impl Store {
             )
             .await
             .map_err(Error::store("create index recycles.pool_state_due"))?;
+        // The leader looks for the pool's `requested` vanity keys every pass.
+        self.vanity
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "pool": 1, "state": 1 })
+                    .build(),
+            )
+            .await
+            .map_err(Error::store("create index vanity.pool_state"))?;
         Ok(())
     }
 }

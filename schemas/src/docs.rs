@@ -29,6 +29,8 @@ pub const BATCHES: &str = "batches";
 pub const CLAIMS: &str = "claims";
 /// Collection of [`RecycleDoc`]s.
 pub const RECYCLES: &str = "recycles";
+/// Collection of [`VanityDoc`]s.
+pub const VANITY: &str = "vanity";
 
 /// The collection of a pool's unused keys.
 pub fn keys_collection(pool: &str) -> String {
@@ -205,6 +207,8 @@ pub enum UsedReason {
     Batch,
     /// Taken out of circulation by `kgs-producer reserve`.
     Reserved,
+    /// Taken for a user on request (`POST /keys/{key}`, a [`VanityDoc`]).
+    Vanity,
 }
 
 /// A used key. Collection `used_keys.<pool>`, `_id` = the key.
@@ -446,7 +450,8 @@ macro_rules! stored_names {
     };
 }
 
-stored_names!(UsedReason { Batch => "batch", Reserved => "reserved" });
+stored_names!(UsedReason { Batch => "batch", Reserved => "reserved", Vanity => "vanity" });
+stored_names!(VanityState { Requested => "requested", Taken => "taken", Refused => "refused" });
 stored_names!(BatchState { Moving => "moving", Moved => "moved", Published => "published" });
 stored_names!(ClaimState {
     Open => "open",
@@ -550,6 +555,66 @@ impl RecycleDoc {
     }
 }
 
+/// The state of a [`VanityDoc`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VanityState {
+    /// Recorded; the producer leader has not decided it yet.
+    Requested,
+    /// The key is in `used_keys` with reason `vanity`: the requester's.
+    Taken,
+    /// The key was handed out, reserved or blocked already (`reason`).
+    Refused,
+}
+
+/// A request to take one specific key for a user (a vanity key).
+/// Collection [`VANITY`], `_id` = [`vanity_id`] (`<pool>:<key>`): one
+/// request per key ever, so of two concurrent requests for a key exactly
+/// one is recorded (the other's insert is a duplicate-key error), and a
+/// key asked for once is never asked for again.
+///
+/// Anyone may insert one (the consumer library); only the producer leader
+/// decides it, through the same writes as `kgs-producer reserve`: the
+/// key's `used_keys` document (unique `_id`, reason `vanity`) wins over a
+/// concurrent batch move, or meets the document of a key handed out or
+/// reserved already, and the request is `refused`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VanityDoc {
+    /// `<pool>:<key>`.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Pool name.
+    pub pool: String,
+    /// The key asked for.
+    pub key: String,
+    /// Current state.
+    pub state: VanityState,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who asked: a consumer instance id.
+    pub requested_by: String,
+    /// Random per request: tells a retried insert of this very request
+    /// (answered as a duplicate) from another requester's.
+    pub token: String,
+    /// When it was asked.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub requested_at: DateTime<Utc>,
+    /// When it was decided.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "bson::serde_helpers::chrono_datetime_as_bson_datetime_optional"
+    )]
+    pub done_at: Option<DateTime<Utc>>,
+}
+
+/// The `_id` of the [`VanityDoc`] of `key` in `pool`.
+pub fn vanity_id(pool: &str, key: &str) -> String {
+    format!("{pool}:{key}")
+}
+
 /// The `_id` of the [`RecycleDoc`] of `key`, handed out in `batch`, in `pool`.
 pub fn recycle_id(pool: &str, key: &str, batch: &str) -> String {
     format!("{pool}:{key}:{batch}")
@@ -571,6 +636,7 @@ mod tests {
         check(BatchState::ALL, BatchState::as_str);
         check(ClaimState::ALL, ClaimState::as_str);
         check(RecycleState::ALL, RecycleState::as_str);
+        check(VanityState::ALL, VanityState::as_str);
     }
 
     #[test]

@@ -202,6 +202,17 @@ fn mongo_documents_match_the_schema() {
         done_at: None,
         ..recycle.clone()
     };
+    let vanity = kgs_schemas::docs::VanityDoc {
+        id: "p3:aZ9".into(),
+        pool: "p3".into(),
+        key: "aZ9".into(),
+        state: kgs_schemas::docs::VanityState::Taken,
+        reason: None,
+        requested_by: "app-1".into(),
+        token: "0123456789abcdef".into(),
+        requested_at: now(),
+        done_at: Some(now()),
+    };
     let cases = [
         ("pool", relaxed(&pool)),
         ("key_doc", relaxed(&key)),
@@ -214,6 +225,7 @@ fn mongo_documents_match_the_schema() {
         ("claim", relaxed(&claim)),
         ("recycle", relaxed(&recycle)),
         ("recycle", relaxed(&refused)),
+        ("vanity", relaxed(&vanity)),
     ];
     for (def, good) in cases {
         let v = mongo_validator(def);

@@ -167,3 +167,109 @@ async fn blocked_words_never_enter_the_pool() -> Result<()> {
     let _ = std::fs::remove_file(&list);
     Ok(())
 }
+
+/// Vanity keys (`POST /keys/{key}`): a key never handed out is taken for
+/// the asker, once — of two requests for it at once through two app
+/// servers exactly one wins, the other gets `409` — and never handed out
+/// afterwards; a key already handed out, or taken, is `409`; a key not of
+/// the pool's format `400`. The pool is then served to exhaustion:
+/// every other key is handed out once, `keys ∪ used_keys` is the space, and
+/// the vanity key's `used_keys` document says `vanity`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vanity_key_is_taken_once_and_never_handed_out() -> Result<()> {
+    use kgs_tests::{http, AppServerCmd};
+
+    let (db, pool) = (unique("kgs"), unique("p"));
+    ProducerCmd::new(&db, &pool)?
+        .init(2, 1)
+        .args(["--alphabet", "0123456789"])
+        .success()
+        .await?;
+    let run = ProducerCmd::new(&db, &pool)?
+        .run(10, 1)
+        .log_to_temp(&pool)?
+        .spawn()?;
+    let app = |name: &str| -> Result<AppServerCmd> {
+        Ok(AppServerCmd::new(&db, &pool)?
+            .instance(name)
+            .watermarks(1, 2)
+            .env("KGS_RECYCLE_WAIT", "10s"))
+    };
+    let a = app("a")?.start().await?;
+    let b = app("b")?.start().await?;
+    let handed = a.keys(1, Duration::from_secs(60)).await?.remove(0);
+    // The key of the pool's last position: still in `keys` (batches are
+    // moved in position order).
+    let database = mongo_client().await?.database(&db);
+    let last = database
+        .collection::<bson::Document>(&format!("keys.{pool}"))
+        .find_one(doc! {})
+        .sort(doc! { "n": -1 })
+        .await?
+        .context("a key in keys")?;
+    let wanted = last.get_str("_id")?.to_owned();
+    let path = format!("/keys/{wanted}");
+    let (ra, rb) = tokio::join!(http(a.addr(), "POST", &path), http(b.addr(), "POST", &path));
+    let (ra, rb) = (ra?, rb?);
+    let mut statuses = [ra.0, rb.0];
+    statuses.sort();
+    ensure!(
+        statuses == [200, 409],
+        "two requests for {wanted}: {ra:?} / {rb:?}"
+    );
+    for (addr, key, want) in [
+        (a.addr(), wanted.as_str(), 409),
+        (b.addr(), handed.as_str(), 409),
+        (a.addr(), "123", 400),
+    ] {
+        let (status, body) = http(addr, "POST", &format!("/keys/{key}")).await?;
+        ensure!(status == want, "POST {key}: {status} {body}");
+        ensure!(body.lines().count() == 1, "not one line: {body:?}");
+    }
+    let used = database
+        .collection::<bson::Document>(&format!("used_keys.{pool}"))
+        .find_one(doc! { "_id": &wanted })
+        .await?
+        .context("the vanity key in used_keys")?;
+    ensure!(used.get_str("reason")? == "vanity", "{used:?}");
+
+    // Everything else, once; the vanity key never.
+    let mut served: Vec<String> = vec![handed];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while served.len() < 99 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 99 keys served",
+            served.len()
+        );
+        let mut any = false;
+        for s in [&a, &b] {
+            if let Some(k) = s.key().await? {
+                served.push(k);
+                any = true;
+            }
+        }
+        if !any {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for s in [&a, &b] {
+        ensure!(s.key().await?.is_none(), "a 100th key was served");
+    }
+    let distinct: HashSet<&String> = served.iter().collect();
+    ensure!(distinct.len() == 99, "a key served twice");
+    ensure!(!distinct.contains(&wanted), "the vanity key was handed out");
+    let keys = string_ids(&db, &format!("keys.{pool}")).await?;
+    let used = string_ids(&db, &format!("used_keys.{pool}")).await?;
+    ensure!(
+        keys.is_empty() && used.len() == 100,
+        "{} in keys, {} used",
+        keys.len(),
+        used.len()
+    );
+    drop((a, b));
+    ensure!(terminate(run).await?.success(), "producer exit");
+    database.drop().await?;
+    Ok(())
+}

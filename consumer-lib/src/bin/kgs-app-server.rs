@@ -13,6 +13,11 @@
 //!   `400` a key not of the pool's format, `404` a key never handed out (or
 //!   already recycled), `409` a key that cannot be recycled now; each with a
 //!   one-line reason.
+//! - `POST /keys/{key}`: take that key for a user (a vanity key) if it was
+//!   never handed out (`KeyConsumer::take_key`): `200 taken` once the
+//!   producer decided within `--recycle-wait`, else `202 accepted`; `409`
+//!   with the reason if it was handed out, reserved, blocked or asked for
+//!   already; `400` for a key not of the pool's format.
 //! - `GET /keys/config`: the `collStats` figures (count, size, avgObjSize,
 //!   storageSize, totalIndexSize) of the pool's `keys` and `used_keys`, as JSON.
 //! - `GET /keys/count`: keys left in `keys.<pool>` (a JSON number, from the
@@ -39,7 +44,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::Router;
 use clap::Parser;
-use kgs_consumer::{Error, KeyConsumer, RecycleOutcome};
+use kgs_consumer::{Error, KeyConsumer, RecycleOutcome, VanityOutcome};
 use kgs_schemas::duration;
 use kgs_schemas::process::{init_logging, parse_name_value, shutdown_signal};
 use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
@@ -290,16 +295,20 @@ async fn run(
     };
     let app = Router::new()
         .route("/keys", get(next_key))
-        .route("/keys/{key}", delete(recycle))
+        .route("/keys/{key}", delete(recycle).post(take))
         // The static routes win over `{key}`: keys spelled like them are
         // recycled through these routes' DELETE.
         .route(
             "/keys/config",
-            get(pool_config).delete(|s, h| recycle_key(s, h, "config".to_owned())),
+            get(pool_config)
+                .delete(|s, h| recycle_key(s, h, "config".to_owned()))
+                .post(|s| take_key(s, "config".to_owned())),
         )
         .route(
             "/keys/count",
-            get(keys_count).delete(|s, h| recycle_key(s, h, "count".to_owned())),
+            get(keys_count)
+                .delete(|s, h| recycle_key(s, h, "count".to_owned()))
+                .post(|s| take_key(s, "count".to_owned())),
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -407,6 +416,28 @@ async fn next_keys(state: &AppState, n: usize) -> Response {
         Err(e) => {
             error!(cause = %e, "next_keys failed");
             (StatusCode::INTERNAL_SERVER_ERROR, "error\n").into_response()
+        }
+    }
+}
+
+/// `POST /keys/{key}` (percent-decoded, as for recycle).
+async fn take(state: State<AppState>, Path(key): Path<String>) -> Response {
+    take_key(state, key).await
+}
+
+async fn take_key(State(state): State<AppState>, key: String) -> Response {
+    let line = |status: StatusCode, text: String| (status, format!("{text}\n")).into_response();
+    match state.keys.take_key(&key, state.recycle_wait).await {
+        Ok(VanityOutcome::Taken) => line(StatusCode::OK, "taken".to_owned()),
+        Ok(VanityOutcome::Accepted { .. }) => line(StatusCode::ACCEPTED, "accepted".to_owned()),
+        Err(e @ Error::BadKey { .. }) => line(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ Error::KeyTaken { .. }) => line(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => {
+            error!(key, cause = %e, "take_key failed");
+            line(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database unavailable".to_owned(),
+            )
         }
     }
 }

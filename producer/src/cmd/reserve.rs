@@ -53,6 +53,17 @@ pub enum ReserveOutcome {
 /// recorded in `used_keys` (which wins over a concurrent batch move, see
 /// `writer/batch.rs`) and deleted from `keys`. Re-running finishes a crashed run.
 pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutcome> {
+    reserve_as(store, pool, key, UsedReason::Reserved).await
+}
+
+/// [`reserve`], recording `reason` (`reserved`, or `vanity` for a key taken
+/// for a user): `AlreadyReserved` means a document of that reason exists.
+pub async fn reserve_as(
+    store: &Store,
+    pool: &str,
+    key: &str,
+    reason: UsedReason,
+) -> Result<ReserveOutcome> {
     let doc = store.pool(pool).await?;
     let (format, perm) = pool_order(&doc)?;
     let n = perm.invert(format.index_of(key)?);
@@ -90,7 +101,7 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
     let used = UsedKeyDoc {
         key: key.to_owned(),
         n,
-        reason: UsedReason::Reserved,
+        reason,
         batch: None,
         at: Utc::now(),
     };
@@ -103,7 +114,7 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
                 .await
                 .map_err(Error::store("read used key"))?;
             match existing {
-                Some(u) if u.reason == UsedReason::Reserved => {
+                Some(u) if u.reason == reason => {
                     // Finish a crashed reserve: it must not stay in keys.
                     delete_key(store, pool, key).await?;
                     return Ok(ReserveOutcome::AlreadyReserved);
@@ -115,7 +126,7 @@ pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutc
         Err(e) => return Err(Error::store("insert reserved key")(e)),
     }
     delete_key(store, pool, key).await?;
-    tracing::info!(pool, key, n, "key reserved");
+    tracing::info!(pool, key, n, reason = reason.as_str(), "key reserved");
     Ok(ReserveOutcome::Reserved)
 }
 

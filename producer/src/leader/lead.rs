@@ -251,6 +251,8 @@ impl<'a> Lead<'a> {
     /// Puts returned and recycled keys back into circulation. Returns the
     /// keys published.
     async fn put_back(&self, size: usize, partition: i32) -> Result<u64> {
+        // Vanity keys first: they publish nothing, and a user waits on each.
+        self.writer.take_vanity_keys().await?;
         Ok(self.writer.put_back_returns(size, partition).await?
             + self.writer.put_back_recycles(size, partition).await?)
     }

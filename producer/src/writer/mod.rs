@@ -46,6 +46,7 @@ pub mod put_back;
 pub mod recover;
 pub mod recycles;
 pub mod returns;
+pub mod vanity;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
