@@ -15,12 +15,17 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    let secs = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?} is too long"))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        "d" => Ok(Duration::from_secs(n * 86_400)),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
         _ => Err(format!(
             "duration {s:?} has unknown unit {unit:?} (ms, s, m, h, d)"
         )),

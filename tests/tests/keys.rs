@@ -197,10 +197,17 @@ async fn a_vanity_key_is_taken_once_and_never_handed_out() -> Result<()> {
     };
     let a = app("a")?.start().await?;
     let b = app("b")?.start().await?;
+    // Anyone with the app servers' role can insert a request: a malformed
+    // one is refused alone, and the pool keeps flowing (before, it failed
+    // every leader pass, and no batch was published again).
+    let database = mongo_client().await?.database(&db);
+    database
+        .collection::<bson::Document>("vanity")
+        .insert_one(doc! { "_id": "junk", "pool": &pool, "state": "requested" })
+        .await?;
     let handed = a.keys(1, Duration::from_secs(60)).await?.remove(0);
     // The key of the pool's last position: still in `keys` (batches are
     // moved in position order).
-    let database = mongo_client().await?.database(&db);
     let last = database
         .collection::<bson::Document>(&format!("keys.{pool}"))
         .find_one(doc! {})
@@ -232,6 +239,26 @@ async fn a_vanity_key_is_taken_once_and_never_handed_out() -> Result<()> {
         .await?
         .context("the vanity key in used_keys")?;
     ensure!(used.get_str("reason")? == "vanity", "{used:?}");
+    // With an admin token configured, a request without it is refused and
+    // records nothing.
+    let token = "vanity-admin-token-0123456789";
+    let c = app("c")?.env("KGS_ADMIN_TOKEN", token).start().await?;
+    let other = database
+        .collection::<bson::Document>(&format!("keys.{pool}"))
+        .find_one(doc! {})
+        .sort(doc! { "n": -1 })
+        .await?
+        .context("another key in keys")?
+        .get_str("_id")?
+        .to_owned();
+    let (status, body) = http(c.addr(), "POST", &format!("/keys/{other}")).await?;
+    ensure!(status == 401, "no token: {status} {body}");
+    let recorded = database
+        .collection::<bson::Document>("vanity")
+        .count_documents(doc! { "key": &other })
+        .await?;
+    ensure!(recorded == 0, "a request without the token was recorded");
+    drop(c);
 
     // Everything else, once; the vanity key never.
     let mut served: Vec<String> = vec![handed];
@@ -267,6 +294,15 @@ async fn a_vanity_key_is_taken_once_and_never_handed_out() -> Result<()> {
         "{} in keys, {} used",
         keys.len(),
         used.len()
+    );
+    let junk = database
+        .collection::<bson::Document>("vanity")
+        .find_one(doc! { "_id": "junk" })
+        .await?
+        .context("the malformed request")?;
+    ensure!(
+        junk.get_str("state")? == "refused" && junk.get_str("reason")? == "malformed request",
+        "{junk:?}"
     );
     drop((a, b));
     ensure!(terminate(run).await?.success(), "producer exit");

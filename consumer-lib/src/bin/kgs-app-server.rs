@@ -5,16 +5,17 @@
 //! - `GET /keys`: one key as plain text; `503 no keys` if none arrives
 //!   within `--key-wait` (default 100 ms).
 //! - `GET /keys?count=N` (1 ≤ N ≤ 1000): N distinct keys as a JSON array of
-//!   strings, or fewer (at least one) if no more arrive within `--key-wait`;
-//!   `503 no keys` if none does, `400` for a bad N.
+//!   strings, or fewer (at least one) if fewer are buffered (only an empty
+//!   buffer is waited on, up to `--key-wait`); `503 no keys` if none
+//!   arrives, `400` for a bad N.
 //! - `DELETE /keys/{key}`: recycle a key the application no longer uses
 //!   (`KeyConsumer::recycle_wait`): `200 recycled` once the producer put it
 //!   back within `--recycle-wait`, else `202 accepted` (it still will);
 //!   `400` a key not of the pool's format, `404` a key never handed out (or
 //!   already recycled), `409` a key that cannot be recycled now; each with a
 //!   one-line reason.
-//! - `POST /keys/{key}`: take that key for a user (a vanity key) if it was
-//!   never handed out (`KeyConsumer::take_key`): `200 taken` once the
+//! - `POST /keys/{key}`: take that key for a user (a vanity key; the admin
+//!   token, as for recycle) if it was never handed out (`KeyConsumer::take_key`): `200 taken` once the
 //!   producer decided within `--recycle-wait`, else `202 accepted`; `409`
 //!   with the reason if it was handed out, reserved, blocked or asked for
 //!   already; `400` for a key not of the pool's format.
@@ -170,7 +171,7 @@ impl Config {
             Some(t) => Ok(Some(t)),
             None if self.http_addr.ip().is_loopback() || self.insecure_admin => Ok(None),
             None => anyhow::bail!(
-                "refusing to serve DELETE /keys/{{key}} (recycle) on {}, not a loopback address, without an admin token: set KGS_ADMIN_TOKEN or KGS_ADMIN_TOKEN_FILE (or KGS_INSECURE_ADMIN=true on a network where every client may recycle)",
+                "refusing to serve DELETE and POST /keys/{{key}} (recycle, vanity keys) on {}, not a loopback address, without an admin token: set KGS_ADMIN_TOKEN or KGS_ADMIN_TOKEN_FILE (or KGS_INSECURE_ADMIN=true on a network where every client may recycle)",
                 self.http_addr
             ),
         }
@@ -302,13 +303,13 @@ async fn run(
             "/keys/config",
             get(pool_config)
                 .delete(|s, h| recycle_key(s, h, "config".to_owned()))
-                .post(|s| take_key(s, "config".to_owned())),
+                .post(|s, h| take_key(s, h, "config".to_owned())),
         )
         .route(
             "/keys/count",
             get(keys_count)
                 .delete(|s, h| recycle_key(s, h, "count".to_owned()))
-                .post(|s| take_key(s, "count".to_owned())),
+                .post(|s, h| take_key(s, h, "count".to_owned())),
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -348,7 +349,7 @@ async fn run(
 }
 
 async fn next_key(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    match query.as_deref().map(parse_count) {
+    match query.as_deref().and_then(parse_count) {
         None => {}
         Some(Ok(n)) => return next_keys(&state, n).await,
         Some(Err(why)) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
@@ -369,41 +370,27 @@ async fn next_key(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
     }
 }
 
-/// The `N` of `count=N`, the one parameter of `GET /keys`.
-fn parse_count(query: &str) -> Result<usize, String> {
+/// The `N` of `count=N` in the query of `GET /keys`, if it has one (other
+/// parameters, e.g. a cache buster, are ignored).
+fn parse_count(query: &str) -> Option<Result<usize, String>> {
     let max = kgs_consumer::MAX_KEYS_PER_CALL;
-    let value = query
-        .split('&')
-        .find_map(|p| p.strip_prefix("count="))
-        .ok_or_else(|| {
-            format!("GET /keys takes one parameter, count=N (1 to {max}), not {query:?}")
-        })?;
-    match value.parse::<usize>() {
+    let value = query.split('&').find_map(|p| p.strip_prefix("count="))?;
+    Some(match value.parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(format!(
             "count must be a number from 1 to {max}, not {value:?}"
         )),
-    }
+    })
 }
 
 /// `GET /keys?count=N`: the keys as a JSON array.
 async fn next_keys(state: &AppState, n: usize) -> Response {
+    // Fewer buffered than asked: answered at once with those. Keys once
+    // taken are never held across a wait, which a client that goes away
+    // would end, losing them. Only an empty buffer is waited on.
     let keys = match state.keys.next_keys(n) {
-        Ok(keys) if keys.len() == n => Ok(keys),
-        // Fewer buffered (or none): wait for the rest, keeping these.
-        Ok(mut keys) => match state
-            .keys
-            .next_keys_wait(n - keys.len(), state.key_wait)
-            .await
-        {
-            Ok(more) => {
-                keys.extend(more);
-                Ok(keys)
-            }
-            Err(_) => Ok(keys),
-        },
         Err(Error::Empty) => state.keys.next_keys_wait(n, state.key_wait).await,
-        Err(e) => Err(e),
+        other => other,
     };
     match keys {
         Ok(keys) => {
@@ -421,12 +408,24 @@ async fn next_keys(state: &AppState, n: usize) -> Response {
 }
 
 /// `POST /keys/{key}` (percent-decoded, as for recycle).
-async fn take(state: State<AppState>, Path(key): Path<String>) -> Response {
-    take_key(state, key).await
+async fn take(state: State<AppState>, headers: HeaderMap, Path(key): Path<String>) -> Response {
+    take_key(state, headers, key).await
 }
 
-async fn take_key(State(state): State<AppState>, key: String) -> Response {
+async fn take_key(State(state): State<AppState>, headers: HeaderMap, key: String) -> Response {
     let line = |status: StatusCode, text: String| (status, format!("{text}\n")).into_response();
+    // Like recycle: each request costs the producer work and withdraws a
+    // key for good, so it is for the application's backend, not its users.
+    if !state.admitted(&headers) {
+        state.unauthorized.inc();
+        tracing::warn!(key, "vanity key refused: no or a wrong admin token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a vanity key needs the admin token: Authorization: Bearer <token>\n",
+        )
+            .into_response();
+    }
     match state.keys.take_key(&key, state.recycle_wait).await {
         Ok(VanityOutcome::Taken) => line(StatusCode::OK, "taken".to_owned()),
         Ok(VanityOutcome::Accepted { .. }) => line(StatusCode::ACCEPTED, "accepted".to_owned()),

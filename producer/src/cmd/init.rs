@@ -40,6 +40,10 @@ pub struct PoolSpec {
     pub recycle_cooldown: Option<std::time::Duration>,
 }
 
+/// The longest recycle cooldown `init` takes (ten years).
+pub const MAX_RECYCLE_COOLDOWN: std::time::Duration =
+    std::time::Duration::from_secs(10 * 365 * 86_400);
+
 /// The recycle cooldown of a pool made without `--recycle-cooldown`.
 pub const DEFAULT_RECYCLE_COOLDOWN: std::time::Duration =
     std::time::Duration::from_secs(30 * 86_400);
@@ -89,6 +93,14 @@ pub async fn create(config: &Config, store: &Store, spec: &PoolSpec) -> Result<I
     validate_pool_name(&spec.name).map_err(Error::Config)?;
     if spec.partitions == 0 {
         return Err(Error::Config("partitions must be at least 1".to_owned()));
+    }
+    if spec
+        .recycle_cooldown
+        .is_some_and(|c| c > MAX_RECYCLE_COOLDOWN)
+    {
+        return Err(Error::Config(
+            "the recycle cooldown may be at most 3650d".to_owned(),
+        ));
     }
     let wanted = KeyFormatSpec::from(&spec.format);
     // 1. Check the existing pool and its topic before writing anything.

@@ -53,16 +53,20 @@ pub enum ReserveOutcome {
 /// recorded in `used_keys` (which wins over a concurrent batch move, see
 /// `writer/batch.rs`) and deleted from `keys`. Re-running finishes a crashed run.
 pub async fn reserve(store: &Store, pool: &str, key: &str) -> Result<ReserveOutcome> {
-    reserve_as(store, pool, key, UsedReason::Reserved).await
+    reserve_as(store, pool, key, UsedReason::Reserved, 50).await
 }
 
 /// [`reserve`], recording `reason` (`reserved`, or `vanity` for a key taken
 /// for a user): `AlreadyReserved` means a document of that reason exists.
+/// A key not generated yet is tried `attempts` times 200 ms apart while a
+/// generation range is pending (the leader, which is the generator, tries
+/// once and comes back at its next pass).
 pub async fn reserve_as(
     store: &Store,
     pool: &str,
     key: &str,
     reason: UsedReason,
+    attempts: u32,
 ) -> Result<ReserveOutcome> {
     let doc = store.pool(pool).await?;
     let (format, perm) = pool_order(&doc)?;
@@ -74,7 +78,7 @@ pub async fn reserve_as(
     let colls = store.key_collections(pool);
     if n >= doc.cursor {
         // Not generated yet (unless a range is pending: then wait for it).
-        for attempt in 0..50 {
+        for attempt in 0..attempts.max(1) {
             let r = store
                 .pools
                 .update_one(
@@ -90,7 +94,7 @@ pub async fn reserve_as(
             if now.cursor > n {
                 break; // generated meanwhile: handled below as a generated key
             }
-            if attempt == 49 {
+            if attempt + 1 >= attempts.max(1) {
                 return Err(Error::Config(format!(
                     "pool {pool:?} is generating; retry reserve later"
                 )));

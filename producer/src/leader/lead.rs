@@ -252,7 +252,12 @@ impl<'a> Lead<'a> {
     /// keys published.
     async fn put_back(&self, size: usize, partition: i32) -> Result<u64> {
         // Vanity keys first: they publish nothing, and a user waits on each.
-        self.writer.take_vanity_keys().await?;
+        // Their own errors end here: the batches must not wait on them.
+        match self.writer.take_vanity_keys().await {
+            Ok(_) => {}
+            Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
+            Err(e) => self.metrics.error(&e, "vanity keys"),
+        }
         Ok(self.writer.put_back_returns(size, partition).await?
             + self.writer.put_back_recycles(size, partition).await?)
     }

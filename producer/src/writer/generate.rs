@@ -210,7 +210,18 @@ async fn finish_range(
                 if !blocklist.is_empty() {
                     set.insert("blocked", (doc.blocked + blocked) as i64);
                 }
-                doc! { "$set": set, "$unset": { "generating": "" } }
+                let mut update = doc! { "$set": set, "$unset": { "generating": "" } };
+                // Reservations the cursor passed are done with (their keys
+                // are in `used_keys`; generation skipped them), so the list
+                // holds only positions ahead. Nothing is added to it while
+                // a range is marked, so this drops nothing new.
+                if doc.reserved_ahead.iter().any(|&n| n < range.to) {
+                    update.insert(
+                        "$pull",
+                        doc! { "reserved_ahead": { "$lt": range.to as i64 } },
+                    );
+                }
+                update
             },
         )
         .await
