@@ -199,6 +199,24 @@ const UNAUTHORIZED_TOTAL: &str = "kgs_app_server_unauthorized_requests_total";
 impl AppState {
     /// Whether the request may change state: no token configured, or the
     /// right one (compared in constant time).
+    /// `401` (counted, logged) unless `headers` carry the admin token; for
+    /// `what` (an admin operation) on `key`.
+    fn refuse_unadmitted(&self, headers: &HeaderMap, key: &str, what: &str) -> Option<Response> {
+        if self.admitted(headers) {
+            return None;
+        }
+        self.unauthorized.inc();
+        tracing::warn!(key, "{what} refused: no or a wrong admin token");
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("{what} needs the admin token: Authorization: Bearer <token>\n"),
+            )
+                .into_response(),
+        )
+    }
+
     fn admitted(&self, headers: &HeaderMap) -> bool {
         let Some(expected) = &self.admin_token else {
             return true;
@@ -416,15 +434,8 @@ async fn take_key(State(state): State<AppState>, headers: HeaderMap, key: String
     let line = |status: StatusCode, text: String| (status, format!("{text}\n")).into_response();
     // Like recycle: each request costs the producer work and withdraws a
     // key for good, so it is for the application's backend, not its users.
-    if !state.admitted(&headers) {
-        state.unauthorized.inc();
-        tracing::warn!(key, "vanity key refused: no or a wrong admin token");
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "a vanity key needs the admin token: Authorization: Bearer <token>\n",
-        )
-            .into_response();
+    if let Some(refused) = state.refuse_unadmitted(&headers, &key, "a vanity key") {
+        return refused;
     }
     match state.keys.take_key(&key, state.recycle_wait).await {
         Ok(VanityOutcome::Taken) => line(StatusCode::OK, "taken".to_owned()),
@@ -449,15 +460,8 @@ async fn recycle(state: State<AppState>, headers: HeaderMap, Path(key): Path<Str
 
 async fn recycle_key(State(state): State<AppState>, headers: HeaderMap, key: String) -> Response {
     let line = |status: StatusCode, text: String| (status, format!("{text}\n")).into_response();
-    if !state.admitted(&headers) {
-        state.unauthorized.inc();
-        tracing::warn!(key, "recycle refused: no or a wrong admin token");
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "recycle needs the admin token: Authorization: Bearer <token>\n",
-        )
-            .into_response();
+    if let Some(refused) = state.refuse_unadmitted(&headers, &key, "recycle") {
+        return refused;
     }
     match state.keys.recycle_wait(&key, state.recycle_wait).await {
         Ok(RecycleOutcome::Done { .. }) => line(StatusCode::OK, "recycled".to_owned()),

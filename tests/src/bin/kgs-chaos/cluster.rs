@@ -305,6 +305,15 @@ impl Cluster {
             )
     }
 
+    /// `kgs-producer init` of the run's pool: 3-letter base62 keys
+    /// (238,328), 3 partitions, the default blocklist (the checker counts
+    /// its positions out). Run again after the topic is deleted.
+    pub fn init_command(&self) -> ProducerCmd {
+        self.producer_command()
+            .init(3, 3)
+            .args(["--blocklist", "default"])
+    }
+
     /// Starts slot `i`'s next incarnation.
     pub fn start(&mut self, i: usize) -> Result<()> {
         let slot = &self.slots[i];

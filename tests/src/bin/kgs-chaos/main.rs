@@ -245,14 +245,7 @@ async fn run(args: Args) -> Result<bool> {
     let mongo = mongodb::Client::with_uri_str(servers.mongodb_uri()).await?;
     let db = mongo.database(&name);
 
-    // A 3-letter base62 pool (238,328 keys), 3 partitions, the default
-    // blocklist (the checker counts its positions out).
-    let out = cluster
-        .producer_command()
-        .init(3, 3)
-        .args(["--blocklist", "default"])
-        .output()
-        .await?;
+    let out = cluster.init_command().output().await?;
     ensure!(
         out.status.success(),
         "kgs-producer init failed: {}",
@@ -838,12 +831,7 @@ async fn recreate_topic(cluster: &mut Cluster, db: &mongodb::Database) -> Result
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         cluster.supervise()?;
-        let out = cluster
-            .producer_command()
-            .init(3, 3)
-            .args(["--blocklist", "default"])
-            .output()
-            .await?;
+        let out = cluster.init_command().output().await?;
         ensure!(
             out.status.success(),
             "kgs-producer init after deleting the topic failed: {}",
