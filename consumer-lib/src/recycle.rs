@@ -128,6 +128,7 @@ impl KeyConsumer {
             n,
             &self.instance,
             self.recycle_cooldown_ms,
+            self.store.server_now().await?,
         );
         if !self.store.request_recycle(&request).await? {
             return Err(refused(Refusal::AlreadyRecycled));

@@ -261,6 +261,18 @@ impl Store {
         }
     }
 
+    /// The server's clock ([`kgs_schemas::mongo::server_now`]); the local
+    /// one only if the reply has none (every MongoDB server sends it).
+    pub async fn server_now(&self) -> Result<chrono::DateTime<chrono::Utc>> {
+        let now = kgs_schemas::mongo::server_now(&self.db)
+            .await
+            .map_err(|source| Error::Store {
+                op: "reading the server clock",
+                source,
+            })?;
+        Ok(now.unwrap_or_else(chrono::Utc::now))
+    }
+
     /// A vanity key request, by `_id`.
     pub async fn vanity_request(&self, id: &str) -> Result<Option<kgs_schemas::docs::VanityDoc>> {
         self.vanity

@@ -118,6 +118,19 @@ impl Store {
         })
     }
 
+    /// The server's clock ([`kgs_schemas::mongo::server_now`]).
+    pub async fn server_now(&self) -> Result<chrono::DateTime<chrono::Utc>> {
+        kgs_schemas::mongo::server_now(&self.db)
+            .await
+            .map_err(Error::store("read the server clock"))?
+            .ok_or_else(|| {
+                Error::Config(
+                    "the MongoDB server's hello reply has no localTime; kgs needs the server clock"
+                        .into(),
+                )
+            })
+    }
+
     /// The key collections of `pool`.
     pub fn key_collections(&self, pool: &str) -> KeyCollections {
         KeyCollections {

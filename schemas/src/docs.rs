@@ -532,8 +532,19 @@ impl RecycleDoc {
 impl RecycleDoc {
     /// A new request (state `requested`) to recycle `key` of `pool`, handed
     /// out by `batch` at position `n`, asked by `by` now.
-    pub fn request(pool: &str, key: &str, batch: &str, n: u64, by: &str, cooldown_ms: u64) -> Self {
-        let requested_at = Utc::now();
+    /// `now` is the MongoDB server's clock
+    /// ([`crate::mongo::server_now`]): the leader compares `due_at` with
+    /// it too, so no host clock shortens a quarantine.
+    pub fn request(
+        pool: &str,
+        key: &str,
+        batch: &str,
+        n: u64,
+        by: &str,
+        cooldown_ms: u64,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let requested_at = now;
         // BSON dates keep milliseconds: the same value once stored.
         let requested_at = DateTime::from_timestamp_millis(requested_at.timestamp_millis())
             .unwrap_or(requested_at);

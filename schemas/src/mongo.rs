@@ -97,6 +97,20 @@ fn is_tls_refusal(text: &str) -> bool {
     text.contains("invalid peer certificate") || text.contains("certificate verify failed")
 }
 
+/// The MongoDB server's clock (`hello.localTime`): what every time that
+/// hosts compare is taken from (the producer lease, a recycled key's
+/// quarantine), so no two hosts' clocks are ever compared. `Ok(None)` if
+/// the reply has no `localTime` (every MongoDB server sends it).
+pub async fn server_now(
+    db: &mongodb::Database,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, mongodb::error::Error> {
+    let hello = db.run_command(bson::doc! { "hello": 1 }).await?;
+    Ok(match hello.get("localTime") {
+        Some(bson::Bson::DateTime(t)) => Some(t.to_chrono()),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

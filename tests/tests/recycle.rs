@@ -682,6 +682,20 @@ crash_tests! {
 /// exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recycled_key_waits_out_its_quarantine_then_comes_back_once() -> Result<()> {
+    quarantine(false).await
+}
+
+/// The same with host clocks an hour off, none of which may shorten the
+/// quarantine: the request made by `kgs-producer recycle` on a host an hour
+/// behind, the leader on a host an hour ahead. Both use the MongoDB
+/// server's clock; before, `due_at` came out an hour in the past and the
+/// leader released the key at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_clocks_do_not_shorten_a_quarantine() -> Result<()> {
+    quarantine(true).await
+}
+
+async fn quarantine(skewed_clocks: bool) -> Result<()> {
     let pool = Pool::new(1);
     pool.producer(&[], None)?
         .init(2, 1)
@@ -689,19 +703,44 @@ async fn a_recycled_key_waits_out_its_quarantine_then_comes_back_once() -> Resul
         .success()
         .await?;
     let a = app_server(&pool, "a").await?;
-    let run = pool.run(2, None)?;
+    let run = if skewed_clocks {
+        pool.producer(&[], None)?
+            .run(10, 2)
+            .log_to_temp(&pool.name)?
+            .clock_offset(3600)?
+            .spawn()?
+    } else {
+        pool.run(2, None)?
+    };
     let first = collect(&[&a], Duration::from_secs(180), |s| s.len() == 100).await?;
     assert!(first.values().all(|n| *n == 1), "a key came twice");
     let key = first.keys().next().context("a key")?.clone();
-    let (status, body) = wait_for("recycle accepted", WAIT, || async {
-        let (status, body) = a.delete(&key).await?;
-        Ok((status != 409).then_some((status, body)))
-    })
-    .await?;
-    ensure!(
-        status == 202 && body.starts_with("accepted, quarantined until "),
-        "{status} {body}"
-    );
+    if skewed_clocks {
+        let said = wait_for("recycle accepted", WAIT, || async {
+            let out = pool
+                .producer(&["recycle", &key], None)?
+                .clock_offset(-3600)?
+                .output()
+                .await?;
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok(out.status.success().then_some(said))
+        })
+        .await?;
+        ensure!(
+            said.starts_with(&format!("{key}: accepted, quarantined until ")),
+            "{said}"
+        );
+    } else {
+        let (status, body) = wait_for("recycle accepted", WAIT, || async {
+            let (status, body) = a.delete(&key).await?;
+            Ok((status != 409).then_some((status, body)))
+        })
+        .await?;
+        ensure!(
+            status == 202 && body.starts_with("accepted, quarantined until "),
+            "{status} {body}"
+        );
+    }
     let request = pool
         .docs("recycles", doc! { "key": &key })
         .await?
@@ -709,6 +748,10 @@ async fn a_recycled_key_waits_out_its_quarantine_then_comes_back_once() -> Resul
         .context("the request")?;
     ensure!(request.get_str("state")? == "requested", "{request:?}");
     let due = request.get_datetime("due_at")?.to_chrono();
+    ensure!(
+        due > chrono::Utc::now() + chrono::Duration::seconds(3),
+        "due at {due}: not 6 s after the request by this host's (the server's) clock"
+    );
     let out = pool.producer(&["stats"], None)?.success().await?;
     let stats = String::from_utf8_lossy(&out.stdout);
     ensure!(

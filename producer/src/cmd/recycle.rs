@@ -108,6 +108,7 @@ impl<'a> Requester<'a> {
             n,
             &self.by,
             self.pool.recycle_cooldown_ms,
+            self.store.server_now().await?,
         );
         match self.store.recycles.insert_one(&doc).await {
             Ok(_) => {

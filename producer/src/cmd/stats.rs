@@ -85,7 +85,7 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
     // Both served by the `{pool, state, due_at}` index.
     let not_due = doc! {
         "pool": &p.name, "state": "requested",
-        "due_at": { "$gt": bson::DateTime::now() },
+        "due_at": { "$gt": bson::DateTime::from_chrono(store.server_now().await?) },
     };
     let quarantined = store
         .recycles

@@ -85,18 +85,7 @@ impl Lease {
     /// whose host clock is off by any amount neither steals a live lease nor
     /// keeps an expired one.
     async fn server_now(&self) -> Result<DateTime<Utc>> {
-        let hello = self
-            .store
-            .db
-            .run_command(doc! { "hello": 1 })
-            .await
-            .map_err(Error::store("read the server clock"))?;
-        match hello.get("localTime") {
-            Some(bson::Bson::DateTime(t)) => Ok(t.to_chrono()),
-            _ => Err(Error::Config(
-                "the MongoDB server's hello reply has no localTime; kgs needs the server clock for its lease".into(),
-            )),
-        }
+        self.store.server_now().await
     }
 
     /// Renews the lease held at `epoch`, or takes it if it is free.

@@ -39,7 +39,8 @@ impl Writer<'_> {
         self.lease.check()?;
         // Served by the `{pool, state, due_at}` index (`null`: no
         // quarantine, or a request made before it existed).
-        let now = bson::DateTime::now();
+        // The server's clock, as the requester's `due_at` is.
+        let now = bson::DateTime::from_chrono(self.store.server_now().await?);
         let requests: Vec<RecycleDoc> = find_all(
             &self.store.recycles,
             doc! {
