@@ -275,8 +275,12 @@ async fn bulk_keys_over_http_are_distinct_and_bounded() -> Result<()> {
         published.extend(pool.publish(40, 0).await?.keys);
     }
     let app = app_server(&pool, &unique("g"), &unique("i")).await?;
-    wait_for("three batches claimed", WAIT, || async {
-        Ok((pool.claims().await?.len() == 3).then_some(()))
+    // Buffered, not only claimed: a bulk call answers with what is there.
+    wait_for("three batches buffered", WAIT, || async {
+        let buffered = app
+            .metric(kgs_consumer::metrics::KEYS_BUFFERED_TOTAL)
+            .await?;
+        Ok((pool.claims().await?.len() == 3 && buffered >= 120.0).then_some(()))
     })
     .await?;
     for bad in ["count=0", "count=1001", "count=x", "x=1&count=-1"] {
