@@ -38,26 +38,8 @@ impl KeyConsumer {
         if let Some(key) = self.shared.buffer.next_key() {
             return Ok(key);
         }
-        let m = &self.shared.metrics;
-        m.waits.inc();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            // Register for the wake-up before looking, so a batch buffered in
-            // between is not missed.
-            let arrived = self.shared.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            if let Some(key) = self.shared.buffer.next_key() {
-                return Ok(key);
-            }
-            if self.shared.buffer.is_closed() {
-                return Err(Error::ShutDown);
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                m.wait_timeouts.inc();
-                return Err(Error::Empty);
-            }
-        }
+        // The one wait of both calls: a key came, or the error.
+        Ok(self.next_keys_wait(1, timeout).await?[0])
     }
 
     /// Takes up to `n` keys from the local buffer without waiting, each
@@ -91,7 +73,8 @@ impl KeyConsumer {
         m.waits.inc();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            // Registered before looking, as in `next_key_wait`.
+            // Register for the wake-up before looking, so a batch buffered in
+            // between is not missed.
             let arrived = self.shared.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();

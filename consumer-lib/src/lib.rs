@@ -97,6 +97,7 @@ mod store;
 mod vanity;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kgs_schemas::kafka::MetadataError;
 use kgs_schemas::KeyFormat;
@@ -142,6 +143,29 @@ pub struct KeyConsumer {
     brokers: String,
     /// The MongoDB connection string, password redacted, for error messages.
     mongodb_uri: String,
+}
+
+/// How often a call waiting for the producer leader to decide a request
+/// (a recycle, a vanity key) looks at it.
+const DECISION_POLL: Duration = Duration::from_millis(100);
+
+/// Looks every [`DECISION_POLL`] until `look` finds the request decided
+/// (`Some`), for up to `timeout`; `None` if it was not by then.
+async fn await_decision<T, F, Fut>(timeout: Duration, mut look: F) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(decided) = look().await? {
+            return Ok(Some(decided));
+        }
+        if tokio::time::Instant::now() + DECISION_POLL > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(DECISION_POLL).await;
+    }
 }
 
 impl KeyConsumer {

@@ -20,9 +20,6 @@ use crate::buffer::KeyState;
 use crate::error::{Error, Result};
 use crate::{metrics, KeyConsumer};
 
-/// How often [`KeyConsumer::recycle_wait`] looks at the request.
-const POLL: Duration = Duration::from_millis(100);
-
 /// What became of an accepted recycle request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecycleOutcome {
@@ -76,22 +73,21 @@ impl KeyConsumer {
             RecycleOutcome::Accepted { id } => id,
             other => return Ok(other),
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match self.store.recycle(&id).await?.map(|r| r.state) {
-                Some(RecycleState::Done) => return Ok(RecycleOutcome::Done { id }),
-                Some(RecycleState::Refused) => {
-                    return Err(Error::NotRecyclable {
-                        key: key.to_owned(),
-                        refusal: Refusal::Changed,
-                    })
-                }
-                _ => {}
-            }
-            if tokio::time::Instant::now() + POLL > deadline {
-                return Ok(RecycleOutcome::Accepted { id });
-            }
-            tokio::time::sleep(POLL).await;
+        let decided = crate::await_decision(timeout, || async {
+            Ok(match self.store.recycle(&id).await?.map(|r| r.state) {
+                Some(RecycleState::Done) => Some(true),
+                Some(RecycleState::Refused) => Some(false),
+                _ => None,
+            })
+        })
+        .await?;
+        match decided {
+            Some(true) => Ok(RecycleOutcome::Done { id }),
+            Some(false) => Err(Error::NotRecyclable {
+                key: key.to_owned(),
+                refusal: Refusal::Changed,
+            }),
+            None => Ok(RecycleOutcome::Accepted { id }),
         }
     }
 

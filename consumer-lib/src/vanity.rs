@@ -16,9 +16,6 @@ use kgs_schemas::docs::{vanity_id, VanityDoc, VanityState};
 use crate::error::{Error, Result};
 use crate::KeyConsumer;
 
-/// How often [`KeyConsumer::take_key`] looks at the request.
-const POLL: Duration = Duration::from_millis(100);
-
 /// What became of a vanity key request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VanityOutcome {
@@ -74,21 +71,18 @@ impl KeyConsumer {
                 }));
             }
         }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(r) = self.store.vanity_request(&request.id).await? {
-                match r.state {
-                    VanityState::Taken => return Ok(VanityOutcome::Taken),
-                    VanityState::Refused => {
-                        return Err(taken(r.reason.as_deref().unwrap_or("refused")))
-                    }
-                    VanityState::Requested => {}
-                }
-            }
-            if tokio::time::Instant::now() + POLL > deadline {
-                return Ok(VanityOutcome::Accepted { id: request.id });
-            }
-            tokio::time::sleep(POLL).await;
+        let decided = crate::await_decision(timeout, || async {
+            Ok(self
+                .store
+                .vanity_request(&request.id)
+                .await?
+                .filter(|r| r.state != VanityState::Requested))
+        })
+        .await?;
+        match decided {
+            Some(r) if r.state == VanityState::Taken => Ok(VanityOutcome::Taken),
+            Some(r) => Err(taken(r.reason.as_deref().unwrap_or("refused"))),
+            None => Ok(VanityOutcome::Accepted { id: request.id }),
         }
     }
 }

@@ -18,6 +18,29 @@ pub fn kafka_config() -> ClientConfig {
     config
 }
 
+/// Deletes `topic` on the test broker (the broker finishes in the
+/// background: the name may still answer for a moment).
+pub async fn delete_topic(topic: &str) -> Result<()> {
+    delete_topic_at(&kafka_brokers(), topic).await
+}
+
+/// Deletes `topic` on the broker at `brokers`.
+pub async fn delete_topic_at(brokers: &str, topic: &str) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating Kafka admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin
+        .delete_topics(&[topic], &opts)
+        .await
+        .context("delete_topics request")?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("deleting topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Creates `topic` with `partitions` partitions (replication factor 1) and
 /// waits until the broker reports it.
 pub async fn create_topic(topic: &str, partitions: i32) -> Result<()> {

@@ -368,9 +368,7 @@ async fn a_changed_or_deleted_topic_is_detected() -> Result<()> {
     )
     .await?;
 
-    for r in admin.delete_topics(&[&topic], &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
-    }
+    kgs_tests::kafka::delete_topic(&topic).await?;
     wait_for(
         "the deleted topic in the producer's log",
         Duration::from_secs(60),

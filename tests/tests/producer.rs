@@ -1282,9 +1282,6 @@ async fn stale_insert_generated() -> Result<()> {
 /// counted the old records and, reading "full", published nothing).
 #[tokio::test]
 async fn a_recreated_topic_gets_its_unclaimed_batches_again() -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-
     let pool = Pool::new(2);
     pool.init(2, &[]).await?;
     let run = pool.run(2, &[], None)?;
@@ -1303,11 +1300,7 @@ async fn a_recreated_topic_gets_its_unclaimed_batches_again() -> Result<()> {
         })
         .await?;
     let topic = pool.topic().await?;
-    let admin: AdminClient<DefaultClientContext> = kafka_config().create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.delete_topics(&[&topic], &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
-    }
+    kgs_tests::kafka::delete_topic(&topic).await?;
     // `init` re-creates it once the broker has finished deleting it (until
     // then it finds the topic and changes nothing).
     wait_for(

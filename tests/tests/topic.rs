@@ -8,8 +8,6 @@ use anyhow::{ensure, Context, Result};
 use bson::doc;
 use kgs_schemas::docs::{ClaimDoc, PoolDoc, CLAIMS, POOLS};
 use kgs_tests::{mongo_client, terminate, unique, wait_for, AppServerCmd, ProducerCmd, Signal};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 
 /// An app server consuming the pool topic when it is deleted and created
 /// again (`init`), producer running: keys flow again from batches claimed
@@ -42,11 +40,7 @@ async fn app_servers_follow_a_recreated_topic() -> Result<()> {
         .await?
         .context("pool document")?
         .topic;
-    let admin: AdminClient<DefaultClientContext> = kgs_tests::kafka_config().create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.delete_topics(&[&topic], &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
-    }
+    kgs_tests::kafka::delete_topic(&topic).await?;
     let recreated = wait_for(
         "the topic re-created by init",
         Duration::from_secs(60),

@@ -68,6 +68,7 @@ pub async fn reserve_as(
     reason: UsedReason,
     attempts: u32,
 ) -> Result<ReserveOutcome> {
+    let attempts = attempts.max(1);
     let doc = store.pool(pool).await?;
     let (format, perm) = pool_order(&doc)?;
     let n = perm.invert(format.index_of(key)?);
@@ -78,7 +79,7 @@ pub async fn reserve_as(
     let colls = store.key_collections(pool);
     if n >= doc.cursor {
         // Not generated yet (unless a range is pending: then wait for it).
-        for attempt in 0..attempts.max(1) {
+        for attempt in 0..attempts {
             let r = store
                 .pools
                 .update_one(
@@ -94,7 +95,7 @@ pub async fn reserve_as(
             if now.cursor > n {
                 break; // generated meanwhile: handled below as a generated key
             }
-            if attempt + 1 >= attempts.max(1) {
+            if attempt + 1 == attempts {
                 return Err(Error::Config(format!(
                     "pool {pool:?} is generating; retry reserve later"
                 )));

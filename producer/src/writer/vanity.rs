@@ -100,12 +100,11 @@ impl Writer<'_> {
     /// Refuses a request that is not a well-formed vanity request.
     async fn refuse_malformed(&self, id: &bson::Bson, why: &str) -> Result<()> {
         tracing::warn!(%id, why, "malformed vanity key request refused");
-        self.mark(doc! { "_id": id.clone() }, "malformed request")
-            .await?;
+        self.mark(id.clone(), Some("malformed request")).await?;
         Ok(())
     }
 
-    /// Marks a request `taken`, or `refused` with the reason.
+    /// Marks a request `taken`, or `refused` with the reason; logs and counts.
     async fn finish_vanity(
         &self,
         id: &str,
@@ -113,50 +112,33 @@ impl Writer<'_> {
         by: &str,
         refusal: Option<&str>,
     ) -> Result<()> {
-        let decided = match refusal {
-            None => {
-                self.lease.check()?;
-                self.store
-                    .vanity
-                    .update_one(
-                        doc! { "_id": id, "state": VanityState::Requested },
-                        doc! { "$set": {
-                            "state": VanityState::Taken,
-                            "done_at": bson::DateTime::now(),
-                        } },
-                    )
-                    .await
-                    .map_err(Error::store("mark vanity request taken"))?
-                    .modified_count
-                    == 1
-            }
-            Some(reason) => self.mark(doc! { "_id": id }, reason).await?,
-        };
-        if decided {
+        if self.mark(id.into(), refusal).await? {
             self.metrics.vanity_key(key, by, refusal);
         }
         Ok(())
     }
 
-    /// Sets the request matching `filter` `refused` with `reason` (if it is
-    /// still `requested`); whether it was.
-    async fn mark(&self, mut filter: bson::Document, reason: &str) -> Result<bool> {
+    /// Sets request `id` `taken`, or `refused` with the reason, if it is
+    /// still `requested`; whether it was.
+    async fn mark(&self, id: bson::Bson, refusal: Option<&str>) -> Result<bool> {
         self.lease.check()?;
-        filter.insert("state", VanityState::Requested);
+        let mut set = doc! { "done_at": bson::DateTime::now() };
+        match refusal {
+            None => set.insert("state", VanityState::Taken),
+            Some(reason) => {
+                set.insert("reason", reason);
+                set.insert("state", VanityState::Refused)
+            }
+        };
         let updated = self
             .store
             .vanity
-            .clone_with_type::<bson::Document>()
             .update_one(
-                filter,
-                doc! { "$set": {
-                    "state": VanityState::Refused,
-                    "reason": reason,
-                    "done_at": bson::DateTime::now(),
-                } },
+                doc! { "_id": id, "state": VanityState::Requested },
+                doc! { "$set": set },
             )
             .await
-            .map_err(Error::store("mark vanity request refused"))?;
+            .map_err(Error::store("mark vanity request decided"))?;
         Ok(updated.modified_count == 1)
     }
 }

@@ -343,8 +343,6 @@ async fn a_failed_commits_give_back_survives_a_mongodb_outage() -> Result<()> {
 async fn a_held_batch_copied_into_a_recreated_topic_is_a_replay() -> Result<()> {
     use bson::doc;
     use kgs_schemas::docs::{BATCHES, POOLS};
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
     let pool = Pool::create(1).await?;
@@ -355,11 +353,7 @@ async fn a_held_batch_copied_into_a_recreated_topic_is_a_replay() -> Result<()> 
     let claim = pool.claim(&batch.batch_id).await?.context("claim")?;
     ensure!(claim.partition == 0 && claim.offset == 0, "{claim:?}");
 
-    let admin: AdminClient<DefaultClientContext> = kgs_tests::kafka_config().create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.delete_topics(&[&pool.topic], &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
-    }
+    kgs_tests::kafka::delete_topic(&pool.topic).await?;
     let probe: BaseConsumer = kgs_tests::kafka_config().create()?;
     let topic = pool.topic.clone();
     wait_for("the topic gone and created again, empty", WAIT, || async {

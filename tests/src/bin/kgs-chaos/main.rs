@@ -800,8 +800,6 @@ async fn hostile_writer(
 /// messages the old topic held.
 async fn recreate_topic(cluster: &mut Cluster, db: &mongodb::Database) -> Result<String> {
     use kgs_schemas::docs::PoolDoc;
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
 
     let topic = db
         .collection::<PoolDoc>(POOLS)
@@ -820,14 +818,7 @@ async fn recreate_topic(cluster: &mut Cluster, db: &mongodb::Database) -> Result
         |e| format!("its batches unread: {e}"),
         |b| format!("{} messages in it", b.len()),
     );
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", cluster.servers.brokers())
-        .create()
-        .context("Kafka admin client")?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.delete_topics(&[&topic], &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("deleting topic {t}: {e}"))?;
-    }
+    kgs_tests::kafka::delete_topic_at(&cluster.servers.brokers(), &topic).await?;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         cluster.supervise()?;
