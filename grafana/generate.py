@@ -71,7 +71,16 @@ pool = dashboard("kgs-pool", "kgs / pool health", [
            ("max by (pool) (kgs_producer_key_space)", "space {{pool}}")]),
     panel(6, "Pool exhausted (every key used)", [("max by (pool) (kgs_producer_pool_exhausted)", "{{pool}}")],
           desc="1 once the leader finds nothing left to publish: app servers will run dry."),
-], "Is there enough key space left, and how fast is it burning?")
+    panel(7, "Key length in use (tier)", [("max by (pool) (kgs_producer_tier_length)", "{{pool}}")],
+          kind="stat",
+          desc="Length of the new keys handed out now. A pool of several lengths (init --max-length) "
+               "hands out every key of a length before the next one."),
+    panel(8, "Time to the next key length",
+          [("max by (pool) (kgs_producer_tier_keys_left)"
+            " / clamp_min(sum by (pool) (rate(kgs_producer_keys_published_total[15m])), 1e-9)", "{{pool}}")],
+          unit="s", desc="Keys of the length in use not yet moved into batches, divided by the 15-minute "
+                         "burn rate. In the longest tier: the time until the pool runs out."),
+], "Is there enough key space left, and how fast is it burning? Which key length is in use?")
 
 producer = dashboard("kgs-producer", "kgs / producer", [
     panel(1, "Leader (lease held)", [("kgs_producer_lease_leader", "{{instance}}")],

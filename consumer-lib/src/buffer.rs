@@ -2,9 +2,10 @@
 //! handed out, lock-free, by any number of threads at once.
 //!
 //! # How it works
-//! A pushed batch is one packed array (`count × L` bytes, `L` the key
-//! length: about `L` bytes per buffered key) cut into a few *segments*, one
-//! per *lane*. A segment is a key range with an atomic cursor; taking a key
+//! A pushed batch is one packed array per key length in it (`count × L`
+//! bytes, `L` the key length: about `L` bytes per buffered key; a batch of
+//! a pool of several lengths may hold two, where one length ends) cut into
+//! a few *segments*, one per *lane*. A segment is a key range with an atomic cursor; taking a key
 //! is one `fetch_add` on it. A lane is the segment being used
 //! ([`ArcSwap`]) plus a lock-free queue of the next ones. Each thread has a
 //! home lane (its thread number modulo the lane count) and only moves to
@@ -49,11 +50,10 @@ const MIN_SEGMENT_KEYS: usize = 64;
 /// Most lanes a buffer uses; more would only add empty lanes to scan.
 const MAX_LANES: usize = 64;
 
-/// The keys of one batch, packed, followed by [`MAX_KEY_LEN`] zero bytes so
-/// that every key can be read as a fixed 12-byte chunk.
+/// The keys of one length of a batch, packed, followed by [`MAX_KEY_LEN`]
+/// zero bytes so that every key can be read as a fixed 12-byte chunk.
 #[derive(Debug)]
 struct PackedBatch {
-    id: String,
     key_len: usize,
     /// `key_len << 32`, the length part of a key's high word.
     len_word: NonZeroU64,
@@ -65,11 +65,10 @@ struct PackedBatch {
 }
 
 impl PackedBatch {
-    fn new(id: String, key_len: usize, mut bytes: Vec<u8>) -> Self {
+    fn new(key_len: usize, mut bytes: Vec<u8>) -> Self {
         bytes.extend_from_slice(&[0; MAX_KEY_LEN]);
         let bits = |n: usize| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
         Self {
-            id,
             key_len,
             len_word: NonZeroU64::new((key_len as u64) << 32).expect("key length checked by push"),
             bytes: bytes.into_boxed_slice(),
@@ -122,7 +121,7 @@ struct Segment {
 impl Segment {
     fn empty() -> Self {
         Self {
-            batch: Arc::new(PackedBatch::new(String::new(), 1, Vec::new())),
+            batch: Arc::new(PackedBatch::new(1, Vec::new())),
             start: 0,
             len: 0,
             cursor: CachePadded::new(AtomicUsize::new(0)),
@@ -180,10 +179,11 @@ impl Lane {
     }
 }
 
-/// A batch in the buffer, as the owner (the consume loop) sees it.
+/// A batch in the buffer, as the owner (the consume loop) sees it: its
+/// segments, of one packed array per key length, in the batch's order.
 #[derive(Debug)]
 struct Tracked {
-    batch: Arc<PackedBatch>,
+    id: String,
     segments: Vec<Arc<Segment>>,
 }
 
@@ -230,8 +230,8 @@ pub enum PushError {
     /// The batch has no keys.
     #[error("empty batch")]
     Empty,
-    /// A key is empty, longer than 12 bytes, not ASCII, or not the same length as the first.
-    #[error("key at position {0} is not ASCII of the batch's key length (1 to 12)")]
+    /// A key is empty, longer than 12 bytes, or not ASCII.
+    #[error("key at position {0} is not ASCII of length 1 to 12")]
     BadKey(usize),
 }
 
@@ -279,34 +279,40 @@ impl KeyBuffer {
         }
     }
 
-    /// Adds a batch of distinct keys, all of one length (1 to 12 ASCII bytes).
+    /// Adds a batch of distinct keys of 1 to 12 ASCII bytes. Each run of
+    /// keys of one length is packed on its own, so the batch may mix
+    /// lengths; keys come out in the batch's order within a lane.
     pub fn push(&self, batch_id: &str, keys: &[String]) -> Result<(), PushError> {
-        let key_len = keys.first().ok_or(PushError::Empty)?.len();
-        if !(1..=MAX_KEY_LEN).contains(&key_len) {
-            return Err(PushError::BadKey(0));
+        if keys.is_empty() {
+            return Err(PushError::Empty);
         }
-        let mut bytes = Vec::with_capacity(keys.len() * key_len);
-        for (position, key) in keys.iter().enumerate() {
-            if key.len() != key_len || !key.is_ascii() {
-                return Err(PushError::BadKey(position));
+        if let Some(position) = keys
+            .iter()
+            .position(|k| !(1..=MAX_KEY_LEN).contains(&k.len()) || !k.is_ascii())
+        {
+            return Err(PushError::BadKey(position));
+        }
+        let mut segments: Vec<Arc<Segment>> = Vec::new();
+        for run in keys.chunk_by(|a, b| a.len() == b.len()) {
+            let key_len = run[0].len();
+            let mut bytes = Vec::with_capacity(run.len() * key_len);
+            for key in run {
+                bytes.extend_from_slice(key.as_bytes());
             }
-            bytes.extend_from_slice(key.as_bytes());
-        }
-        let batch = Arc::new(PackedBatch::new(batch_id.to_owned(), key_len, bytes));
-        let count = keys.len();
-        let pieces = (count / MIN_SEGMENT_KEYS).clamp(1, self.lanes.len());
-        let segments: Vec<Arc<Segment>> = (0..pieces)
-            .map(|p| {
+            let packed = Arc::new(PackedBatch::new(key_len, bytes));
+            let count = run.len();
+            let pieces = (count / MIN_SEGMENT_KEYS).clamp(1, self.lanes.len());
+            segments.extend((0..pieces).map(|p| {
                 let start = count * p / pieces;
                 let end = count * (p + 1) / pieces;
                 Arc::new(Segment {
-                    batch: Arc::clone(&batch),
+                    batch: Arc::clone(&packed),
                     start,
                     len: end - start,
                     cursor: CachePadded::new(AtomicUsize::new(0)),
                 })
-            })
-            .collect();
+            }));
+        }
         // Track before publishing, under the lock `close` takes: a batch is
         // either closed by `close` or refused here, never published untracked.
         let mut batches = self.batches.lock().expect("buffer lock poisoned");
@@ -319,7 +325,10 @@ impl KeyBuffer {
                 .next
                 .push(Arc::clone(segment));
         }
-        batches.push(Tracked { batch, segments });
+        batches.push(Tracked {
+            id: batch_id.to_owned(),
+            segments,
+        });
         Ok(())
     }
 
@@ -384,7 +393,7 @@ impl KeyBuffer {
                 return true;
             }
             self.retired_handed_out.fetch_add(len, Ordering::Relaxed);
-            drained.push(b.batch.id.clone());
+            drained.push(b.id.clone());
             false
         });
         drained
@@ -394,7 +403,7 @@ impl KeyBuffer {
     /// by [`KeyBuffer::take_drained`].
     pub fn holds(&self, batch_id: &str) -> bool {
         let batches = self.batches.lock().expect("buffer lock poisoned");
-        batches.iter().any(|b| b.batch.id == batch_id)
+        batches.iter().any(|b| b.id == batch_id)
     }
 
     /// Whether `key` of batch `batch_id` was handed out from this buffer.
@@ -404,22 +413,17 @@ impl KeyBuffer {
     /// recycling, not for the hot path).
     pub fn key_state(&self, batch_id: &str, key: &str) -> KeyState {
         let batches = self.batches.lock().expect("buffer lock poisoned");
-        let Some(b) = batches.iter().find(|b| b.batch.id == batch_id) else {
+        let Some(b) = batches.iter().find(|b| b.id == batch_id) else {
             return KeyState::Untracked;
         };
-        let Some(index) = b
+        let Some((segment, index)) = b
             .segments
             .iter()
-            .flat_map(|s| s.start..s.start + s.len)
-            .find(|&i| b.batch.key(i).as_str() == key)
+            .flat_map(|s| (s.start..s.start + s.len).map(move |i| (s, i)))
+            .find(|(s, i)| s.batch.key(*i).as_str() == key)
         else {
             return KeyState::Untracked;
         };
-        let segment = b
-            .segments
-            .iter()
-            .find(|s| (s.start..s.start + s.len).contains(&index))
-            .expect("the index came from a segment");
         if index - segment.start < segment.handed_out() {
             KeyState::HandedOut
         } else {
@@ -445,11 +449,11 @@ impl KeyBuffer {
                 for s in &b.segments {
                     let taken = s.close();
                     handed += taken;
-                    unhanded.extend(b.batch.keys(s.start + taken, s.start + s.len));
+                    unhanded.extend(s.batch.keys(s.start + taken, s.start + s.len));
                 }
                 self.retired_handed_out.fetch_add(handed, Ordering::Relaxed);
                 Leftover {
-                    batch_id: b.batch.id.clone(),
+                    batch_id: b.id.clone(),
                     keys: b.len(),
                     unhanded,
                 }
@@ -635,19 +639,49 @@ mod tests {
         }
     }
 
-    /// Mixed key lengths, empty batches and long keys are refused.
+    /// Empty batches, empty, long and non-ASCII keys are refused.
     #[test]
     fn push_checks_the_keys() {
         let b = KeyBuffer::new(1);
         assert_eq!(b.push("e", &[]), Err(PushError::Empty));
         assert_eq!(
-            b.push("m", &["abc".into(), "ab".into()]),
+            b.push("m", &["abc".into(), "".into()]),
             Err(PushError::BadKey(1))
         );
         assert_eq!(
             b.push("l", &["abcdefghijklm".into()]),
             Err(PushError::BadKey(0))
         );
+        assert_eq!(
+            b.push("u", &["ab".into(), "é".into()]),
+            Err(PushError::BadKey(1))
+        );
         assert_eq!(b.depth(), 0);
+    }
+
+    /// A batch where one key length ends and the next begins (a pool of
+    /// several lengths): every key once, in the batch's order in one lane,
+    /// with exact state and leftovers across both lengths.
+    #[test]
+    fn a_batch_may_mix_key_lengths() {
+        let b = KeyBuffer::new(1);
+        let mut ks: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+        ks.extend((0..150).map(|i| format!("{i:04}")));
+        ks.push("x".into());
+        b.push("mixed", &ks).unwrap();
+        assert_eq!(b.depth(), 251);
+        let first: Vec<String> = (0..120)
+            .map(|_| b.next_key().unwrap().to_string())
+            .collect();
+        assert_eq!(first, ks[..120]);
+        assert_eq!(b.key_state("mixed", "0019"), KeyState::HandedOut);
+        assert_eq!(b.key_state("mixed", "0020"), KeyState::Waiting);
+        assert_eq!(b.key_state("mixed", "x"), KeyState::Waiting);
+        assert!(b.take_drained().is_empty());
+        let left = b.close();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].keys, 251);
+        assert_eq!(left[0].unhanded, ks[120..]);
+        assert_eq!(b.handed_out(), 120);
     }
 }

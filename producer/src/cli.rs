@@ -92,9 +92,14 @@ pub struct InitArgs {
     /// Pool name (a-z, 0-9, `_`, `-`).
     #[arg(long, env = "KGS_POOL")]
     pub pool: String,
-    /// Key length.
+    /// Key length; with --max-length, the shortest length.
     #[arg(long)]
     pub length: u32,
+    /// Grow the keys when a length runs out: keys of --length are handed
+    /// out first, then (without a restart) every key one character longer,
+    /// up to this length, each length in its own unguessable order.
+    #[arg(long, value_name = "LENGTH")]
+    pub max_length: Option<u32>,
     /// Alphabet, in digit order.
     #[arg(long, default_value = BASE62)]
     pub alphabet: String,
@@ -259,12 +264,13 @@ impl Cli {
         let command = match self.command {
             CommandArgs::Init(a) => Command::Init {
                 spec: Box::new(PoolSpec {
-                    format: KeyFormat::new(
+                    format: KeyFormat::with_lengths(
                         a.alphabet_preset
                             .as_deref()
                             .and_then(kgs_schemas::alphabet_preset)
                             .unwrap_or(&a.alphabet),
                         a.length,
+                        a.max_length.unwrap_or(a.length),
                     )
                     .map_err(|e| Error::Config(e.to_string()))?,
                     name: a.pool,

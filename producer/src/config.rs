@@ -264,7 +264,7 @@ impl Config {
         if worst > limit {
             return Err(Error::Config(format!(
                 "{name} {size} is too large for keys of {} characters of this alphabet: a batch may encode to {worst} bytes, over the {limit}-byte message limit; use at most {} keys per batch",
-                format.length(),
+                format.lengths(),
                 (1..=size)
                     .rev()
                     .find(|n| kgs_schemas::batch::max_encoded_len(format, *n) <= limit)
@@ -382,6 +382,7 @@ mod tests {
             format: kgs_schemas::format::KeyFormatSpec {
                 alphabet: "ab".into(),
                 length: 1,
+                max_length: None,
             },
             space: 2,
             secret: kgs_schemas::docs::PoolSecret("00".into()),

@@ -271,9 +271,25 @@ pub async fn backlog(
         for p in 0..partitions {
             tpl.add_partition(&topic, p);
         }
-        let committed = reader
-            .committed_offsets(tpl, CALL_TIMEOUT)
-            .map_err(Error::kafka("fetch committed offsets"))?;
+        // A group coordinator that is loading or moving (a broker just
+        // started, a leader elected) answers with a retriable error for a
+        // moment: ask again until the call's deadline.
+        let deadline = std::time::Instant::now() + CALL_TIMEOUT;
+        let committed = loop {
+            match reader.committed_offsets(tpl.clone(), CALL_TIMEOUT) {
+                Err(KafkaError::MetadataFetch(code) | KafkaError::OffsetFetch(code))
+                    if matches!(
+                        code,
+                        RDKafkaErrorCode::NotCoordinator
+                            | RDKafkaErrorCode::CoordinatorLoadInProgress
+                            | RDKafkaErrorCode::CoordinatorNotAvailable
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                r => break r.map_err(Error::kafka("fetch committed offsets"))?,
+            }
+        };
         (0..partitions)
             .map(|p| {
                 let (low, end) = reader

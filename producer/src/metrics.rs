@@ -20,6 +20,10 @@ pub const KEYS_USED: &str = "kgs_producer_keys_used";
 pub const KEYS_GENERATED: &str = "kgs_producer_keys_generated";
 /// Gauge: generation positions skipped because their key holds a blocked word.
 pub const BLOCKED_POSITIONS: &str = "kgs_producer_blocked_positions";
+/// Gauge: length of the new keys handed out now (the tier in use).
+pub const TIER_LENGTH: &str = "kgs_producer_tier_length";
+/// Gauge: keys of the tier in use not yet moved into batches.
+pub const TIER_KEYS_LEFT: &str = "kgs_producer_tier_keys_left";
 /// Gauge: size of the key space.
 pub const KEY_SPACE: &str = "kgs_producer_key_space";
 /// Gauge: used / space, in parts per million.
@@ -79,6 +83,10 @@ pub struct Metrics {
     /// Keys generated so far (the pool cursor).
     keys_generated: IntGauge,
     blocked_positions: IntGauge,
+    /// Length of the new keys handed out now (the tier in use).
+    tier_length: IntGauge,
+    /// Positions of that tier not yet moved into batches.
+    tier_keys_left: IntGauge,
     /// Size of the key space.
     key_space: IntGauge,
     /// used / space, in parts per million (a gauge of integers).
@@ -200,6 +208,14 @@ impl Metrics {
                 BLOCKED_POSITIONS,
                 "Generation positions skipped: their key holds a blocked word",
             ),
+            tier_length: gauge(
+                TIER_LENGTH,
+                "Length of the new keys handed out now (the tier in use)",
+            ),
+            tier_keys_left: gauge(
+                TIER_KEYS_LEFT,
+                "Keys of the tier in use not yet moved into batches; the next length starts after them",
+            ),
             key_space: gauge(KEY_SPACE, "Size of the key space"),
             space_used_ppm: gauge(SPACE_USED_PPM, "Fraction of the key space used, in ppm"),
             batches_published: counter(BATCHES_PUBLISHED_TOTAL, "Batches published"),
@@ -292,6 +308,12 @@ impl Metrics {
         self.keys_used.set(used as i64);
         self.space_used_ppm
             .set((used as f64 / space.max(1) as f64 * 1e6) as i64);
+    }
+
+    /// The tier in use: its key length and the positions left in it.
+    pub fn tier(&self, length: u8, left: u64) {
+        self.tier_length.set(i64::from(length));
+        self.tier_keys_left.set(left as i64);
     }
 
     /// Positions the blocklist kept out so far (`pools.blocked`).

@@ -8,6 +8,7 @@
 //! function is SHA-256 keyed by the pool's secret, so without the secret the
 //! next key cannot be predicted from the previous ones.
 
+use kgs_schemas::format::{KeyFormat, Tier};
 use sha2::{Digest, Sha256};
 
 /// Feistel rounds. Four rounds already give a pseudo-random permutation
@@ -118,6 +119,72 @@ impl Permutation {
     }
 }
 
+/// The hand-out order of a pool: generation position `n` to key index,
+/// tier by tier. A tier's positions are its indices' range (shortest keys
+/// first, see [`kgs_schemas::format`]), and within it a [`Permutation`] of
+/// its own: position `first + i` holds index `first + perm_t(i)`. So every
+/// key of a length is handed out before the first key of the next one, and
+/// the order inside each length is as unguessable as in a pool of one.
+#[derive(Debug, Clone)]
+pub struct Order {
+    tiers: Vec<(Tier, Permutation)>,
+    space: u64,
+}
+
+impl Order {
+    /// The order of `format`'s space keyed by `secret`. The first tier is
+    /// keyed by the secret itself (a pool of one length has the order it
+    /// had before tiers existed); each longer tier by the secret and its
+    /// length, so no two tiers share round keys.
+    pub fn new(secret: &[u8], format: &KeyFormat) -> Self {
+        let tiers = format
+            .tiers()
+            .iter()
+            .enumerate()
+            .map(|(i, tier)| {
+                let perm = if i == 0 {
+                    Permutation::new(secret, tier.space)
+                } else {
+                    let mut keyed = secret.to_vec();
+                    keyed.extend_from_slice(b"/kgs-tier/");
+                    keyed.push(tier.length);
+                    Permutation::new(&keyed, tier.space)
+                };
+                (*tier, perm)
+            })
+            .collect();
+        Self {
+            tiers,
+            space: format.space(),
+        }
+    }
+
+    /// The number of positions (the size of the key space).
+    pub fn space(&self) -> u64 {
+        self.space
+    }
+
+    fn tier(&self, x: u64) -> &(Tier, Permutation) {
+        assert!(x < self.space, "{x} outside 0..{}", self.space);
+        self.tiers
+            .iter()
+            .find(|(t, _)| x < t.end())
+            .expect("x is inside some tier")
+    }
+
+    /// The key index at generation position `n` (`n < space`).
+    pub fn apply(&self, n: u64) -> u64 {
+        let (tier, perm) = self.tier(n);
+        tier.first + perm.apply(n - tier.first)
+    }
+
+    /// The generation position of key index `index`.
+    pub fn invert(&self, index: u64) -> u64 {
+        let (tier, perm) = self.tier(index);
+        tier.first + perm.invert(index - tier.first)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +227,41 @@ mod tests {
         let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
         // A random pair of permutations agrees on about one position.
         assert!(same < 20, "{same} fixed agreements");
+    }
+
+    /// A pool of several lengths hands out every key of a length before
+    /// any longer one, each length in an order of its own; a pool of one
+    /// length keeps the order of its permutation.
+    #[test]
+    fn an_order_goes_tier_by_tier() {
+        let format = KeyFormat::with_lengths("abc", 2, 4).unwrap();
+        let order = Order::new(b"secret", &format);
+        let keys: Vec<String> = (0..order.space())
+            .map(|n| format.key_at(order.apply(n)).unwrap())
+            .collect();
+        let lengths: Vec<usize> = keys.iter().map(String::len).collect();
+        assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "{lengths:?}");
+        assert_eq!(lengths.iter().filter(|l| **l == 2).count(), 9);
+        assert_eq!(lengths.iter().filter(|l| **l == 4).count(), 81);
+        let unique: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(unique.len() as u64, format.space());
+        for n in 0..order.space() {
+            assert_eq!(order.invert(order.apply(n)), n);
+        }
+        // Not lexicographic inside a tier.
+        assert_ne!(keys[9..36], {
+            let mut sorted = keys[9..36].to_vec();
+            sorted.sort();
+            sorted
+        });
+        let one = KeyFormat::new("abc", 3).unwrap();
+        let plain = Permutation::new(b"secret", one.space());
+        let order = Order::new(b"secret", &one);
+        assert!((0..one.space()).all(|n| order.apply(n) == plain.apply(n)));
+        // The second tier is not the first's permutation widened.
+        let two = Order::new(b"secret", &KeyFormat::with_lengths("abc", 3, 3).unwrap());
+        let tiered = Order::new(b"secret", &KeyFormat::with_lengths("abc", 2, 3).unwrap());
+        assert!((0..27).any(|i| tiered.apply(9 + i) - 9 != two.apply(i)));
     }
 
     /// The order is far from lexicographic: few successive indices are

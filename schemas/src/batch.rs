@@ -29,7 +29,7 @@ pub const MAX_BATCH_KEYS: usize = 50_000;
 pub const MAX_BATCH_ID_LEN: usize = 128;
 
 /// The most bytes a batch of `keys` keys of `format` can encode to, for
-/// any pool name, epoch and batch id kgs writes: every key at its format's
+/// any pool name, epoch and batch id kgs writes: every key at its format's longest
 /// length, each character as JSON writes it (`"` and `\` take two bytes,
 /// every other character of an alphabet one), plus the fixed fields at their
 /// longest. A producer configuration whose worst case exceeds the message
@@ -41,7 +41,7 @@ pub fn max_encoded_len(format: &KeyFormat, keys: usize) -> usize {
         1
     };
     // `"key",` per key.
-    let per_key = usize::from(format.length()) * widest_char + 3;
+    let per_key = usize::from(format.max_length()) * widest_char + 3;
     // {"schema_version":N,"batch_id":"…","pool":"…","epoch":N,
     //  "created_at":"…","keys":[…]} with every field at its longest.
     let fixed = 128 + MAX_BATCH_ID_LEN + crate::docs::MAX_POOL_NAME_LEN + 20 + 40;

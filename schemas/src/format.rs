@@ -1,11 +1,16 @@
-//! The key format of a pool: its alphabet and key length, validation of both,
-//! and the bijection between a key and its index in the key space.
+//! The key format of a pool: its alphabet and key lengths, validation of
+//! both, and the bijection between a key and its index in the key space.
 //!
-//! A key of length `L` over an alphabet `A` is read as an `L`-digit number in
-//! base `|A|`, most significant digit first: index 0 is `A…A` in the default
-//! alphabet, and the last index is `9…9`. The producer never stores this order
-//! (it hands keys out through a keyed permutation of the indices); this module
-//! only gives every key a number and checks that a string is a well-formed key.
+//! A pool's keys have a length in `min..=max` (one length for most pools).
+//! The key space is the concatenation of one *tier* per length, shortest
+//! first: the keys of length `min` take indices `0..|A|^min`, those of
+//! length `min + 1` the next `|A|^(min+1)`, and so on. Within a tier a key
+//! of length `L` over an alphabet `A` is read as an `L`-digit number in base
+//! `|A|`, most significant digit first: index 0 is `A…A` in the default
+//! alphabet, and the tier's last index is `9…9`. The producer never stores
+//! this order (it hands keys out through a keyed permutation of each tier's
+//! indices); this module only gives every key a number and checks that a
+//! string is a well-formed key.
 
 use std::fmt;
 
@@ -78,12 +83,20 @@ pub enum FormatError {
     /// The key length is outside `1..=12`.
     #[error("key length must be between 1 and {MAX_KEY_LENGTH}, got {0}")]
     BadLength(u32),
-    /// `|alphabet|^length` does not fit in a BSON int64.
-    #[error("key space {alphabet_len}^{length} does not fit in a signed 64-bit integer")]
+    /// The longest length is below the shortest.
+    #[error("the longest key length ({max}) is below the shortest ({min})")]
+    LengthsReversed {
+        /// The shortest length asked for.
+        min: u32,
+        /// The longest length asked for.
+        max: u32,
+    },
+    /// The key space does not fit in a BSON int64.
+    #[error("key space of {alphabet_len} characters up to length {length} does not fit in a signed 64-bit integer")]
     SpaceTooLarge {
         /// Number of characters in the alphabet.
         alphabet_len: usize,
-        /// Key length.
+        /// The longest key length.
         length: u8,
     },
     /// A key has the wrong length.
@@ -93,8 +106,8 @@ pub enum FormatError {
         key: String,
         /// Its length in bytes.
         found: usize,
-        /// The pool's key length.
-        expected: u8,
+        /// The pool's key length(s): `3`, or `3 to 7`.
+        expected: String,
     },
     /// A key contains a character outside the alphabet.
     #[error("key {key:?} contains {found:?}, which is not in the pool's alphabet")]
@@ -114,14 +127,34 @@ pub enum FormatError {
     },
 }
 
-/// The alphabet and length of a pool's keys, validated.
+/// The keys of one length in a pool's key space: indices
+/// `first..first + space`, in generation positions the same range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// The key length of the tier.
+    pub length: u8,
+    /// Index of the tier's first key (the sum of the shorter tiers' spaces).
+    pub first: u64,
+    /// Number of keys in the tier: `|alphabet|^length`.
+    pub space: u64,
+}
+
+impl Tier {
+    /// One past the tier's last index.
+    pub fn end(&self) -> u64 {
+        self.first + self.space
+    }
+}
+
+/// The alphabet and key lengths of a pool's keys, validated.
 ///
 /// Cheap to clone; holds a 256-entry reverse lookup table so that checking a
 /// key costs one table load per character.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyFormat {
     alphabet: String,
-    length: u8,
+    /// One per length, shortest first.
+    tiers: Vec<Tier>,
     space: u64,
     digit_of: [u8; 256],
 }
@@ -130,6 +163,12 @@ impl KeyFormat {
     /// Validates an alphabet (distinct printable ASCII characters, at least 2)
     /// and a length (1..=12, with a key space that fits in a BSON int64).
     pub fn new(alphabet: &str, length: u32) -> Result<Self, FormatError> {
+        Self::with_lengths(alphabet, length, length)
+    }
+
+    /// A format whose keys have any length in `min..=max` (see the module
+    /// documentation for the order of the tiers).
+    pub fn with_lengths(alphabet: &str, min: u32, max: u32) -> Result<Self, FormatError> {
         if let Some(c) = alphabet.chars().find(|c| !c.is_ascii_graphic()) {
             return Err(FormatError::AlphabetNotPrintable(c));
         }
@@ -144,20 +183,40 @@ impl KeyFormat {
             // At most 94 printable ASCII characters, so the digit fits in u8.
             digit_of[byte as usize] = digit as u8;
         }
-        let length = match u8::try_from(length) {
-            Ok(l) if (1..=MAX_KEY_LENGTH).contains(&l) => l,
-            _ => return Err(FormatError::BadLength(length)),
+        let length = |l: u32| match u8::try_from(l) {
+            Ok(l) if (1..=MAX_KEY_LENGTH).contains(&l) => Ok(l),
+            _ => Err(FormatError::BadLength(l)),
         };
-        let space = (alphabet.len() as u64)
-            .checked_pow(u32::from(length))
-            .filter(|s| *s <= MAX_SPACE)
-            .ok_or(FormatError::SpaceTooLarge {
-                alphabet_len: alphabet.len(),
+        let (min, max) = (length(min)?, length(max)?);
+        if max < min {
+            return Err(FormatError::LengthsReversed {
+                min: min.into(),
+                max: max.into(),
+            });
+        }
+        let too_large = FormatError::SpaceTooLarge {
+            alphabet_len: alphabet.len(),
+            length: max,
+        };
+        let mut tiers = Vec::with_capacity(usize::from(max - min) + 1);
+        let mut space = 0u64;
+        for length in min..=max {
+            let tier_space = (alphabet.len() as u64)
+                .checked_pow(u32::from(length))
+                .ok_or_else(|| too_large.clone())?;
+            tiers.push(Tier {
                 length,
-            })?;
+                first: space,
+                space: tier_space,
+            });
+            space = space
+                .checked_add(tier_space)
+                .filter(|s| *s <= MAX_SPACE)
+                .ok_or_else(|| too_large.clone())?;
+        }
         Ok(Self {
             alphabet: alphabet.to_owned(),
-            length,
+            tiers,
             space,
             digit_of,
         })
@@ -173,12 +232,32 @@ impl KeyFormat {
         &self.alphabet
     }
 
-    /// The key length in characters.
-    pub fn length(&self) -> u8 {
-        self.length
+    /// The shortest key length.
+    pub fn min_length(&self) -> u8 {
+        self.tiers[0].length
     }
 
-    /// The number of distinct keys: `|alphabet|^length`.
+    /// The longest key length.
+    pub fn max_length(&self) -> u8 {
+        self.tiers[self.tiers.len() - 1].length
+    }
+
+    /// The tiers, one per length, shortest first.
+    pub fn tiers(&self) -> &[Tier] {
+        &self.tiers
+    }
+
+    /// The tier holding index (or generation position) `index`; the last
+    /// tier for an index past the space.
+    pub fn tier_of(&self, index: u64) -> &Tier {
+        self.tiers
+            .iter()
+            .find(|t| index < t.end())
+            .unwrap_or(&self.tiers[self.tiers.len() - 1])
+    }
+
+    /// The number of distinct keys: the sum of `|alphabet|^length` over the
+    /// lengths.
     pub fn space(&self) -> u64 {
         self.space
     }
@@ -191,10 +270,11 @@ impl KeyFormat {
                 space: self.space,
             });
         }
+        let tier = self.tier_of(index);
         let base = self.alphabet.len() as u64;
         let alphabet = self.alphabet.as_bytes();
-        let mut buf = vec![0u8; usize::from(self.length)];
-        let mut rest = index;
+        let mut buf = vec![0u8; usize::from(tier.length)];
+        let mut rest = index - tier.first;
         for slot in buf.iter_mut().rev() {
             *slot = alphabet[(rest % base) as usize];
             rest /= base;
@@ -206,19 +286,28 @@ impl KeyFormat {
     /// The index of `key`, or why it is not a key of this format.
     pub fn index_of(&self, key: &str) -> Result<u64, FormatError> {
         self.check(key)?;
+        let first = self
+            .tiers
+            .iter()
+            .find(|t| usize::from(t.length) == key.len())
+            .expect("check passed: the key's length has a tier")
+            .first;
         let base = self.alphabet.len() as u64;
-        Ok(key.bytes().fold(0u64, |acc, b| {
-            acc * base + u64::from(self.digit_of[b as usize])
-        }))
+        Ok(first
+            + key.bytes().fold(0u64, |acc, b| {
+                acc * base + u64::from(self.digit_of[b as usize])
+            }))
     }
 
-    /// Checks that `key` has the pool's length and only alphabet characters.
+    /// Checks that `key` has one of the pool's lengths and only alphabet
+    /// characters.
     pub fn check(&self, key: &str) -> Result<(), FormatError> {
-        if key.len() != usize::from(self.length) {
+        let lengths = usize::from(self.min_length())..=usize::from(self.max_length());
+        if !lengths.contains(&key.len()) {
             return Err(FormatError::WrongKeyLength {
                 key: truncate(key),
                 found: key.len(),
-                expected: self.length,
+                expected: self.lengths(),
             });
         }
         match key
@@ -236,6 +325,14 @@ impl KeyFormat {
             }),
         }
     }
+
+    /// The key lengths for people: `3`, or `3 to 7`.
+    pub fn lengths(&self) -> String {
+        match (self.min_length(), self.max_length()) {
+            (min, max) if min == max => min.to_string(),
+            (min, max) => format!("{min} to {max}"),
+        }
+    }
 }
 
 impl fmt::Debug for KeyFormat {
@@ -243,7 +340,7 @@ impl fmt::Debug for KeyFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyFormat")
             .field("alphabet", &self.alphabet)
-            .field("length", &self.length)
+            .field("lengths", &self.lengths())
             .field("space", &self.space)
             .finish()
     }
@@ -255,15 +352,35 @@ impl fmt::Debug for KeyFormat {
 pub struct KeyFormatSpec {
     /// The alphabet, in digit order.
     pub alphabet: String,
-    /// The key length.
+    /// The key length; the shortest one in a pool of several lengths.
     pub length: u32,
+    /// The longest key length, in a pool of several lengths (`None`: every
+    /// key has `length`). Left out of a pool of one length, so its document
+    /// stays readable by versions before tiers; a version before them
+    /// refuses a pool of several lengths rather than misread its keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<u32>,
+}
+
+impl KeyFormatSpec {
+    /// The key lengths for people: `3`, or `3 to 7`.
+    pub fn lengths(&self) -> String {
+        match self.max_length {
+            Some(max) => format!("{} to {max}", self.length),
+            None => self.length.to_string(),
+        }
+    }
 }
 
 impl TryFrom<&KeyFormatSpec> for KeyFormat {
     type Error = FormatError;
 
     fn try_from(spec: &KeyFormatSpec) -> Result<Self, FormatError> {
-        KeyFormat::new(&spec.alphabet, spec.length)
+        KeyFormat::with_lengths(
+            &spec.alphabet,
+            spec.length,
+            spec.max_length.unwrap_or(spec.length),
+        )
     }
 }
 
@@ -271,7 +388,9 @@ impl From<&KeyFormat> for KeyFormatSpec {
     fn from(format: &KeyFormat) -> Self {
         Self {
             alphabet: format.alphabet.clone(),
-            length: u32::from(format.length),
+            length: u32::from(format.min_length()),
+            max_length: (format.max_length() > format.min_length())
+                .then(|| u32::from(format.max_length())),
         }
     }
 }
@@ -372,6 +491,74 @@ mod tests {
         let f = KeyFormat::new("xyz", 4).unwrap();
         let spec = KeyFormatSpec::from(&f);
         assert_eq!(KeyFormat::try_from(&spec).unwrap(), f);
+    }
+
+    /// A pool of several lengths: one tier per length, shortest first,
+    /// each a whole base-|A| space; every key has one index and back.
+    #[test]
+    fn tiers_concatenate_the_spaces_of_each_length() {
+        let f = KeyFormat::with_lengths("ab", 1, 3).unwrap();
+        assert_eq!(f.space(), 2 + 4 + 8);
+        assert_eq!(
+            f.tiers()
+                .iter()
+                .map(|t| (t.length, t.first, t.space))
+                .collect::<Vec<_>>(),
+            vec![(1, 0, 2), (2, 2, 4), (3, 6, 8)]
+        );
+        assert_eq!(f.key_at(0).unwrap(), "a");
+        assert_eq!(f.key_at(1).unwrap(), "b");
+        assert_eq!(f.key_at(2).unwrap(), "aa");
+        assert_eq!(f.key_at(6).unwrap(), "aaa");
+        assert_eq!(f.key_at(13).unwrap(), "bbb");
+        assert_eq!(f.tier_of(5).length, 2);
+        assert_eq!(f.tier_of(99).length, 3);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..f.space() {
+            let k = f.key_at(i).unwrap();
+            assert_eq!(f.index_of(&k).unwrap(), i);
+            assert_eq!(usize::from(f.tier_of(i).length), k.len());
+            assert!(seen.insert(k));
+        }
+        assert!(f.check("b").is_ok() && f.check("bab").is_ok());
+        assert_eq!(
+            f.check("abab").unwrap_err().to_string(),
+            "key \"abab\" has length 4, expected 1 to 3"
+        );
+        assert_eq!(f.lengths(), "1 to 3");
+        assert_eq!(KeyFormat::base62(3).unwrap().lengths(), "3");
+    }
+
+    #[test]
+    fn rejects_bad_tiers() {
+        assert_eq!(
+            KeyFormat::with_lengths(BASE62, 4, 3),
+            Err(FormatError::LengthsReversed { min: 4, max: 3 })
+        );
+        assert_eq!(
+            KeyFormat::with_lengths(BASE62, 0, 3),
+            Err(FormatError::BadLength(0))
+        );
+        // 62^10 fits, and so do the shorter tiers below it; 62^11 does not.
+        assert!(KeyFormat::with_lengths(BASE62, 1, 10).is_ok());
+        assert!(matches!(
+            KeyFormat::with_lengths(BASE62, 3, 11),
+            Err(FormatError::SpaceTooLarge { length: 11, .. })
+        ));
+    }
+
+    /// A pool of one length stores no `max_length` (older versions read
+    /// it); one of several stores it, and both read back as they were.
+    #[test]
+    fn tiered_spec_round_trip() {
+        let one = KeyFormatSpec::from(&KeyFormat::base62(3).unwrap());
+        assert_eq!(one.max_length, None);
+        let tiered = KeyFormat::with_lengths(BASE62, 3, 5).unwrap();
+        let spec = KeyFormatSpec::from(&tiered);
+        assert_eq!((spec.length, spec.max_length), (3, Some(5)));
+        assert_eq!(KeyFormat::try_from(&spec).unwrap(), tiered);
+        let json = serde_json::to_value(&one).unwrap();
+        assert!(json.get("max_length").is_none(), "{json}");
     }
 
     /// Every preset is a valid alphabet and keeps out what it promises to.

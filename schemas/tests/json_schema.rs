@@ -96,6 +96,7 @@ fn mongo_documents_match_the_schema() {
         format: KeyFormatSpec {
             alphabet: BASE62.into(),
             length: 3,
+            max_length: Some(5),
         },
         space: 238_328,
         secret: PoolSecret("00ff".repeat(8)),

@@ -202,10 +202,11 @@ async fn check_topic(config: &Config, pool: &PoolDoc) -> Result<()> {
 
 fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<()> {
     let mut diffs = Vec::new();
-    if doc.format.length != wanted.length {
+    if doc.format.length != wanted.length || doc.format.max_length != wanted.max_length {
         diffs.push(format!(
             "length {} (asked {})",
-            doc.format.length, wanted.length
+            doc.format.lengths(),
+            wanted.lengths()
         ));
     }
     if doc.format.alphabet != wanted.alphabet {

@@ -24,6 +24,15 @@ pub struct PoolStats {
     pub space: u64,
     /// Positions generated (cursor).
     pub generated: u64,
+    /// The pool's key lengths: `3`, or `3 to 7`.
+    pub lengths: String,
+    /// The length of the new keys handed out now (the tier in use).
+    pub tier_length: u8,
+    /// Keys of that length not yet moved into batches (blocked and
+    /// reserved ones included); the next length starts after them.
+    pub tier_left: u64,
+    /// The next length, if the pool has a longer one.
+    pub next_length: Option<u8>,
     /// Keys in `keys`.
     pub in_keys: i64,
     /// Keys in `used_keys` (batches and reserved).
@@ -110,10 +119,16 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         .find_one(doc! { "_id": &p.name })
         .await
         .map_err(Error::store("read lease"))?;
+    let (tier, tier_left) = crate::writer::generate::tier_in_use(p)?;
+    let max_length = p.format.max_length.unwrap_or(p.format.length);
     Ok(PoolStats {
         pool: p.name.clone(),
         space: p.space,
         generated: p.cursor,
+        lengths: p.format.lengths(),
+        tier_length: tier.length,
+        tier_left,
+        next_length: (u32::from(tier.length) < max_length).then_some(tier.length + 1),
         in_keys: keys.count,
         used: used_keys.count,
         reserved,
@@ -158,6 +173,15 @@ pub fn render(s: &PoolStats) -> String {
         s.reserved,
         s.blocked,
         s.blocklist_words
+    );
+    out += &format!(
+        "  lengths {}: handing out length {}, {} left of it{}\n",
+        s.lengths,
+        s.tier_length,
+        s.tier_left,
+        s.next_length
+            .map(|l| format!(", then length {l}"))
+            .unwrap_or_else(|| " (the longest)".to_owned())
     );
     out += &format!(
         "  recycling: cooldown {} s, {} keys quarantined{}\n",

@@ -446,6 +446,8 @@ async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: boo
     };
     metrics.pool_figures(keys, used, doc.cursor, doc.space);
     metrics.blocked_positions(doc.blocked);
+    let (tier, left) = crate::writer::generate::tier_in_use(&doc)?;
+    metrics.tier(tier.length, left);
     Ok(())
 }
 

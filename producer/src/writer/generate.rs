@@ -24,12 +24,13 @@ use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use kgs_schemas::blocklist::Blocklist;
 use kgs_schemas::docs::{GenerationRange, KeyDoc, PoolDoc};
+use kgs_schemas::format::Tier;
 use kgs_schemas::KeyFormat;
 
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::leader::lease::LeaseCheck;
-use crate::permutation::Permutation;
+use crate::permutation::Order;
 use crate::store::{insert_ignoring_duplicates, KeyCollections, Store};
 
 /// Documents per `insert_many`: keeps each request well under the 48 MB
@@ -40,13 +41,13 @@ const INSERT_CHUNK: usize = 5_000;
 const RECOVERY_LOOKUPS: usize = 32;
 
 /// The permutation and key format of a pool.
-pub fn pool_order(pool: &PoolDoc) -> Result<(KeyFormat, Permutation)> {
+pub fn pool_order(pool: &PoolDoc) -> Result<(KeyFormat, Order)> {
     let format = KeyFormat::try_from(&pool.format)
         .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad format: {e}", pool.name)))?;
     let secret = hex::decode(&pool.secret.0)
         .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad secret: {e}", pool.name)))?;
-    let perm = Permutation::new(&secret, format.space());
-    Ok((format, perm))
+    let order = Order::new(&secret, &format);
+    Ok((format, order))
 }
 
 /// Generates until `keys.<pool>` holds about `target` keys or the space is
@@ -110,6 +111,17 @@ pub async fn top_up(
         finish_range(store, &colls, &doc, range, false, lease, progress).await?;
         generated += n;
     }
+}
+
+/// The tier new keys come from now, and how many of its positions are
+/// left: the one holding the batch window's start (`moved_to`). Batches
+/// take positions in order, so the next tier starts when these are gone.
+pub fn tier_in_use(pool: &PoolDoc) -> Result<(Tier, u64)> {
+    let format = KeyFormat::try_from(&pool.format)
+        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad format: {e}", pool.name)))?;
+    let at = pool.moved_to.unwrap_or(0);
+    let tier = *format.tier_of(at);
+    Ok((tier, tier.end().saturating_sub(at)))
 }
 
 /// The pool's blocklist (empty for a pool without one).
