@@ -80,6 +80,11 @@ pub enum CommandArgs {
     Stats(StatsArgs),
     /// Take keys out of circulation (e.g. `api`, `www`, `admin`).
     Reserve(ReserveArgs),
+    /// Add words to a pool's blocklist: no key generated from now on holds
+    /// them, and the leading producer takes the matching keys already
+    /// generated out of `keys` (keys handed out already are counted, never
+    /// recalled).
+    BlocklistAdd(BlocklistAddArgs),
     /// Put handed-out keys the application no longer uses back into the
     /// pool (the leading producer moves them); one line per key, exit 1 if
     /// any was refused.
@@ -197,6 +202,18 @@ pub struct ReserveArgs {
     pub keys: Vec<String>,
 }
 
+/// `blocklist-add`.
+#[derive(Debug, Args)]
+pub struct BlocklistAddArgs {
+    /// Pool name.
+    #[arg(long, env = "KGS_POOL")]
+    pub pool: String,
+    /// Words to add: `default` for the project's English list, or a file of
+    /// one word per line; repeatable. Words already listed are skipped.
+    #[arg(long = "blocklist", value_name = "default|FILE", required = true)]
+    pub blocklists: Vec<String>,
+}
+
 /// `recycle`.
 #[derive(Debug, Args)]
 pub struct RecycleArgs {
@@ -242,6 +259,13 @@ pub enum Command {
         pool: String,
         /// The keys.
         keys: Vec<String>,
+    },
+    /// Add words to a pool's blocklist.
+    BlocklistAdd {
+        /// Pool name.
+        pool: String,
+        /// The folded words.
+        words: Vec<String>,
     },
 }
 
@@ -306,6 +330,10 @@ impl Cli {
             CommandArgs::Reserve(a) => Command::Reserve {
                 pool: a.pool,
                 keys: a.keys,
+            },
+            CommandArgs::BlocklistAdd(a) => Command::BlocklistAdd {
+                pool: a.pool,
+                words: blocklist_words(&a.blocklists)?,
             },
         };
         c.validate()?;

@@ -39,6 +39,11 @@ pub const ALL: &[&str] = &[
     // then marked.
     "recycle_after_rebatch",
     "recycle_after_done",
+    // Sweep of words added to the blocklist: a chunk of keys in used_keys
+    // (reason blocked) not yet deleted from keys; every chunk done, the
+    // sweep not yet recorded.
+    "blocklist_after_used",
+    "blocklist_before_swept",
     // Right after a lease check, right before the write it guards: with
     // `stop:` these hold a leader between its check and its write, so the
     // write arrives after a takeover (a check in the process never fences

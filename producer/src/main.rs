@@ -116,6 +116,14 @@ async fn run(command: Command, config: Config) -> kgs_producer::Result<()> {
                 )));
             }
         }
+        Command::BlocklistAdd { pool, words } => {
+            match cmd::blocklist::add(&config, &pool, &words).await? {
+                None => println!("pool {pool}: every word is listed already; nothing added"),
+                Some((added, from)) => println!(
+                    "pool {pool}: added {added} words; positions from {from} on skip them, and the leading producer takes the matching keys already generated out of keys.{pool} at its next pass (see stats)"
+                ),
+            }
+        }
         Command::Reserve { pool, keys } => {
             cmd::reserve::run(&config, &pool, &keys, |key, outcome| {
                 println!("{key}: {outcome:?}")

@@ -20,6 +20,10 @@ pub const KEYS_USED: &str = "kgs_producer_keys_used";
 pub const KEYS_GENERATED: &str = "kgs_producer_keys_generated";
 /// Gauge: generation positions skipped because their key holds a blocked word.
 pub const BLOCKED_POSITIONS: &str = "kgs_producer_blocked_positions";
+/// Gauge: keys taken out of `keys` for words added to the blocklist later.
+pub const BLOCKLIST_REMOVED: &str = "kgs_producer_blocklist_removed_keys";
+/// Gauge: keys matching added words handed out before they were added.
+pub const BLOCKLIST_HANDED_OUT: &str = "kgs_producer_blocklist_handed_out_keys";
 /// Gauge: length of the new keys handed out now (the tier in use).
 pub const TIER_LENGTH: &str = "kgs_producer_tier_length";
 /// Gauge: keys of the tier in use not yet moved into batches.
@@ -83,6 +87,8 @@ pub struct Metrics {
     /// Keys generated so far (the pool cursor).
     keys_generated: IntGauge,
     blocked_positions: IntGauge,
+    blocklist_removed: IntGauge,
+    blocklist_handed_out: IntGauge,
     /// Length of the new keys handed out now (the tier in use).
     tier_length: IntGauge,
     /// Positions of that tier not yet moved into batches.
@@ -208,6 +214,14 @@ impl Metrics {
                 BLOCKED_POSITIONS,
                 "Generation positions skipped: their key holds a blocked word",
             ),
+            blocklist_removed: gauge(
+                BLOCKLIST_REMOVED,
+                "Keys taken out of keys.<pool> for words added to the blocklist later",
+            ),
+            blocklist_handed_out: gauge(
+                BLOCKLIST_HANDED_OUT,
+                "Keys holding words added to the blocklist later, handed out before (not recalled)",
+            ),
             tier_length: gauge(
                 TIER_LENGTH,
                 "Length of the new keys handed out now (the tier in use)",
@@ -316,9 +330,12 @@ impl Metrics {
         self.tier_keys_left.set(left as i64);
     }
 
-    /// Positions the blocklist kept out so far (`pools.blocked`).
-    pub fn blocked_positions(&self, blocked: u64) {
+    /// Positions the blocklist kept out so far (`pools.blocked`), and the
+    /// keys its later words took out of `keys` or found handed out.
+    pub fn blocked_positions(&self, blocked: u64, removed: u64, handed_out: u64) {
         self.blocked_positions.set(blocked as i64);
+        self.blocklist_removed.set(removed as i64);
+        self.blocklist_handed_out.set(handed_out as i64);
     }
 
     /// The key space of `pool` is used up: an operator must add a pool or

@@ -143,6 +143,24 @@ pub struct PoolDoc {
     /// set by `init`, the pool's own copy of its lists.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocklist: Vec<String>,
+    /// Words added to the blocklist after `init` (`kgs-producer
+    /// blocklist-add`), in the order they were added. An addition blocks
+    /// the positions from its `from` on at generation; the leader takes the
+    /// keys of earlier positions that match it out of `keys` (into
+    /// `used_keys`, reason `blocked`) and counts those already handed out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocklist_added: Vec<BlocklistAddition>,
+    /// How many of `blocklist_added` the leader has swept `keys` for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blocklist_swept: u64,
+    /// Keys the sweeps took out of `keys` (in `used_keys`, reason `blocked`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blocklist_removed: u64,
+    /// Keys matching added words that had been handed out (or reserved,
+    /// or taken as vanity keys) before the words were added: counted and
+    /// reported, never recalled.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blocklist_handed_out: u64,
     /// Generation positions below `cursor` skipped because their key is
     /// blocked: their keys are in neither `keys` nor `used_keys`, so
     /// `keys ∪ used_keys` is the generated set minus these. Advanced with
@@ -180,7 +198,38 @@ pub struct PoolDoc {
     pub created_at: DateTime<Utc>,
 }
 
+/// Words added to a pool's blocklist after `init` ([`PoolDoc::blocklist_added`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlocklistAddition {
+    /// The pool's cursor when they were added, set in an update conditional
+    /// on that cursor and on no generation range pending: every generation
+    /// step from here on starts at or after it and skips their matches;
+    /// every step before ended at or before it.
+    pub from: u64,
+    /// The words, folded ([`crate::blocklist`]).
+    pub words: Vec<String>,
+    /// When they were added.
+    #[serde(with = "bson::serde_helpers::chrono_datetime_as_bson_datetime")]
+    pub at: DateTime<Utc>,
+}
+
 impl PoolDoc {
+    /// The words that block generation position `n`: the `init` list and
+    /// every addition made at or before `n`.
+    pub fn blocklist_at(&self, n: u64) -> Vec<String> {
+        let mut words = self.blocklist.clone();
+        for added in self.blocklist_added.iter().filter(|a| a.from <= n) {
+            words.extend(added.words.iter().cloned());
+        }
+        words
+    }
+
+    /// Every word of the pool's blocklist, added ones included.
+    pub fn blocklist_all(&self) -> Vec<String> {
+        self.blocklist_at(u64::MAX)
+    }
+
     /// The consumer group app servers join unless configured otherwise: the
     /// topic's name, so it is scoped by the incarnation as the topic is.
     pub fn default_group(&self) -> String {
@@ -209,6 +258,9 @@ pub enum UsedReason {
     Reserved,
     /// Taken for a user on request (`POST /keys/{key}`, a [`VanityDoc`]).
     Vanity,
+    /// Taken out of `keys` because it holds a word added to the pool's
+    /// blocklist after it was generated ([`PoolDoc::blocklist_added`]).
+    Blocked,
 }
 
 /// A used key. Collection `used_keys.<pool>`, `_id` = the key.
@@ -450,7 +502,12 @@ macro_rules! stored_names {
     };
 }
 
-stored_names!(UsedReason { Batch => "batch", Reserved => "reserved", Vanity => "vanity" });
+stored_names!(UsedReason {
+    Batch => "batch",
+    Reserved => "reserved",
+    Vanity => "vanity",
+    Blocked => "blocked",
+});
 stored_names!(VanityState { Requested => "requested", Taken => "taken", Refused => "refused" });
 stored_names!(BatchState { Moving => "moving", Moved => "moved", Published => "published" });
 stored_names!(ClaimState {

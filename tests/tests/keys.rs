@@ -426,3 +426,168 @@ async fn a_pool_of_two_lengths_hands_out_the_shorter_first() -> Result<()> {
     ensure!(terminate(run).await?.success(), "producer exit");
     Ok(())
 }
+
+/// Words added to a pool's blocklist after keys were generated and
+/// batches handed out (`kgs-producer blocklist-add`): the leader takes
+/// exactly the matching keys of `keys` out (into `used_keys`, reason
+/// `blocked`), even when it crashes in the middle of the sweep; the keys
+/// handed out before are counted, not recalled; no position generated
+/// afterwards yields a match; and `keys ∪ used_keys` is still exactly the
+/// generated set (nothing lost, nothing twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn words_added_later_take_exactly_their_matches_out_of_keys() -> Result<()> {
+    use kgs_schemas::docs::UsedReason;
+    use kgs_tests::{find_docs, wait::wait_for};
+
+    let (db, pool) = (unique("kgs"), unique("p"));
+    let alphabet = "abcdegost01";
+    ProducerCmd::new(&db, &pool)?
+        .init(3, 1)
+        .args(["--alphabet", alphabet, "--target-size", "600"])
+        .success()
+        .await?;
+    let database = mongo_client().await?.database(&db);
+    let pool_doc = || async {
+        database
+            .collection::<PoolDoc>(POOLS)
+            .find_one(doc! { "_id": &pool })
+            .await?
+            .context("pool document")
+    };
+    let (keys_coll, used_coll) = (format!("keys.{pool}"), format!("used_keys.{pool}"));
+    // Some batches moved (handed out, as far as the pool knows).
+    let run = ProducerCmd::new(&db, &pool)?
+        .run(50, 2)
+        .args(["--target-size", "600"])
+        .log_to_temp(&pool)?
+        .spawn()?;
+    wait_for("100 keys moved", Duration::from_secs(60), || async {
+        Ok((string_ids(&db, &used_coll).await?.len() >= 100).then_some(()))
+    })
+    .await?;
+    ensure!(terminate(run).await?.success(), "producer exit");
+    let keys0: HashSet<String> = string_ids(&db, &keys_coll).await?.into_iter().collect();
+    let used0: HashSet<String> = string_ids(&db, &used_coll).await?.into_iter().collect();
+    let before = pool_doc().await?;
+    ensure!(before.cursor < before.space, "the whole space is generated");
+
+    let list = std::env::temp_dir().join(format!("{pool}-later.txt"));
+    std::fs::write(&list, "go\ncat\n")?;
+    let list_arg = list.to_string_lossy().into_owned();
+    let add = || async {
+        let out = ProducerCmd::new(&db, &pool)?
+            .args(["blocklist-add", "--blocklist", &list_arg])
+            .success()
+            .await?;
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let said = add().await?;
+    ensure!(said.contains("added 2 words"), "blocklist-add said {said}");
+    let said = add().await?;
+    ensure!(
+        said.contains("nothing added"),
+        "second blocklist-add said {said}"
+    );
+    let words: Vec<String> = vec!["go".into(), "cat".into()];
+    let expect_removed: HashSet<&String> = keys0.iter().filter(|k| blocked_by(&words, k)).collect();
+    let expect_handed: usize = used0.iter().filter(|k| blocked_by(&words, k)).count();
+    ensure!(
+        !expect_removed.is_empty() && expect_handed > 0,
+        "the test's pool does not exercise the sweep: {} / {expect_handed}",
+        expect_removed.len()
+    );
+
+    // The leader dies in the middle of the sweep (keys in used_keys, not
+    // yet out of keys), then a new one finishes it and generates the rest.
+    let crashed = tokio::time::timeout(
+        Duration::from_secs(60),
+        ProducerCmd::new(&db, &pool)?
+            .run(50, 2)
+            .failpoint(Some("blocklist_after_used"))
+            .log_to_temp(&pool)?
+            .output(),
+    )
+    .await
+    .context("the failpoint did not fire within 60 s")??;
+    ensure!(!crashed.status.success(), "the failpoint did not fire");
+    ensure!(
+        pool_doc().await?.blocklist_swept == 0,
+        "swept before the crash point"
+    );
+    let run = ProducerCmd::new(&db, &pool)?
+        .run(50, 2)
+        .args(["--target-size", "2000"])
+        .log_to_temp(&pool)?
+        .spawn()?;
+    let after = wait_for(
+        "the sweep and the whole space",
+        Duration::from_secs(90),
+        || async {
+            let d = pool_doc().await?;
+            Ok((d.blocklist_swept == 1 && d.cursor == d.space).then_some(d))
+        },
+    )
+    .await?;
+    ensure!(terminate(run).await?.success(), "producer exit");
+
+    let keys1: HashSet<String> = string_ids(&db, &keys_coll).await?.into_iter().collect();
+    let used1 = find_docs(&db, &used_coll, doc! {}).await?;
+    let blocked: HashSet<String> = used1
+        .iter()
+        .filter(|d| d.get_str("reason").ok() == Some(UsedReason::Blocked.as_str()))
+        .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+        .collect();
+    ensure!(
+        blocked.iter().collect::<HashSet<_>>() == expect_removed,
+        "swept {} keys, {} matched in keys",
+        blocked.len(),
+        expect_removed.len()
+    );
+    ensure!(
+        after.blocklist_removed == blocked.len() as u64
+            && after.blocklist_handed_out == expect_handed as u64,
+        "counted removed {} handed out {}, expected {} / {expect_handed}",
+        after.blocklist_removed,
+        after.blocklist_handed_out,
+        blocked.len()
+    );
+    if let Some(k) = keys1.iter().find(|k| blocked_by(&words, k)) {
+        anyhow::bail!("{k} holds an added word and is still in keys");
+    }
+    let used_ids: HashSet<String> = used1
+        .iter()
+        .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+        .collect();
+    let new_matches: Vec<&String> = keys1
+        .union(&used_ids)
+        .filter(|k| !keys0.contains(*k) && !used0.contains(*k) && blocked_by(&words, k))
+        .collect();
+    ensure!(
+        new_matches.is_empty(),
+        "generated after the addition: {new_matches:?}"
+    );
+    ensure!(keys1.is_disjoint(&used_ids), "a key in keys and used_keys");
+    let generated: HashSet<String> = kgs_producer::writer::generate::generated_keys(&after)?
+        .into_iter()
+        .collect();
+    let union: HashSet<String> = keys1.union(&used_ids).cloned().collect();
+    ensure!(
+        union == generated,
+        "keys ∪ used_keys ({}) is not the generated set ({})",
+        union.len(),
+        generated.len()
+    );
+    let stats = ProducerCmd::new(&db, &pool)?
+        .args(["stats"])
+        .success()
+        .await?;
+    let said = String::from_utf8_lossy(&stats.stdout);
+    ensure!(
+        said.contains(&format!(
+            "2 words added later, 0 additions waiting for the leader's sweep, {} keys taken out of keys, {expect_handed} handed out before",
+            blocked.len()
+        )),
+        "stats said {said}"
+    );
+    Ok(())
+}

@@ -137,6 +137,10 @@ pub async fn create(config: &Config, store: &Store, spec: &PoolSpec) -> Result<I
                 reserved_ahead: Vec::new(),
                 blocklist: spec.blocklist.clone().unwrap_or_default(),
                 blocked: 0,
+                blocklist_added: Vec::new(),
+                blocklist_swept: 0,
+                blocklist_removed: 0,
+                blocklist_handed_out: 0,
                 recycle_cooldown_ms: spec
                     .recycle_cooldown
                     .unwrap_or(DEFAULT_RECYCLE_COOLDOWN)
@@ -217,7 +221,7 @@ fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<(
     }
     if let Some(asked) = spec.blocklist.as_ref().filter(|b| **b != doc.blocklist) {
         diffs.push(format!(
-            "a blocklist of {} words (asked {}; words cannot be added to a pool yet)",
+            "a blocklist of {} words (asked {}; add words with kgs-producer blocklist-add)",
             doc.blocklist.len(),
             asked.len()
         ));

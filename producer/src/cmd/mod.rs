@@ -2,6 +2,7 @@
 //! happened; the binary (`main.rs`) prints it. `run` is the service:
 //! [`crate::leader`].
 
+pub mod blocklist;
 pub mod init;
 pub mod recycle;
 pub mod reserve;

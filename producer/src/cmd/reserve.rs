@@ -72,8 +72,11 @@ pub async fn reserve_as(
     let doc = store.pool(pool).await?;
     let (format, perm) = pool_order(&doc)?;
     let n = perm.invert(format.index_of(key)?);
-    // Recorded, it would be a key in `used_keys` that was never generated.
-    if crate::writer::generate::pool_blocklist(&doc)?.blocks(key) {
+    // Recorded, it would be a key in `used_keys` that was never generated
+    // (or will never be): blocked at its position. A key generated before
+    // words that match it were added is in `keys` or `used_keys`, and is
+    // handled as any generated key.
+    if crate::writer::generate::pool_blocklist(&doc, n)?.blocks(key) {
         return Ok(ReserveOutcome::Blocked);
     }
     let colls = store.key_collections(pool);

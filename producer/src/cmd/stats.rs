@@ -41,8 +41,16 @@ pub struct PoolStats {
     pub reserved: u64,
     /// Generated positions skipped: their key holds a blocked word.
     pub blocked: u64,
-    /// Words in the pool's blocklist.
+    /// Words in the pool's blocklist (added ones included).
     pub blocklist_words: usize,
+    /// Words added after `init`.
+    pub blocklist_added_words: usize,
+    /// Additions the leader has not swept `keys` for yet.
+    pub blocklist_unswept: u64,
+    /// Keys the sweeps took out of `keys` for added words.
+    pub blocklist_removed: u64,
+    /// Keys matching added words handed out before they were added.
+    pub blocklist_handed_out: u64,
     /// The pool's recycle cooldown, in milliseconds.
     pub recycle_cooldown_ms: u64,
     /// Recycled keys in quarantine (requests not yet due).
@@ -133,7 +141,11 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         used: used_keys.count,
         reserved,
         blocked: p.blocked,
-        blocklist_words: p.blocklist.len(),
+        blocklist_words: p.blocklist_all().len(),
+        blocklist_added_words: p.blocklist_added.iter().map(|a| a.words.len()).sum(),
+        blocklist_unswept: (p.blocklist_added.len() as u64).saturating_sub(p.blocklist_swept),
+        blocklist_removed: p.blocklist_removed,
+        blocklist_handed_out: p.blocklist_handed_out,
         recycle_cooldown_ms: p.recycle_cooldown_ms,
         quarantined,
         next_release,
@@ -174,6 +186,12 @@ pub fn render(s: &PoolStats) -> String {
         s.blocked,
         s.blocklist_words
     );
+    if s.blocklist_added_words > 0 {
+        out += &format!(
+            "  blocklist: {} words added later, {} additions waiting for the leader's sweep, {} keys taken out of keys, {} handed out before (not recalled)\n",
+            s.blocklist_added_words, s.blocklist_unswept, s.blocklist_removed, s.blocklist_handed_out
+        );
+    }
     out += &format!(
         "  lengths {}: handing out length {}, {} left of it{}\n",
         s.lengths,

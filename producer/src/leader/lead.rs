@@ -258,6 +258,11 @@ impl<'a> Lead<'a> {
             Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
             Err(e) => self.metrics.error(&e, "vanity keys"),
         }
+        match self.writer.sweep_blocklist().await {
+            Ok(_) => {}
+            Err(e @ (Error::LeaseLost(_) | Error::Fenced(_))) => return Err(e),
+            Err(e) => self.metrics.error(&e, "blocklist sweep"),
+        }
         Ok(self.writer.put_back_returns(size, partition).await?
             + self.writer.put_back_recycles(size, partition).await?)
     }
@@ -445,7 +450,7 @@ async fn refresh_gauges(store: &Store, pool: &str, metrics: &Metrics, count: boo
             .map_err(Error::store("count used keys"))?,
     };
     metrics.pool_figures(keys, used, doc.cursor, doc.space);
-    metrics.blocked_positions(doc.blocked);
+    metrics.blocked_positions(doc.blocked, doc.blocklist_removed, doc.blocklist_handed_out);
     let (tier, left) = crate::writer::generate::tier_in_use(&doc)?;
     metrics.tier(tier.length, left);
     Ok(())

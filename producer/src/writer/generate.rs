@@ -124,28 +124,50 @@ pub fn tier_in_use(pool: &PoolDoc) -> Result<(Tier, u64)> {
     Ok((tier, tier.end().saturating_sub(at)))
 }
 
-/// The pool's blocklist (empty for a pool without one).
-pub fn pool_blocklist(pool: &PoolDoc) -> Result<Blocklist> {
-    Blocklist::new(&pool.blocklist)
+/// The blocklist that applies to generation position `n` (empty for a pool
+/// without one): the `init` list and the words added at or before `n`
+/// ([`PoolDoc::blocklist_at`]).
+pub fn pool_blocklist(pool: &PoolDoc, n: u64) -> Result<Blocklist> {
+    blocklist_of(pool, pool.blocklist_at(n))
+}
+
+fn blocklist_of(pool: &PoolDoc, words: Vec<String>) -> Result<Blocklist> {
+    Blocklist::new(&words)
         .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad blocklist: {e}", pool.name)))
 }
 
 /// The keys of generation positions `0..pool.cursor`, in order, without
 /// the blocked ones: what `keys ∪ used_keys` must hold (reserved keys
-/// included). For checkers of small pools.
+/// included; keys a sweep took out for words added later are in
+/// `used_keys`). For checkers of small pools.
 pub fn generated_keys(pool: &PoolDoc) -> Result<Vec<String>> {
     let (format, perm) = pool_order(pool)?;
-    let blocklist = pool_blocklist(pool)?;
+    // The list changes only where words were added.
+    let mut lists: Vec<(u64, Blocklist)> = vec![(0, pool_blocklist(pool, 0)?)];
+    for added in &pool.blocklist_added {
+        lists.push((added.from, pool_blocklist(pool, added.from)?));
+    }
+    lists.sort_by_key(|(from, _)| *from);
     let mut keys = Vec::new();
     for n in 0..pool.cursor {
         let key = format
             .key_at(perm.apply(n))
             .map_err(|e| Error::Corrupt(format!("pool {:?}: {e}", pool.name)))?;
+        let (_, blocklist) = lists
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= n)
+            .expect("the first list starts at 0");
         if !blocklist.blocks(&key) {
             keys.push(key);
         }
     }
     Ok(keys)
+}
+
+/// Every word of the pool's blocklist, the added ones included.
+pub fn pool_blocklist_all(pool: &PoolDoc) -> Result<Blocklist> {
+    blocklist_of(pool, pool.blocklist_all())
 }
 
 /// Keys in `keys.<pool>`: the positions generated and not yet passed by the
@@ -174,7 +196,11 @@ async fn finish_range(
     progress: Option<&ProgressBar>,
 ) -> Result<()> {
     let (format, perm) = pool_order(doc)?;
-    let blocklist = pool_blocklist(doc)?;
+    // The words added at or before the start of the range: an addition's
+    // `from` is a cursor at which no range was pending, so no range
+    // straddles it, and a range finished twice (by a stale leader and its
+    // successor) skips the same positions both times.
+    let blocklist = pool_blocklist(doc, range.from)?;
     let skip: HashSet<u64> = doc.reserved_ahead.iter().copied().collect();
     let mut blocked = 0;
     let mut from = range.from;

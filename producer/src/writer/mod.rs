@@ -40,6 +40,7 @@
 //! write to the topic can forge the id), and publishes only if none is there.
 
 pub mod batch;
+pub mod blocked;
 pub mod generate;
 pub mod publish;
 pub mod put_back;
