@@ -53,6 +53,14 @@ pub struct Figures {
     pub lossy_instances: usize,
     /// Smallest and largest batch claimed (the producer's sizer varies it).
     pub batch_sizes: (usize, usize),
+    /// The lengths of the keys received, e.g. `1..=3`.
+    pub lengths: String,
+    /// Words added to the blocklist during the run.
+    pub words_added: usize,
+    /// Keys the leader's sweeps took out of `keys` for them.
+    pub blocklist_removed: u64,
+    /// Keys matching them handed out before they were added.
+    pub blocklist_handed_out: u64,
 }
 
 /// Runs every check. `received` are the keys clients got (with repeats).
@@ -168,6 +176,38 @@ pub async fn check(
         }
     }
     verdict("3. keys ∪ used_keys == generated set, none in both", bad);
+
+    // (3b) the blocklist holds in `keys`: no key there holds a word of the
+    // init list or of an addition the leader has swept for.
+    fig.words_added = doc.blocklist_added.iter().map(|a| a.words.len()).sum();
+    fig.blocklist_removed = doc.blocklist_removed;
+    fig.blocklist_handed_out = doc.blocklist_handed_out;
+    let swept: Vec<String> = doc
+        .blocklist
+        .iter()
+        .chain(
+            doc.blocklist_added
+                .iter()
+                .take(doc.blocklist_swept as usize)
+                .flat_map(|a| a.words.iter()),
+        )
+        .cloned()
+        .collect();
+    let list = kgs_schemas::blocklist::Blocklist::new(&swept).map_err(anyhow::Error::msg)?;
+    let held: Vec<String> = keys
+        .iter()
+        .filter(|k| list.blocks(k))
+        .map(|k| format!("{k} in keys holds a blocked word"))
+        .collect();
+    verdict(
+        "3b. no key in keys holds a word of the (swept) blocklist",
+        held,
+    );
+    let lengths: std::collections::BTreeSet<usize> = received.iter().map(String::len).collect();
+    fig.lengths = match (lengths.first(), lengths.last()) {
+        (Some(a), Some(b)) => format!("{a}..={b} received"),
+        _ => "none received".to_owned(),
+    };
 
     // (5) no batch twice in the topic. Only the producer's messages count:
     // those matching a batch record in partition and keys; the rest are the

@@ -305,13 +305,14 @@ impl Cluster {
             )
     }
 
-    /// `kgs-producer init` of the run's pool: 3-letter base62 keys
-    /// (238,328), 3 partitions, the default blocklist (the checker counts
-    /// its positions out). Run again after the topic is deleted.
+    /// `kgs-producer init` of the run's pool: base62 keys of lengths 1 to
+    /// 3 (62 + 3,844 + 238,328), so the run crosses from one length to the
+    /// next under faults; 3 partitions; the default blocklist (the checker
+    /// counts its positions out). Run again after the topic is deleted.
     pub fn init_command(&self) -> ProducerCmd {
         self.producer_command()
-            .init(3, 3)
-            .args(["--blocklist", "default"])
+            .init(1, 3)
+            .args(["--max-length", "3", "--blocklist", "default"])
     }
 
     /// Starts slot `i`'s next incarnation.

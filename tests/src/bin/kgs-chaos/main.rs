@@ -126,9 +126,10 @@ enum Fault {
     SlowProducerDb,
     StallAppKafka,
     RecreateTopic,
+    AddBlockedWord,
 }
 
-const DECK: [Fault; 14] = [
+const DECK: [Fault; 15] = [
     Fault::KillActiveProducer,
     Fault::KillStandbyProducer,
     Fault::TermProducer,
@@ -143,6 +144,7 @@ const DECK: [Fault; 14] = [
     Fault::SlowProducerDb,
     Fault::StallAppKafka,
     Fault::RecreateTopic,
+    Fault::AddBlockedWord,
 ];
 
 /// One injected fault.
@@ -389,6 +391,10 @@ async fn run(args: Args) -> Result<bool> {
     println!(
         "  generated            {} = {} in keys + {} in used_keys + {} blocked; {} batches in the topic ({} forged ones refused), {} keys pending there",
         fig.generated, fig.in_keys, fig.in_used, fig.blocked, fig.batches, fig.forged, fig.pending
+    );
+    println!(
+        "  lengths              {}; blocklist words added {}, keys swept out of keys {}, handed out before their word {}",
+        fig.lengths, fig.words_added, fig.blocklist_removed, fig.blocklist_handed_out
     );
     println!(
         "  longest outage       {:.1} s{} (no key received by any client)",
@@ -666,6 +672,33 @@ async fn inject(
             (
                 format!("pool topic deleted and created again by init ({pending})"),
                 "topic deleted + re-created",
+            )
+        }
+        Fault::AddBlockedWord => {
+            // A word of two letters: it matches keys of every length but
+            // the first, those generated before (the leader's sweep takes
+            // them out of `keys`) and after (generation skips them).
+            let word: String = (0..2)
+                .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+                .collect();
+            let file = std::env::temp_dir().join(format!("{}-word-{word}.txt", cluster.pool));
+            std::fs::write(&file, format!("{word}\n"))?;
+            let out = cluster
+                .producer_command()
+                .args(["blocklist-add", "--blocklist", &file.to_string_lossy()])
+                .output()
+                .await?;
+            ensure!(
+                out.status.success(),
+                "kgs-producer blocklist-add {word} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            (
+                format!(
+                    "word {word:?} added to the blocklist: {}",
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ),
+                "blocklist word added",
             )
         }
         Fault::HostileWriter => {
