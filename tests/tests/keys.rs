@@ -591,3 +591,106 @@ async fn words_added_later_take_exactly_their_matches_out_of_keys() -> Result<()
     );
     Ok(())
 }
+
+/// A key given back unused (an app server's shutdown) that holds a word
+/// added to the blocklist after it was moved does not go round again: the
+/// leader retires it (`used_keys` reason `blocked`) instead of putting it
+/// into a new batch; the other returned keys are re-batched as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn returned_keys_holding_an_added_word_are_not_handed_out_again() -> Result<()> {
+    use futures::TryStreamExt;
+    use kgs_schemas::docs::{BatchRecord, ClaimDoc, BATCHES, CLAIMS};
+    use kgs_tests::{wait::wait_for, AppServerCmd, Signal};
+
+    let (db, pool) = (unique("kgs"), unique("p"));
+    ProducerCmd::new(&db, &pool)?
+        .init(3, 1)
+        .args(["--alphabet", "abcdefgh"])
+        .success()
+        .await?;
+    let run = ProducerCmd::new(&db, &pool)?
+        .run(10, 2)
+        .log_to_temp(&pool)?
+        .spawn()?;
+    let app = AppServerCmd::new(&db, &pool)?
+        .instance("returns")
+        .watermarks(5, 20)
+        .start()
+        .await?;
+    let database = mongo_client().await?.database(&db);
+    let claims = database.collection::<ClaimDoc>(CLAIMS);
+    let batches = database.collection::<BatchRecord>(BATCHES);
+    let claimed = wait_for("two batches claimed", Duration::from_secs(60), || async {
+        let c: Vec<ClaimDoc> = claims
+            .find(doc! { "pool": &pool })
+            .await?
+            .try_collect()
+            .await?;
+        Ok((c.len() >= 2).then_some(c))
+    })
+    .await?;
+    let first = batches
+        .find_one(doc! { "_id": &claimed[0].batch_id })
+        .await?
+        .context("batch record of the claim")?;
+    // A word that the claimed (buffered, never handed out) keys hold.
+    let word = first.keys[0][..2].to_owned();
+    let list = std::env::temp_dir().join(format!("{pool}-returned.txt"));
+    std::fs::write(&list, format!("{word}\n"))?;
+    ProducerCmd::new(&db, &pool)?
+        .args(["blocklist-add", "--blocklist", &list.to_string_lossy()])
+        .success()
+        .await?;
+    ensure!(app.stop(Signal::Term).await?.success(), "app server exit");
+    let ids: Vec<String> = claimed.iter().map(|c| c.batch_id.clone()).collect();
+    wait_for("the returns put back", Duration::from_secs(60), || async {
+        let open = claims
+            .count_documents(doc! { "_id": { "$in": &ids }, "state": { "$ne": "returned" } })
+            .await?;
+        Ok((open == 0).then_some(()))
+    })
+    .await?;
+    ensure!(terminate(run).await?.success(), "producer exit");
+
+    let words = vec![word.clone()];
+    let returned: Vec<String> = claims
+        .find(doc! { "_id": { "$in": &ids } })
+        .await?
+        .try_collect::<Vec<ClaimDoc>>()
+        .await?
+        .into_iter()
+        .flat_map(|c| c.return_keys)
+        .collect();
+    let (matching, others): (Vec<&String>, Vec<&String>) =
+        returned.iter().partition(|k| blocked_by(&words, k));
+    ensure!(
+        !matching.is_empty() && !others.is_empty(),
+        "the returns do not exercise both cases: {} / {}",
+        matching.len(),
+        others.len()
+    );
+    let rebatched: HashSet<String> = batches
+        .find(doc! { "pool": &pool, "from": { "$in": &ids } })
+        .await?
+        .try_collect::<Vec<BatchRecord>>()
+        .await?
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .collect();
+    let used = database.collection::<bson::Document>(&format!("used_keys.{pool}"));
+    for k in &matching {
+        ensure!(
+            !rebatched.contains(*k),
+            "{k} holds {word:?} and was re-batched"
+        );
+        let d = used
+            .find_one(doc! { "_id": *k })
+            .await?
+            .context("used key")?;
+        ensure!(d.get_str("reason")? == "blocked", "{k}: {d:?}");
+    }
+    for k in &others {
+        ensure!(rebatched.contains(*k), "{k} was not put back");
+    }
+    Ok(())
+}

@@ -206,7 +206,8 @@ async fn check_topic(config: &Config, pool: &PoolDoc) -> Result<()> {
 
 fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<()> {
     let mut diffs = Vec::new();
-    if doc.format.length != wanted.length || doc.format.max_length != wanted.max_length {
+    let longest = |f: &KeyFormatSpec| f.max_length.unwrap_or(f.length);
+    if doc.format.length != wanted.length || longest(&doc.format) != longest(wanted) {
         diffs.push(format!(
             "length {} (asked {})",
             doc.format.lengths(),

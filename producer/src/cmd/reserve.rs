@@ -82,11 +82,18 @@ pub async fn reserve_as(
     let colls = store.key_collections(pool);
     if n >= doc.cursor {
         // Not generated yet (unless a range is pending: then wait for it).
+        let mut additions = doc.blocklist_added.len();
         for attempt in 0..attempts {
+            // Conditional on the blocklist additions read too: a word added
+            // meanwhile may block the position, which must then stay out of
+            // `used_keys`.
             let r = store
                 .pools
                 .update_one(
-                    doc! { "_id": pool, "generating": null, "cursor": { "$lte": n as i64 } },
+                    doc! {
+                        "_id": pool, "generating": null, "cursor": { "$lte": n as i64 },
+                        format!("blocklist_added.{additions}"): { "$exists": false },
+                    },
                     doc! { "$addToSet": { "reserved_ahead": n as i64 } },
                 )
                 .await
@@ -95,6 +102,10 @@ pub async fn reserve_as(
                 break;
             }
             let now = store.pool(pool).await?;
+            if crate::writer::generate::pool_blocklist(&now, n)?.blocks(key) {
+                return Ok(ReserveOutcome::Blocked);
+            }
+            additions = now.blocklist_added.len();
             if now.cursor > n {
                 break; // generated meanwhile: handled below as a generated key
             }

@@ -101,12 +101,14 @@ impl Writer<'_> {
             .pools
             .update_one(
                 doc! { "_id": self.pool },
+                // `$max`: a stale leader's late count never lowers one
+                // made after it.
                 doc! {
-                    "$set": {
+                    "$max": {
                         "blocklist_removed": removed as i64,
                         "blocklist_handed_out": handed_out as i64,
+                        "blocklist_swept": additions as i64,
                     },
-                    "$max": { "blocklist_swept": additions as i64 },
                 },
             )
             .await

@@ -5,8 +5,9 @@
 
 use std::time::Instant;
 
+use bson::doc;
 use futures::{StreamExt, TryStreamExt};
-use kgs_schemas::docs::BatchRecord;
+use kgs_schemas::docs::{BatchRecord, UsedReason};
 
 use super::{Writer, READ_BACKS};
 use crate::error::{Error, Result};
@@ -23,6 +24,11 @@ impl Writer<'_> {
     /// by an earlier attempt, or changed meanwhile) leaves this batch. Every
     /// step is the ordinary move's, so recovery finishes a crashed one.
     /// Returns the keys the new batch took.
+    ///
+    /// A key holding a word added to the blocklist since it was moved does
+    /// not go round again: its document turns to reason `blocked` (matched
+    /// on `{_id, batch: from}`, so a key another writer moved meanwhile is
+    /// left alone), and it is not in the new batch.
     pub async fn put_back(
         &self,
         from: &str,
@@ -31,6 +37,10 @@ impl Writer<'_> {
     ) -> Result<Vec<String>> {
         let epoch = self.lease.check()?;
         let started = Instant::now();
+        let keys = self.retire_blocked(from, keys).await?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut record = self
             .start_record(
                 epoch,
@@ -48,6 +58,37 @@ impl Writer<'_> {
             self.publish(&mut record, partition).await?;
         }
         Ok(record.keys)
+    }
+
+    /// The keys of `keys` that hold no word of the pool's blocklist; the
+    /// others' documents are set to reason `blocked`, out of circulation.
+    async fn retire_blocked(
+        &self,
+        from: &str,
+        keys: &[(String, u64)],
+    ) -> Result<Vec<(String, u64)>> {
+        let doc = self.store.pool(self.pool).await?;
+        if doc.blocklist_added.is_empty() {
+            // Without later words no key here can hold one: generation
+            // skipped every match of the init list.
+            return Ok(keys.to_vec());
+        }
+        let blocklist = crate::writer::generate::pool_blocklist_all(&doc)?;
+        let (blocked, kept): (Vec<_>, Vec<_>) =
+            keys.iter().cloned().partition(|(k, _)| blocklist.blocks(k));
+        for (key, _) in &blocked {
+            self.lease.check()?;
+            self.colls
+                .used
+                .update_one(
+                    doc! { "_id": key, "batch": from },
+                    doc! { "$set": { "reason": UsedReason::Blocked, "batch": null } },
+                )
+                .await
+                .map_err(Error::store("retire a blocked key"))?;
+            tracing::info!(pool = self.pool, key = %key, from, "key holds a word added to the blocklist; not handed out again");
+        }
+        Ok(kept)
     }
 
     /// Step 2 of a re-batch: each key's `used_keys` document moves from
