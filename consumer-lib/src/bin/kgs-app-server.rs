@@ -53,7 +53,18 @@ use tracing::{error, info};
 
 /// kgs app server: hands out keys from a kgs pool over HTTP.
 #[derive(Debug, Parser)]
-#[command(name = "kgs-app-server", version)]
+#[command(
+    name = "kgs-app-server",
+    version,
+    after_help = "Endpoints:
+  GET /keys                one key (plain text); 503 no keys if none arrives within --key-wait
+  GET /keys?count=N        N distinct keys (1 <= N <= 1000) as a JSON array, fewer if fewer are buffered
+  DELETE /keys/{key}       recycle a handed-out key (admin token; back after the pool's quarantine)
+  POST /keys/{key}         take that key for a user (a vanity key; admin token): 200 taken, 409 if it was
+                           handed out, reserved, blocked or asked for already
+  GET /keys/count          keys left in keys.<pool>;  GET /keys/config  collStats of the pool
+  GET /metrics, /healthz   Prometheus metrics, liveness"
+)]
 struct Config {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KGS_KAFKA_BROKERS", default_value = kgs_consumer::config::DEFAULT_BROKERS)]
@@ -106,18 +117,19 @@ struct Config {
     /// Deprecated: `KGS_RECYCLE_WAIT` in milliseconds.
     #[arg(long, env = "KGS_RECYCLE_WAIT_MS", hide = true)]
     recycle_wait_ms: Option<u64>,
-    /// Bearer token that `DELETE /keys/{key}` (recycle, the one endpoint
-    /// that changes state) requires: `Authorization: Bearer <token>`; at
-    /// least 16 characters. Without one, recycle is served on loopback
-    /// addresses only.
+    /// Bearer token that `DELETE /keys/{key}` (recycle) and `POST
+    /// /keys/{key}` (vanity keys), the endpoints that change state,
+    /// require: `Authorization: Bearer <token>`; at least 16 characters.
+    /// Without one, they are served on loopback addresses only.
     #[arg(long, env = "KGS_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// File holding the admin token (a mounted secret), instead of
     /// `KGS_ADMIN_TOKEN`.
     #[arg(long, env = "KGS_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     admin_token_file: Option<std::path::PathBuf>,
-    /// Serve recycle without a token on a non-loopback address: only on a
-    /// network where every client may put keys back into circulation.
+    /// Serve recycle and vanity keys without a token on a non-loopback
+    /// address: only on a network where every client may put keys back
+    /// into circulation and take any key.
     #[arg(long, env = "KGS_INSECURE_ADMIN")]
     insecure_admin: bool,
     /// Extra librdkafka setting `name=value` (TLS, SASL, ...); repeatable;
