@@ -363,6 +363,11 @@ pub struct KeyFormatSpec {
 }
 
 impl KeyFormatSpec {
+    /// The longest key length (`length` in a pool of one length).
+    pub fn longest(&self) -> u32 {
+        self.max_length.unwrap_or(self.length)
+    }
+
     /// The key lengths for people: `3`, or `3 to 7`.
     pub fn lengths(&self) -> String {
         match self.max_length {
@@ -376,11 +381,7 @@ impl TryFrom<&KeyFormatSpec> for KeyFormat {
     type Error = FormatError;
 
     fn try_from(spec: &KeyFormatSpec) -> Result<Self, FormatError> {
-        KeyFormat::with_lengths(
-            &spec.alphabet,
-            spec.length,
-            spec.max_length.unwrap_or(spec.length),
-        )
+        KeyFormat::with_lengths(&spec.alphabet, spec.length, spec.longest())
     }
 }
 

@@ -37,7 +37,7 @@ pub use env::{free_addr, kafka_brokers, mongodb_uri, unique, workspace_binary};
 pub use http::{http, http_get};
 pub use kafka::{create_topic, kafka_config, read_topic_batches};
 pub use metrics::registry_value;
-pub use mongo::{find_docs, mongo_client, string_ids};
+pub use mongo::{find_docs, mongo_client, pool_doc, string_ids};
 pub use process::{terminate, Signal};
 pub use producer::ProducerCmd;
 pub use proxy::{Mode, Proxy};

@@ -16,6 +16,17 @@ pub async fn mongo_client() -> Result<mongodb::Client> {
     mongodb::Client::with_options(opts).context("creating MongoDB client")
 }
 
+/// The pool document of `pool` in database `db`.
+pub async fn pool_doc(db: &str, pool: &str) -> Result<kgs_schemas::docs::PoolDoc> {
+    mongo_client()
+        .await?
+        .database(db)
+        .collection::<kgs_schemas::docs::PoolDoc>(kgs_schemas::docs::POOLS)
+        .find_one(bson::doc! { "_id": pool })
+        .await?
+        .with_context(|| format!("no pool document {pool:?} in {db}"))
+}
+
 /// Every document of collection `coll` in database `db` matching `filter`.
 pub async fn find_docs(
     db: &str,

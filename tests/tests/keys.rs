@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bson::doc;
-use kgs_schemas::docs::{PoolDoc, POOLS};
-use kgs_tests::{mongo_client, string_ids, terminate, unique, ProducerCmd};
+use kgs_tests::{mongo_client, pool_doc, string_ids, terminate, unique, ProducerCmd};
 
 /// Every folding of `key` to lowercase letters, the way a reader could take
 /// it (`0` as o, `1` as i or l, `5` as s, ...): written apart from
@@ -65,11 +64,7 @@ async fn blocked_words_never_enter_the_pool() -> Result<()> {
         .success()
         .await?;
     let database = mongo_client().await?.database(&db);
-    let doc: PoolDoc = database
-        .collection::<PoolDoc>(POOLS)
-        .find_one(doc! { "_id": &pool })
-        .await?
-        .context("pool document")?;
+    let doc = pool_doc(&db, &pool).await?;
     ensure!(
         doc.cursor == doc.space,
         "space not generated: {}",
@@ -446,14 +441,7 @@ async fn words_added_later_take_exactly_their_matches_out_of_keys() -> Result<()
         .args(["--alphabet", alphabet, "--target-size", "600"])
         .success()
         .await?;
-    let database = mongo_client().await?.database(&db);
-    let pool_doc = || async {
-        database
-            .collection::<PoolDoc>(POOLS)
-            .find_one(doc! { "_id": &pool })
-            .await?
-            .context("pool document")
-    };
+    let pool_doc = || pool_doc(&db, &pool);
     let (keys_coll, used_coll) = (format!("keys.{pool}"), format!("used_keys.{pool}"));
     // Some batches moved (handed out, as far as the pool knows).
     let run = ProducerCmd::new(&db, &pool)?

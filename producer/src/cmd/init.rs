@@ -206,8 +206,7 @@ async fn check_topic(config: &Config, pool: &PoolDoc) -> Result<()> {
 
 fn conflicts(spec: &PoolSpec, wanted: &KeyFormatSpec, doc: &PoolDoc) -> Result<()> {
     let mut diffs = Vec::new();
-    let longest = |f: &KeyFormatSpec| f.max_length.unwrap_or(f.length);
-    if doc.format.length != wanted.length || longest(&doc.format) != longest(wanted) {
+    if doc.format.length != wanted.length || doc.format.longest() != wanted.longest() {
         diffs.push(format!(
             "length {} (asked {})",
             doc.format.lengths(),

@@ -128,7 +128,6 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         .await
         .map_err(Error::store("read lease"))?;
     let (tier, tier_left) = crate::writer::generate::tier_in_use(p)?;
-    let max_length = p.format.max_length.unwrap_or(p.format.length);
     Ok(PoolStats {
         pool: p.name.clone(),
         space: p.space,
@@ -136,7 +135,7 @@ async fn pool_stats(config: &Config, store: &Store, p: &PoolDoc) -> Result<PoolS
         lengths: p.format.lengths(),
         tier_length: tier.length,
         tier_left,
-        next_length: (u32::from(tier.length) < max_length).then_some(tier.length + 1),
+        next_length: (u32::from(tier.length) < p.format.longest()).then_some(tier.length + 1),
         in_keys: keys.count,
         used: used_keys.count,
         reserved,

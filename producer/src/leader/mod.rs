@@ -30,8 +30,7 @@ pub async fn run(
     config.validate()?;
     let store = Store::connect(&config).await?;
     let doc = store.pool(&pool).await?;
-    let format = kgs_schemas::KeyFormat::try_from(&doc.format)
-        .map_err(|e| Error::Corrupt(format!("pool {pool:?} has a bad format: {e}")))?;
+    let format = crate::writer::generate::pool_format(&doc)?;
     config.check_batch_fits(&format)?;
     let max_batch = config.max_batch_for(&format);
     // Fail at start, in one line, if Kafka or the topic is missing.

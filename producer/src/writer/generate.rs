@@ -40,10 +40,15 @@ const INSERT_CHUNK: usize = 5_000;
 /// Concurrent `_id` lookups while recovering a range.
 const RECOVERY_LOOKUPS: usize = 32;
 
+/// The key format of a pool.
+pub fn pool_format(pool: &PoolDoc) -> Result<KeyFormat> {
+    KeyFormat::try_from(&pool.format)
+        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad format: {e}", pool.name)))
+}
+
 /// The permutation and key format of a pool.
 pub fn pool_order(pool: &PoolDoc) -> Result<(KeyFormat, Order)> {
-    let format = KeyFormat::try_from(&pool.format)
-        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad format: {e}", pool.name)))?;
+    let format = pool_format(pool)?;
     let secret = hex::decode(&pool.secret.0)
         .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad secret: {e}", pool.name)))?;
     let order = Order::new(&secret, &format);
@@ -117,8 +122,7 @@ pub async fn top_up(
 /// left: the one holding the batch window's start (`moved_to`). Batches
 /// take positions in order, so the next tier starts when these are gone.
 pub fn tier_in_use(pool: &PoolDoc) -> Result<(Tier, u64)> {
-    let format = KeyFormat::try_from(&pool.format)
-        .map_err(|e| Error::Corrupt(format!("pool {:?} has a bad format: {e}", pool.name)))?;
+    let format = pool_format(pool)?;
     let at = pool.moved_to.unwrap_or(0);
     let tier = *format.tier_of(at);
     Ok((tier, tier.end().saturating_sub(at)))
